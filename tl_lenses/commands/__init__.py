@@ -1,0 +1,1 @@
+"""Subcommands of the ``tl-lenses`` command line (see tl_lenses/cli.py)."""

@@ -1,0 +1,136 @@
+"""Running a lens: on a prompt, over an ActivationCache, or as hooks in a forward pass."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from tl_lenses.hooks import check_hook_names, final_resid_name, resid_names
+from tl_lenses.inputs import to_tokens
+from tl_lenses.lenses.base import Lens, LogitLens
+from tl_lenses.models import check_model
+from tl_lenses.readout import read_lens
+from tl_lenses.result import LensResult
+
+
+def select_hook_names(model, hook_names=None, layers=None, incl_mid: bool = False) -> list[str]:
+    """Hook names to read: given ones, or the residual stream (optionally some ``layers``).
+
+    ``layers`` index the residual stream as ``resid_names`` lays it out: 0 is the
+    embedding (``blocks.0.hook_resid_pre``) and ``n_layers`` the final ``resid_post``.
+    """
+    if hook_names is not None and layers is not None:
+        raise ValueError("pass hook_names or layers, not both")
+    if hook_names is not None:
+        return check_hook_names(model, hook_names)
+    names = resid_names(model, incl_mid=incl_mid)
+    if layers is None:
+        return names
+    stream = names if not incl_mid else resid_names(model)
+    bad = [l for l in layers if not isinstance(l, int) or not -len(stream) <= l < len(stream)]
+    if bad or not len(layers):
+        raise ValueError(
+            f"layers must be non-empty ints in [0, n_layers={model.cfg.n_layers}] "
+            f"(n_layers is the final resid_post), got {list(layers)}"
+        )
+    return [stream[l] for l in layers]
+
+
+def check_positions(n_pos: int, positions) -> list[int]:
+    """Positions as non-negative indices; negative ones count from the end."""
+    if positions is None:
+        return list(range(n_pos))
+    positions = [positions] if isinstance(positions, int) else list(positions)
+    bad = [p for p in positions if not isinstance(p, int) or not -n_pos <= p < n_pos]
+    if bad or not positions:
+        raise ValueError(f"positions must be non-empty ints in [-{n_pos}, {n_pos}), got {bad}")
+    return [p % n_pos for p in positions]
+
+
+def apply_lens(
+    model, input, lens: Lens | None = None, *, hook_names: Sequence[str] | None = None,
+    layers: Sequence[int] | None = None, incl_mid: bool = False, positions=None, **readout,
+) -> LensResult:
+    """Run ``model`` on ``input`` and read every chosen hook point through ``lens``.
+
+    ``readout`` goes to :func:`tl_lenses.readout.read_lens` (``k``, ``target``,
+    ``chunk_size``, ``keep_logits``, ``progress``).
+    """
+    check_model(model)
+    tokens = to_tokens(model, input)
+    names = select_hook_names(model, hook_names, layers, incl_mid)
+    wanted = set(names) | {final_resid_name(model)}
+    with torch.inference_mode():
+        _, cache = model.run_with_cache(tokens, names_filter=lambda name: name in wanted)
+    return apply_lens_to_cache(model, cache, tokens, lens, hook_names=names,
+                               positions=positions, **readout)
+
+
+def apply_lens_to_cache(
+    model, cache, tokens, lens: Lens | None = None, *, hook_names: Sequence[str] | None = None,
+    layers: Sequence[int] | None = None, incl_mid: bool = False, positions=None, **readout,
+) -> LensResult:
+    """Read hook points out of an existing ``ActivationCache`` (or dict) through ``lens``."""
+    check_model(model)
+    tokens = to_tokens(model, tokens, argument="tokens")
+    names = select_hook_names(model, hook_names, layers, incl_mid)
+    final = final_resid_name(model)
+    missing = [name for name in [*names, final] if name not in cache]
+    if missing:
+        raise ValueError(
+            f"cache lacks hook points the lens needs: {sorted(set(missing))}; run "
+            "run_with_cache without a names_filter that drops them"
+        )
+    pos = check_positions(tokens.shape[1], positions)
+    resids = [_at_positions(cache[name], pos, tokens, name) for name in names]
+    final_resid = _at_positions(cache[final], pos, tokens, final)
+    return read_lens(model, lens or LogitLens(), resids, final_resid, names, tokens,
+                     positions=pos, **readout)
+
+
+def _at_positions(resid: Tensor, positions: list[int], tokens: Tensor, name: str) -> Tensor:
+    if resid.shape[:2] != tokens.shape:
+        raise ValueError(
+            f"cache[{name!r}] has shape {tuple(resid.shape)}, which does not match tokens "
+            f"{tuple(tokens.shape)}"
+        )
+    return resid if len(positions) == tokens.shape[1] else resid[:, positions]
+
+
+class LensCollector:
+    """Hook functions that collect a lens readout during a normal forward pass.
+
+    >>> collector = LensCollector(model, hook_names=["blocks.1.hook_attn_out"])  # doctest: +SKIP
+    >>> model.run_with_hooks(tokens, fwd_hooks=collector.fwd_hooks())            # doctest: +SKIP
+    >>> collector.result(tokens, k=5)                                            # doctest: +SKIP
+
+    The hooks keep only the d_model-wide residuals at the chosen positions (never logits)
+    and return None, so the forward pass is unchanged; the readout happens in ``result``,
+    once the final residual (needed for KL and the final top-1) has been seen.
+    """
+
+    def __init__(self, model, lens: Lens | None = None, *, hook_names=None, layers=None,
+                 incl_mid: bool = False, positions=None):
+        check_model(model)
+        self.model, self.lens = model, lens or LogitLens()
+        self.hook_names = select_hook_names(model, hook_names, layers, incl_mid)
+        self.positions = positions
+        self.final = final_resid_name(model)
+        self.store: dict[str, Float[Tensor, "batch pos d_model"]] = {}
+
+    def hook(self, resid: Float[Tensor, "batch pos d_model"], hook) -> None:
+        """A ``(tensor, hook)`` hook function: remember ``resid`` under ``hook.name``."""
+        self.store[hook.name] = resid.detach().clone()
+
+    def fwd_hooks(self) -> list[tuple[str, object]]:
+        """``(name, hook)`` pairs for ``run_with_hooks``: the chosen points and the final."""
+        return [(name, self.hook) for name in dict.fromkeys([*self.hook_names, self.final])]
+
+    def result(self, tokens, **readout) -> LensResult:
+        """The readout of what the hooks saw (``tokens``: the input of that forward pass)."""
+        return apply_lens_to_cache(self.model, self.store, tokens, self.lens,
+                                   hook_names=self.hook_names, positions=self.positions,
+                                   **readout)

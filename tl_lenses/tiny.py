@@ -1,0 +1,123 @@
+"""Tiny random-weight models for tests and examples, on both TransformerLens backends.
+
+Each tiny model is a HF model (Llama: RMSNorm, rotary, MHA or GQA; GPT-2: LayerNorm, learned
+positions, MHA) with random weights, norms and biases included, so that a lens that
+normalises with the wrong statistics shows up in tests. ``tiny_pair`` converts one HF model
+into both a HookedTransformer and a TransformerBridge, so the two backends can be compared
+number for number. The tokenizer is byte-level: every byte is one token, no download needed.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from tl_lenses.models import PROCESSING, bridge_from_hf, hooked_from_hf, llama_config
+
+Arch = Literal["llama", "llama-gqa", "gpt2"]
+N_BYTES = 256
+
+
+def _byte_alphabet() -> list[str]:
+    """The printable stand-in for each byte 0..255 that byte-level BPE uses (GPT-2's map)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    shifted = iter(range(256, 512))
+    return [chr(b) if b in printable else chr(next(shifted)) for b in range(N_BYTES)]
+
+
+def byte_tokenizer():
+    """A byte-level fast tokenizer: 256 byte tokens plus ``<|endoftext|>`` (id 256)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {char: i for i, char in enumerate(_byte_alphabet())}
+    vocab["<|endoftext|>"] = N_BYTES
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, eos_token="<|endoftext|>", pad_token="<|endoftext|>"
+    )
+
+
+def _randomise(model: torch.nn.Module, seed: int) -> None:
+    """Give norm weights and biases non-trivial values (HF initialises them to 1 and 0)."""
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=generator)
+            if param.dim() == 1 and ("norm" in name or ".ln_" in name) and "bias" not in name:
+                param.copy_(1 + 0.3 * noise)
+            elif param.dim() == 1:
+                param.copy_(0.1 * noise)
+
+
+def tiny_hf_model(
+    arch: Arch = "llama-gqa", *, n_layers: int = 3, d_model: int = 32, n_ctx: int = 64,
+    seed: int = 0,
+):
+    """A random HF causal LM over the byte vocabulary, in float32 and eval mode."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    vocab = N_BYTES + 1
+    if arch == "gpt2":
+        config = GPT2Config(
+            vocab_size=vocab, n_positions=n_ctx, n_embd=d_model, n_layer=n_layers, n_head=4,
+            activation_function="gelu_new", tie_word_embeddings=True,
+        )
+        model = GPT2LMHeadModel(config)
+    elif arch in ("llama", "llama-gqa"):
+        config = LlamaConfig(
+            vocab_size=vocab, hidden_size=d_model, intermediate_size=2 * d_model,
+            num_hidden_layers=n_layers, num_attention_heads=4,
+            num_key_value_heads=2 if arch == "llama-gqa" else 4,
+            max_position_embeddings=n_ctx, tie_word_embeddings=False, rms_norm_eps=1e-5,
+        )
+        model = LlamaForCausalLM(config)
+    else:
+        raise ValueError(f"arch must be 'llama', 'llama-gqa' or 'gpt2', got {arch!r}")
+    _randomise(model, seed)
+    return model.float().eval()
+
+
+def gpt2_config(hf_config):
+    """A HookedTransformerConfig matching a HF GPT-2 config."""
+    from transformer_lens import HookedTransformerConfig
+
+    return HookedTransformerConfig(
+        d_model=hf_config.n_embd, d_head=hf_config.n_embd // hf_config.n_head,
+        n_heads=hf_config.n_head, d_mlp=4 * hf_config.n_embd, n_layers=hf_config.n_layer,
+        n_ctx=hf_config.n_positions, eps=hf_config.layer_norm_epsilon,
+        d_vocab=hf_config.vocab_size, act_fn=hf_config.activation_function,
+        normalization_type="LN", positional_embedding_type="standard",
+        default_prepend_bos=False, original_architecture="GPT2LMHeadModel",
+        model_name="tiny-gpt2",
+    )
+
+
+def _architecture(arch: Arch) -> str:
+    return "GPT2LMHeadModel" if arch == "gpt2" else "LlamaForCausalLM"
+
+
+def tiny_hooked(arch: Arch = "llama-gqa", **kwargs):
+    """A tiny random HookedTransformer with the byte tokenizer."""
+    hf_model = tiny_hf_model(arch, **kwargs)
+    cfg = gpt2_config(hf_model.config) if arch == "gpt2" else llama_config(hf_model.config)
+    return hooked_from_hf(hf_model, byte_tokenizer(), cfg)
+
+
+def tiny_bridge(arch: Arch = "llama-gqa", **kwargs):
+    """A tiny random TransformerBridge (compatibility mode) with the byte tokenizer."""
+    return bridge_from_hf(tiny_hf_model(arch, **kwargs), byte_tokenizer(), _architecture(arch))
+
+
+def tiny_pair(arch: Arch = "llama-gqa", **kwargs):
+    """The same tiny random weights as ``(HookedTransformer, TransformerBridge)``."""
+    return tiny_hooked(arch, **kwargs), tiny_bridge(arch, **kwargs)
+
+
+__all__ = ["byte_tokenizer", "tiny_hf_model", "tiny_hooked", "tiny_bridge", "tiny_pair",
+           "PROCESSING"]

@@ -1,0 +1,42 @@
+"""The axis vocabulary of tl_lenses, declared once.
+
+Every public signature spells its shapes with these names (TransformerLens's own), and the
+test run checks them at runtime (jaxtyping + beartype). The same names appear in einops
+patterns.
+
+====================  ===========================================================
+axis                  meaning
+====================  ===========================================================
+``batch``             prompts in a batch
+``pos``               token positions (query / destination side)
+``src_pos``           source (key) positions of an attention head
+``layer``             rows of a lens readout: one per hook point decoded
+``d_model``           residual-stream width
+``d_vocab``           vocabulary size
+``d_mlp``             MLP hidden width (neurons)
+``head_index``        attention heads of one layer
+``k``                 the k of a top-k
+``component``         residual-stream writers in an attribution (heads, MLPs, ...)
+====================  ===========================================================
+"""
+
+from __future__ import annotations
+
+from jaxtyping import Float, Int
+from torch import Tensor
+
+Resid = Float[Tensor, "batch pos d_model"]
+ResidStack = Float[Tensor, "layer batch pos d_model"]
+Logits = Float[Tensor, "batch pos d_vocab"]
+Tokens = Int[Tensor, "batch pos"]
+PerPosition = Float[Tensor, "batch pos"]
+PerLayerPosition = Float[Tensor, "layer batch pos"]
+
+__all__ = [
+    "Resid",
+    "ResidStack",
+    "Logits",
+    "Tokens",
+    "PerPosition",
+    "PerLayerPosition",
+]

@@ -1,0 +1,1 @@
+"""Views: self-contained HTML (offline), circuitsvis where it fits, static PNG."""
