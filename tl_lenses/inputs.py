@@ -28,7 +28,8 @@ def to_tokens(model, input, *, argument: str = "input") -> Int[Tensor, "batch po
         if not texts or any(text == "" for text in texts):
             raise ValueError(f"{argument} must be non-empty text, got {input!r}")
         require_tokenizer(model)
-        tokens = model.to_tokens(texts, padding_side="right")
+        # truncate=False: TL would silently cut a prompt longer than n_ctx.
+        tokens = model.to_tokens(texts, padding_side="right", truncate=False)
     elif isinstance(input, Tensor):
         tokens = input.unsqueeze(0) if input.dim() == 1 else input
         if tokens.dim() != 2 or tokens.dtype.is_floating_point or tokens.dtype == torch.bool:

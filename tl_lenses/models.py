@@ -187,7 +187,10 @@ def _load_hooked(device, dtype) -> HookedTransformer:
         state = {k: v.contiguous() for k, v in model.named_parameters()}
         save_file(state, cached.with_suffix(".tmp"))
         os.replace(cached.with_suffix(".tmp"), cached)
-    return model.to(device=device, dtype=dtype).eval()
+    # HookedTransformer.to takes one device-or-dtype argument at a time (and logs each).
+    if torch.device(device) != torch.device("cpu"):
+        model = model.to(torch.device(device))
+    return (model if dtype == torch.float32 else model.to(dtype)).eval()
 
 
 def load_default_model(

@@ -57,7 +57,7 @@ def read_lens(
     resids: Sequence[Float[Tensor, "batch pos d_model"]],
     final_resid: Float[Tensor, "batch pos d_model"],
     hook_names: Sequence[str],
-    tokens: Int[Tensor, "batch pos"],
+    tokens: Int[Tensor, "batch _"],
     *,
     positions: Sequence[int] | None = None,
     k: int = 5,

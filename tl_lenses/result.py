@@ -27,7 +27,7 @@ class LensResult:
 
     lens: str
     hook_names: list[str]
-    tokens: Int[Tensor, "batch pos"]
+    tokens: Int[Tensor, "batch _"]
     positions: list[int]
     str_tokens: list[list[str]]
     top_ids: Int[Tensor, "layer batch pos k"]

@@ -8,7 +8,8 @@ patterns.
 axis                  meaning
 ====================  ===========================================================
 ``batch``             prompts in a batch
-``pos``               token positions (query / destination side)
+``pos``               token positions (query / destination side); in a lens result,
+                      the positions that were read (``_`` marks a prompt's full length)
 ``src_pos``           source (key) positions of an attention head
 ``layer``             rows of a lens readout: one per hook point decoded
 ``d_model``           residual-stream width

@@ -2,8 +2,10 @@
 
 The logit lens decodes a residual ``h`` as ``norm(h) @ W_U + b_U``, where ``norm``
 re-normalises ``h`` with *its own* statistics (mean and RMS of ``h``). TL's
-``ActivationCache.apply_ln_to_stack`` instead divides by the final layer's cached scale,
-which is right for attributing the final logits but wrong for reading an earlier layer.
+``ActivationCache.apply_ln_to_stack`` by default divides by the final layer's cached scale,
+which is right for attributing the final logits but wrong for reading an earlier layer
+(TL 3.x's ``accumulated_resid(apply_ln=True)`` does recompute, at the cost of materialising
+every layer's full logits when multiplied by ``W_U``).
 
 This module reads the norm's parameters once and applies them functionally: calling
 ``model.ln_final`` would fire its hook points, and inside a ``run_with_cache`` that would
@@ -82,10 +84,17 @@ class Unembed:
             )
         x = self.normalize(resid)
         W_U = self.W_U if self.W_U.dtype == x.dtype else self.W_U.to(x.dtype)
-        logits = torch.matmul(x, W_U, out=out)
-        if self.b_U is not None:
-            logits += self.b_U.to(x.dtype)
-        return logits
+        if out is not None and torch.is_grad_enabled() and (x.requires_grad or W_U.requires_grad):
+            out = None  # out= is not differentiable; keep the autograd path working
+        if self.b_U is None:
+            return torch.matmul(x, W_U, out=out)
+        # addmm adds the bias inside the matmul: no extra pass over [rows, d_vocab].
+        flat = x.reshape(-1, x.shape[-1])
+        if out is not None:
+            return torch.addmm(self.b_U.to(x.dtype), flat, W_U, out=out.view(-1, out.shape[-1])
+                               ).view(out.shape)
+        logits = torch.addmm(self.b_U.to(x.dtype), flat, W_U)
+        return logits.view(*x.shape[:-1], logits.shape[-1])
 
 
 def _hooked_norm(model) -> tuple[NormKind, Tensor | None, Tensor | None]:

@@ -121,13 +121,22 @@ class LensCollector:
         self.final = final_resid_name(model)
         self.store: dict[str, Float[Tensor, "batch pos d_model"]] = {}
 
-    def hook(self, resid: Float[Tensor, "batch pos d_model"], hook) -> None:
-        """A ``(tensor, hook)`` hook function: remember ``resid`` under ``hook.name``."""
-        self.store[hook.name] = resid.detach().clone()
+    def hook_for(self, name: str):
+        """A plain ``(tensor, hook)`` hook function that keeps the residual under ``name``.
+
+        Keyed by the requested name, not ``hook.name``: on a TransformerBridge the legacy
+        names are aliases and the hook reports its canonical name.
+        """
+
+        def hook(resid: Float[Tensor, "batch pos d_model"], hook) -> None:
+            self.store[name] = resid.detach().clone()
+
+        return hook
 
     def fwd_hooks(self) -> list[tuple[str, object]]:
         """``(name, hook)`` pairs for ``run_with_hooks``: the chosen points and the final."""
-        return [(name, self.hook) for name in dict.fromkeys([*self.hook_names, self.final])]
+        return [(name, self.hook_for(name))
+                for name in dict.fromkeys([*self.hook_names, self.final])]
 
     def result(self, tokens, **readout) -> LensResult:
         """The readout of what the hooks saw (``tokens``: the input of that forward pass)."""

@@ -27,10 +27,10 @@ def heatmap_png(
                   fontsize=8)
     ax.set_yticks(range(n_rows), [str(r) for r in row_labels], fontsize=8)
     if cell_text is not None:
-        lo, hi = np.nanmin(data), np.nanmax(data)
         for i in range(n_rows):
             for j in range(n_cols):
-                light = (data[i, j] - lo) / (hi - lo + 1e-12) > 0.6
+                r, g, b, _ = image.cmap(image.norm(data[i, j]))
+                light = 0.299 * r + 0.587 * g + 0.114 * b > 0.55
                 ax.text(j, i, cell_text[i][j], ha="center", va="center", fontsize=6,
                         color="black" if light else "white", clip_on=True)
     fig.colorbar(image, ax=ax, label=colorbar_label, fraction=0.04)
@@ -39,3 +39,17 @@ def heatmap_png(
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
+
+
+def grid_png(result, path, statistic: str = "prob", batch: int = 0, text: str = "top1",
+             title: str | None = None) -> Path:
+    """The lens grid of :mod:`tl_lenses.viz.grid` as a PNG."""
+    from tl_lenses.viz.grid import CAPTIONS, COLOURING, grid_cells
+
+    values, cell_text, _, rows, cols = grid_cells(result, statistic, batch, text)
+    cmap, log_scale = COLOURING[statistic]
+    return heatmap_png(
+        path, values, rows, cols, cell_text=cell_text, cmap=cmap,
+        title=title or f"{result.lens}: {CAPTIONS[statistic]}",
+        colorbar_label=CAPTIONS[statistic] + (" (log10)" if log_scale else ""),
+    )

