@@ -69,9 +69,10 @@ class LensResult:
             return self.entropy if name == "entropy" else self.kl_to_final
         if self.target_rank is None:
             raise ValueError(f"statistic {name!r} needs a target; pass target= to the lens")
-        values = {"rank": self.target_rank, "target_prob": self.target_prob,
-                  "target_logit": self.target_logit}[name]
-        return values.float()
+        if name == "rank":  # -1 marks "no target here": shown as NaN, not as a rank
+            rank = self.target_rank.float()
+            return torch.where(self.target_rank < 0, torch.nan, rank)
+        return self.target_prob if name == "target_prob" else self.target_logit
 
     def decode(self, ids) -> list[str]:
         """Token ids as strings, with the model's tokenizer when there is one."""
