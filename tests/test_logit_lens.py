@@ -230,3 +230,16 @@ def test_shapes_are_checked_at_runtime():
     wrong = torch.zeros(2, 4, model.cfg.d_model)  # batch disagrees with the tokens
     with pytest.raises(TypeCheckError):
         read_lens(model, tll.LogitLens(), [wrong], resid, ["x"], torch.zeros(1, 4).long())
+
+
+def test_bfloat16_model_is_read_in_float32():
+    model = tiny_hooked("llama-gqa")
+    tokens = tokens_of(model)
+    reference = tll.logit_lens(model, tokens, keep_logits=True)
+    half = tiny_hooked("llama-gqa").to(torch.bfloat16)
+    result = tll.logit_lens(half, tokens, keep_logits=True)
+    assert result.logits.dtype == torch.float32
+    with torch.no_grad():
+        logits = half(tokens).float()
+    torch.testing.assert_close(result.logits[-1], logits, atol=0.05, rtol=0.02)
+    torch.testing.assert_close(result.logits, reference.logits, atol=0.1, rtol=0.05)

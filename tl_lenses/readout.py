@@ -82,7 +82,7 @@ def read_lens(
     description, target_ids = resolve_target(model, target, tokens)
     if target_ids is not None:
         target_ids = target_ids[:, positions].clone()
-    unembed = Unembed.from_model(model)
+    unembed = Unembed.from_model(model).at_least_float32()
     batch, n_pos = final_resid.shape[:2]
     cells = empty_like_cells(
         len(resids), batch, n_pos, k=k, target=target_ids is not None,
@@ -95,8 +95,7 @@ def read_lens(
         for start in _chunks(final_rows.shape[0], chunk_size, progress):
             stop = min(start + chunk_size, final_rows.shape[0])
             _read_chunk(lens, unembed, rows, final_rows, hook_names, slice(start, stop),
-                        flat_targets, target == "final" if isinstance(target, str) else False,
-                        cells, k)
+                        flat_targets, isinstance(target, str) and target == "final", cells, k)
     shaped = {name: (None if value is None else value.reshape(len(resids), batch, n_pos,
                                                               *value.shape[2:]))
               for name, value in cells.items()}

@@ -14,7 +14,7 @@ overwrite the cached ``ln_final`` activations with a lens's intermediate values.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -48,6 +48,18 @@ class Unembed:
         kind, weight, bias = (_bridge_norm if is_bridge(model) else _hooked_norm)(model)
         b_U = getattr(model, "b_U", None)
         return cls(kind, float(model.cfg.eps), weight, bias, model.W_U, b_U)
+
+    def at_least_float32(self) -> "Unembed":
+        """This decoder with half-precision tensors cast to float32 once (a copy).
+
+        Softmax statistics over 49k logits lose digits in bf16; casting W_U per call would
+        copy it for every chunk.
+        """
+        if self.W_U.dtype in (torch.float32, torch.float64):
+            return self
+        cast = lambda t: None if t is None else t.float()  # noqa: E731
+        return replace(self, weight=cast(self.weight), bias=cast(self.bias),
+                       W_U=self.W_U.float(), b_U=cast(self.b_U))
 
     @property
     def d_model(self) -> int:
