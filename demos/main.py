@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import tl_lenses as tll  # noqa: E402
 from tl_lenses.viz.html import page  # noqa: E402
 
-DEMOS = ["logit_lens_demo", "dla_ioi"]
+DEMOS = ["logit_lens_demo", "dla_ioi", "patchscope_demo", "attribute_lens_demo"]
 
 
 def main() -> None:

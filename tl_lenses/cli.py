@@ -8,7 +8,12 @@ import sys
 
 # Each module defines add_parser(subparsers), which registers a subcommand whose
 # ``func(args)`` does the work.
-COMMANDS = ["tl_lenses.commands.logit_lens", "tl_lenses.commands.dla"]
+COMMANDS = [
+    "tl_lenses.commands.logit_lens",
+    "tl_lenses.commands.dla",
+    "tl_lenses.commands.patchscope",
+    "tl_lenses.commands.attribute_lens",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
