@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-STARTER_DIR = Path(__file__).parent / "data" / "relations"
+STARTER_DIR = Path(__file__).parent / "starter_relations"
 
 
 @dataclass(frozen=True)
