@@ -1,0 +1,196 @@
+"""Tuned lens: reference recipe vs tl_lenses' fast recipe at equal wall-clock budgets.
+
+One run per recipe, as long as the largest budget; the lens is snapshotted at each budget
+(the last step that ended within it; evaluation time is not counted) and every snapshot is
+evaluated on the same held-out rows: mean KL(final || lens) per layer, float32. The logit
+lens and a bias-only lens (fast recipe, smallest budget) are the baselines. Also reported:
+the first snapshot time at which the fast recipe's mean KL is at or below the reference
+recipe's final one.
+
+    python benchmarks/bench_tuned_lens.py --budgets 1,2,4 \
+        --text /usr/share/doc/python3.11/html/_sources/ --png docs/tuned_lens_kl.png
+
+The corpus is not bundled; Debian's python3.11-doc package has ~12 MB of reST sources.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--budgets", default="1,2,4", help="minutes, comma-separated")
+    parser.add_argument("--text", nargs="+",
+                        default=["/usr/share/doc/python3.11/html/_sources/"])
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=4, help="rows per KL step")
+    parser.add_argument("--held-out-rows", type=int, default=4)
+    parser.add_argument("--fine", type=float, default=30.0,
+                        help="extra snapshots of the fast run every this many seconds")
+    parser.add_argument("--png", default="docs/tuned_lens_kl.png")
+    parser.add_argument("--json", default="benchmarks/bench_tuned_lens.json")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--contenders", default="reference,fast",
+                        help="of reference, reference-bf16 (the library's autocast), fast")
+    return parser.parse_args(argv)
+
+
+class Snapshots:
+    """A training callback keeping the lens state at the last step within each time mark."""
+
+    def __init__(self, marks: list[float]):
+        self.marks, self.states, self.times = sorted(marks), {}, {}
+
+    def __call__(self, step: int, seconds: float, lens) -> None:
+        for mark in self.marks:
+            if seconds <= mark:
+                self.states[mark] = {k: v.detach().clone() for k, v in lens.state_dict().items()}
+                self.times[mark] = (seconds, step)
+
+
+CONTENDERS = {"reference": ("reference", False), "reference-bf16": ("reference", True),
+              "fast": ("fast", True)}
+
+
+def run_recipe(model, split, contender, budget_s, marks, args, lens=None):
+    from tl_lenses.tuned_train import train_tuned_lens
+
+    recipe, bf16 = CONTENDERS[contender]
+    snaps = Snapshots(marks)
+    start = time.perf_counter()
+    result = train_tuned_lens(model, split.train, lens, recipe=recipe, time_budget=budget_s,
+                              steps=10**9, batch_size=args.batch_size, seed=args.seed,
+                              bf16=bf16, callback=snaps, progress=True)
+    wall = time.perf_counter() - start
+    print(f"{contender}: {result.steps} KL steps, {result.tokens_seen} KL tokens, "
+          f"{result.seconds:.0f} s training, {wall:.0f} s wall", file=sys.stderr)
+    return result, snaps
+
+
+def evaluate(evaluator, lens, state):
+    lens.load_state_dict(state)
+    return evaluator.kl(lens)
+
+
+def main(argv=None) -> int:
+    from tl_lenses.data import token_split
+    from tl_lenses.lenses.base import LogitLens
+    from tl_lenses.lenses.tuned import TunedLens
+    from tl_lenses.models import load_default_model
+    from tl_lenses.tuned_eval import KLEvaluator
+
+    args = parse_args(argv)
+    budgets = [float(b) * 60 for b in args.budgets.split(",")]
+    longest = max(budgets)
+    model = load_default_model()
+    split = token_split(model, paths=args.text, seq_len=args.seq_len, held_out=0.02,
+                        seed=args.seed)
+    held = split.held_out[: args.held_out_rows]
+    print(f"corpus: {split.n_tokens} tokens; held-out: {held.numel()} tokens", file=sys.stderr)
+    evaluator = KLEvaluator(model, held)
+    results = {"budgets_s": budgets, "held_out_tokens": held.numel(),
+               "train_tokens_available": split.train.numel(), "load": os.getloadavg()}
+    logit = evaluator.kl(LogitLens())
+    results["logit"] = logit.tolist()
+
+    # Fine marks (for the time-to-reach figure) up to twice the smallest budget.
+    horizon = min(longest, 2 * min(budgets))
+    fine = [args.fine * i for i in range(1, int(horizon // args.fine) + 1)]
+    curves = {}
+    contenders = args.contenders.split(",")
+    unknown = set(contenders) - set(CONTENDERS)
+    if unknown:
+        raise SystemExit(f"--contenders: unknown {sorted(unknown)}; choose from {list(CONTENDERS)}")
+    for recipe in contenders:
+        marks = sorted(set(budgets + fine)) if recipe == "fast" else budgets
+        result, snaps = run_recipe(model, split, recipe, longest, marks, args)
+        lens = TunedLens.for_model(model)
+        curves[recipe] = {mark: (snaps.times[mark], evaluate(evaluator, lens, snaps.states[mark]))
+                          for mark in snaps.states}
+        results[recipe] = {"steps": result.steps, "kl_tokens": result.tokens_seen,
+                           "snapshots": {str(m): {"seconds": t[0], "step": t[1],
+                                                  "kl": kl.tolist(),
+                                                  "mean_kl": float(kl.mean())}
+                                         for m, (t, kl) in curves[recipe].items()}}
+    bias = None
+    if "fast" in contenders:
+        bias_result, bias_snaps = run_recipe(model, split, "fast", min(budgets),
+                                             [min(budgets)], args,
+                                             TunedLens.for_model(model, kind="bias"))
+        bias_lens = TunedLens.for_model(model, kind="bias")
+        bias = evaluate(evaluator, bias_lens, bias_snaps.states[min(budgets)])
+        results["bias_only_fast"] = {"budget_s": min(budgets), "kl": bias.tolist()}
+
+    report(results, curves, logit, bias, budgets)
+    if "fast" in curves and "reference" in curves:
+        plot(args.png, evaluator.hook_names, logit, bias, curves, longest)
+    with open(args.json, "w") as file:
+        json.dump(results, file, indent=1)
+    print(f"wrote {args.json} and {args.png}")
+    return 0
+
+
+def report(results, curves, logit, bias, budgets) -> None:
+    print(f"\nmean held-out KL(final || lens), nats, over {len(logit)} layers "
+          f"(load average at start {results['load'][0]:.1f})")
+    print(f"logit lens: {logit.mean():.4f}")
+    if bias is not None:
+        print(f"bias-only (fast, {min(budgets) / 60:g} min): {bias.mean():.4f}")
+    names = list(curves)
+    print("budget | " + " | ".join(f"{name} (steps)" for name in names))
+    nan = ((0, 0), torch.tensor(float("nan")))
+    for b in budgets:
+        cells = [curves[name].get(b, nan) for name in names]
+        print(f"{b / 60:g} min | " + " | ".join(f"{kl.mean():.4f} ({t[1]})" for t, kl in cells))
+    if "fast" not in curves or "reference" not in curves:
+        return
+    target = curves["reference"][max(budgets)][1].mean()
+    reached = [t for mark, (t, kl) in sorted(curves["fast"].items()) if kl.mean() <= target]
+    if reached:
+        print(f"fast reaches the reference's {max(budgets) / 60:g}-min KL ({target:.4f}) by "
+              f"{reached[0][0]:.0f} s (first snapshot at or below it; step {reached[0][1]})")
+        results["fast_time_to_reference_final_s"] = reached[0][0]
+    else:
+        print("fast never reached the reference's final KL")
+    fine = [(t[0], float(kl.mean())) for mark, (t, kl) in sorted(curves["fast"].items())]
+    print("fast curve (seconds, mean KL):", [(round(s), round(k, 4)) for s, k in fine])
+
+
+def plot(path, hook_names, logit, bias, curves, longest) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from tl_lenses.hooks import short_label
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    x = range(len(hook_names))
+    lines = [("logit lens", logit), ("bias-only (fast)", bias),
+             (f"reference recipe, {longest / 60:g} min", curves["reference"][longest][1]),
+             (f"fast recipe, {longest / 60:g} min", curves["fast"][longest][1])]
+    for label, kl in lines:
+        ax.plot(x, kl.tolist(), marker="o", markersize=3, label=f"{label} (mean {kl.mean():.3f})")
+    ax.set_xticks(list(x), [short_label(n) for n in hook_names], rotation=60, ha="right",
+                  fontsize=7)
+    ax.set_yscale("log")
+    ax.set_ylabel("held-out KL(final || lens), nats")
+    ax.set_title("SmolLM2-135M, python3.11-doc text", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
