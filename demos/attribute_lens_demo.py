@@ -71,7 +71,7 @@ def main() -> None:
     report(load_default_model(), Path(args.out), args)
 
 
-def run(model, out_dir: Path) -> tuple[str, str]:
+def run(model, out_dir: Path, context: dict | None = None) -> tuple[str, str]:
     """The main demo's short version: country -> capital at layer 6 only (one LRE, n=8)."""
     args = argparse.Namespace(relations=["country_capital"], layers=[6], n=8, lens_layer=6,
                               betas=[1.0], ranks=[32, 128, 576])

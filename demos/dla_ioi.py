@@ -27,7 +27,7 @@ PROMPT = "When Mary and John went to the store, John gave a drink to"
 DIRECTION = (" Mary", " John")
 
 
-def run(model, out_dir: Path) -> tuple[str, str]:
+def run(model, out_dir: Path, context: dict | None = None) -> tuple[str, str]:
     """Write the IOI report into ``out_dir``; return (title, summary html) for the index."""
     tokens = to_tokens(model, PROMPT)
     names = {*needed_hooks(model), *path_hooks(model, model.cfg.n_layers - 1)}

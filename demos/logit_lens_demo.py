@@ -15,7 +15,7 @@ PROMPTS = [
 ]
 
 
-def run(model, out_dir: Path) -> tuple[str, str]:
+def run(model, out_dir: Path, context: dict | None = None) -> tuple[str, str]:
     """Write one report (+ PNGs) per prompt; return (title, summary html) for the index."""
     items = []
     for i, prompt in enumerate(PROMPTS):

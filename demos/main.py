@@ -1,7 +1,8 @@
 """The main demo: every tl_lenses method on the embedded SmolLM2-135M-Instruct.
 
 Writes one HTML page per method into ``--out`` and an ``index.html`` that links them.
-Each demo module in this folder has ``run(model, out_dir) -> (title, summary_html)``.
+Each demo module in this folder has ``run(model, out_dir, context) -> (title, summary_html)``;
+``context`` carries results between demos (the trained tuned lens).
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 import tl_lenses as tll  # noqa: E402
 from tl_lenses.viz.html import page  # noqa: E402
 
-DEMOS = ["logit_lens_demo", "dla_ioi", "patchscope_demo", "attribute_lens_demo"]
+# Order matters: the tuned lens trained here joins the patchscope token-identity table.
+DEMOS = ["logit_lens_demo", "tuned_lens_demo", "dla_ioi", "patchscope_demo",
+         "attribute_lens_demo"]
 
 
 def main() -> None:
@@ -30,11 +33,11 @@ def main() -> None:
     started = time.perf_counter()
     print("[demo] loading SmolLM2-135M-Instruct", file=sys.stderr, flush=True)
     model = tll.load_default_model()
-    sections = []
+    sections, context = [], {}
     for name in (args.only.split(",") if args.only else DEMOS):
         print(f"[demo] {name}", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
-        title, summary = importlib.import_module(name).run(model, out)
+        title, summary = importlib.import_module(name).run(model, out, context)
         sections.append(f"<h2>{title}</h2>{summary}"
                         f"<p class='note'>{time.perf_counter() - t0:.0f} s</p>")
     index = out / "index.html"

@@ -123,10 +123,15 @@ def main() -> int:
     return 0
 
 
-def run(model, out_dir: Path) -> tuple[str, str]:
-    """The main demo's version: every preset, layers every 5 (fewer cases than every 3)."""
+def run(model, out_dir: Path, context: dict | None = None) -> tuple[str, str]:
+    """The main demo's version: every preset, layers every 5 (fewer cases than every 3).
+
+    A tuned lens trained earlier in the demo (``context["tuned_lens"]``) joins the token
+    identity comparison.
+    """
     out = Path(out_dir) / "patchscopes.html"
-    identity, table = report(model, out, step=5)
+    lenses = [context["tuned_lens"]] if context and "tuned_lens" in context else []
+    identity, table = report(model, out, step=5, lenses=lenses)
     p_at_1 = ", ".join(f"{layer}: {p:.2f}" for layer, p in
                        zip(identity.layers[::5], identity.precision_at_1[::5].tolist()))
     rows = "".join(f"<li>l={layer}: {esc(text)}</li>" for layer, text in
@@ -138,7 +143,7 @@ def run(model, out_dir: Path) -> tuple[str, str]:
     return "Patchscopes", summary
 
 
-def report(model, out: Path, step: int):
+def report(model, out: Path, step: int, lenses=()):
     """Write every preset's section into ``out``; returns (identity result, Diana table)."""
     stem = out.with_suffix("")
     start = time.perf_counter()
@@ -146,7 +151,7 @@ def report(model, out: Path, step: int):
     sections = []
 
     say("token identity")
-    identity = token_identity(model, "The Eiffel Tower is in the city of")
+    identity = token_identity(model, "The Eiffel Tower is in the city of", lenses=lenses)
     sections.append(views.token_identity_html(identity))
     views.token_identity_png(identity, f"{stem}_identity.png")
 

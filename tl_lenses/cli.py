@@ -10,6 +10,7 @@ import sys
 # ``func(args)`` does the work.
 COMMANDS = [
     "tl_lenses.commands.logit_lens",
+    "tl_lenses.commands.tuned",
     "tl_lenses.commands.dla",
     "tl_lenses.commands.patchscope",
     "tl_lenses.commands.attribute_lens",
