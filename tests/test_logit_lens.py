@@ -243,3 +243,13 @@ def test_bfloat16_model_is_read_in_float32():
         logits = half(tokens).float()
     torch.testing.assert_close(result.logits[-1], logits, atol=0.05, rtol=0.02)
     torch.testing.assert_close(result.logits, reference.logits, atol=0.1, rtol=0.05)
+
+
+@pytest.mark.parametrize("vocab, k", [(49152, 5), (49152, 1), (1024, 7), (257, 3)])
+def test_blocked_topk_equals_torch_topk(vocab, k):
+    from tl_lenses.readout import topk
+
+    logits = torch.randn(33, vocab, generator=torch.Generator().manual_seed(vocab))
+    values, ids = topk(logits, k)
+    expected = torch.topk(logits, k, dim=-1)
+    assert torch.equal(values, expected.values) and torch.equal(ids, expected.indices)
