@@ -318,7 +318,8 @@ def _model_logits(
     """The model's own value along each direction, from the final residual (own statistics)."""
     resid = cache[final_resid_name(model)][:, pos].float()
     normalized = Unembed.from_model(model).normalize(resid)
-    return normalized @ dirs.vectors.T.to(normalized.device) + dirs.offset.to(normalized.device)
+    return (normalized @ dirs.vectors.T.to(normalized.device)
+            + dirs.offset.to(normalized.device)).detach()
 
 
 __all__ = ["DLAResult", "LogitDirections", "parse_head_label", "logit_directions",
