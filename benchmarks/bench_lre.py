@@ -63,25 +63,10 @@ def main() -> None:
 
 def naive_rows(model, prompt, subject, layer, n_rows):
     """The first ``n_rows`` rows of dz/ds by the generic path (tl_lenses.lre._jacobian_hooks)."""
-    from tl_lenses.hooks import final_resid_name, resid_names
-    from tl_lenses.lre import subject_position
+    from tl_lenses.lre import _jacobian_hooks, subject_position
 
     tokens, pos = subject_position(model, prompt, subject)
-    seen = {}
-
-    def swap_in_leaf(resid, hook):
-        seen["s"] = resid[0, pos].detach().clone().requires_grad_(True)
-        return torch.cat([resid[:, :pos], seen["s"][None, None], resid[:, pos + 1:]], dim=1)
-
-    def keep_final(resid, hook):
-        seen["z"] = resid[0, -1]
-
-    hooks = [(resid_names(model)[layer], swap_in_leaf), (final_resid_name(model), keep_final)]
-    model.run_with_hooks(tokens, fwd_hooks=hooks, return_type=None)
-    eye = torch.eye(model.cfg.d_model)
-    rows = [torch.autograd.grad(seen["z"], seen["s"], eye[i], retain_graph=True)[0]
-            for i in range(n_rows)]
-    return torch.stack(rows), n_rows
+    return _jacobian_hooks(model, tokens, layer, pos, n_rows)[2], n_rows
 
 
 if __name__ == "__main__":

@@ -253,3 +253,16 @@ def test_blocked_topk_equals_torch_topk(vocab, k):
     values, ids = topk(logits, k)
     expected = torch.topk(logits, k, dim=-1)
     assert torch.equal(values, expected.values) and torch.equal(ids, expected.indices)
+
+
+def test_fused_statistics_equal_the_eager_ones():
+    """The torch.compile'd one-pass sums give the eager in-place results."""
+    model = tiny_hooked("llama-gqa")
+    tokens = tokens_of(model)
+    eager = tll.logit_lens(model, tokens, target="next", incl_mid=True)
+    fused = tll.logit_lens(model, tokens, target="next", incl_mid=True, fused=True)
+    assert torch.equal(eager.top_ids, fused.top_ids)
+    assert torch.equal(eager.target_rank, fused.target_rank)
+    for name in ("entropy", "kl_to_final", "top_probs"):
+        torch.testing.assert_close(getattr(fused, name), getattr(eager, name),
+                                   atol=1e-5, rtol=1e-5)

@@ -203,8 +203,11 @@ def _jacobian_kv_cache(model, tokens: Tensor, layer: int, pos: int):
     return s, z, jac
 
 
-def _jacobian_hooks(model, tokens: Tensor, layer: int, pos: int):
-    """Any backend: s becomes a leaf through a hook; d_model reverse passes give dz/ds."""
+def _jacobian_hooks(model, tokens: Tensor, layer: int, pos: int, n_rows: int | None = None):
+    """Any backend: s becomes a leaf through a hook; d_model reverse passes give dz/ds.
+
+    ``n_rows`` stops after the first rows of the Jacobian (the benchmark times a few).
+    """
     seen: dict[str, Tensor] = {}
 
     def swap_in_leaf(resid, hook):
@@ -220,7 +223,7 @@ def _jacobian_hooks(model, tokens: Tensor, layer: int, pos: int):
         s, z = seen["s"], seen["z"]
         if not z.requires_grad:  # z cannot depend on s (e.g. l = n_layers, s not last)
             return s, z, torch.zeros(z.shape[0], s.shape[0], dtype=z.dtype, device=z.device)
-        eye = torch.eye(z.shape[0], dtype=z.dtype, device=z.device)
+        eye = torch.eye(z.shape[0], dtype=z.dtype, device=z.device)[:n_rows]
         rows = [torch.autograd.grad(z, s, e, retain_graph=True, allow_unused=True)[0]
                 for e in eye]
     rows = [torch.zeros_like(s) if r is None else r for r in rows]

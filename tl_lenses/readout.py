@@ -9,6 +9,7 @@ pass and a few fused multiply-sums, so the cost stays close to the unembedding m
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence, Union
 
@@ -66,8 +67,12 @@ def read_lens(
     chunk_size: int = DEFAULT_CHUNK,
     keep_logits: bool = False,
     progress: bool = False,
+    fused: bool = False,
 ) -> LensResult:
     """Decode each residual in ``resids`` (one per hook name) through ``lens``.
+
+    ``fused=True`` computes the per-row sums in one ``torch.compile``d kernel (one pass
+    over the logits instead of five; the first call compiles for ~10-30 s).
 
     ``resids`` and ``final_resid`` cover the positions listed in ``positions`` (all, when
     None) of the prompts in ``tokens``. KL is measured against the model's own final
@@ -96,7 +101,8 @@ def read_lens(
         n_rows = final_rows.shape[0]
         size = max(min(chunk_size, n_rows) * max(1, min(len(rows), chunk_size // n_rows)),
                    min(chunk_size, n_rows))
-        work = _Workspace(size, unembed.d_vocab, final_rows.shape[-1], final_rows.device)
+        work = _Workspace(size, unembed.d_vocab, final_rows.shape[-1], final_rows.device,
+                          fused)
         for start in _chunks(n_rows, chunk_size, progress):
             stop = min(start + chunk_size, n_rows)
             _read_chunk(lens, unembed, rows, final_rows, hook_names, slice(start, stop),
@@ -126,7 +132,8 @@ class _Workspace:
     """Flat buffers reused by every chunk: the first touch of fresh memory (page faults)
     costs as much as the statistics, so each readout allocates its buffers once."""
 
-    def __init__(self, size: int, vocab: int, d_model: int, device):
+    def __init__(self, size: int, vocab: int, d_model: int, device, fused: bool = False):
+        self.reduce = _compiled_sums() if fused else None
         self.logits = torch.empty(size * vocab, device=device)
         self.scratch = torch.empty(size * vocab, device=device)
         self.probs = torch.empty(size * vocab, device=device)
@@ -164,38 +171,71 @@ def _read_chunk(lens, unembed, rows, final_rows, hook_names, span, flat_targets,
             translated[i] = lens.translate(rows[layer][span], hook_names[layer])
         logits = unembed(translated, out=work.view(work.logits, g, n, vocab))
         _cell_stats(logits, work.view(work.scratch, g, n, vocab), final_probs,
-                    final_neg_entropy, targets, k,
+                    final_neg_entropy, targets, k, work.reduce,
                     {key: (None if value is None else value[first:first + g, span])
                      for key, value in cells.items()})
 
 
-def _cell_stats(logits, scratch, final_probs, final_neg_entropy, targets, k, out):
+def _cell_stats(logits, scratch, final_probs, final_neg_entropy, targets, k, reduce, out):
     """Top-k, entropy, KL(final || layer) and target stats of ``[layers, rows]`` logits.
 
-    Five passes over the ``[layers, rows, d_vocab]`` logits besides the top-k; each reuses
-    ``scratch`` instead of allocating, and the final layer's ``[rows, d_vocab]``
-    probabilities broadcast over layers.
+    The final layer's ``[rows, d_vocab]`` probabilities broadcast over layers. ``reduce``:
+    a compiled :func:`row_sums`, or None for the eager in-place passes.
     """
     n_layers, n_rows, vocab = logits.shape
     top_values, top_ids = topk(logits.view(-1, vocab), k)
     top_values, top_ids = top_values.view(n_layers, n_rows, k), top_ids.view(n_layers, n_rows, k)
     row_max = top_values[..., :1]
-    torch.sub(logits, row_max, out=scratch).exp_()
-    sum_exp = scratch.sum(-1)
+    chosen = row_max
+    if targets is not None:
+        index = targets.clamp_min(0)[None, :, None].expand(n_layers, -1, 1)
+        chosen = logits.gather(-1, index)                               # [layers, rows, 1]
+    sums = (reduce or _eager_sums)(logits, final_probs, row_max, chosen, scratch)
+    sum_exp, e_z, e_f, n_above = sums
     lse = row_max[..., 0] + sum_exp.log()
     out["top_ids"].copy_(top_ids)
     out["top_logits"].copy_(top_values)
     out["top_probs"].copy_(torch.exp(top_values - lse[..., None]))
-    # H = lse - E_p[z]; the exp pass above already holds p * sum_exp.
-    out["entropy"].copy_(lse - torch.mul(scratch, logits, out=scratch).sum(-1) / sum_exp)
+    out["entropy"].copy_(lse - e_z / sum_exp)                      # H = lse - E_p[z]
     # KL(f || l) = E_f[log p_f] - E_f[z_l] + lse_l. The two expectations are ~|z| in size,
     # so float32 leaves ~1e-5 nats of rounding; identical logits give exactly 0.
-    e_f = torch.mul(final_probs, logits, out=scratch).sum(-1)
     out["kl_to_final"].copy_((final_neg_entropy - e_f + lse).clamp_min_(0.0))
     if out["logits"] is not None:
         out["logits"].copy_(logits)
     if targets is not None:
-        _target_stats(logits, scratch, lse, targets, out)
+        valid = targets >= 0
+        out["target_rank"].copy_(torch.where(valid, n_above.long() + 1, -1))
+        nan = torch.tensor(float("nan"), device=logits.device)
+        out["target_logit"].copy_(torch.where(valid, chosen[..., 0], nan))
+        out["target_prob"].copy_(torch.where(valid, torch.exp(chosen[..., 0] - lse), nan))
+
+
+def row_sums(logits, final_probs, row_max, chosen):
+    """Per row: sum e, sum e*z (e = exp(z - max)), sum p_final*z, count(z > chosen).
+
+    The reference form; ``_eager_sums`` computes the same in place, and ``torch.compile``
+    turns this one into a single pass over the logits.
+    """
+    e = torch.exp(logits - row_max)
+    return (e.sum(-1), (e * logits).sum(-1), (final_probs * logits).sum(-1),
+            (logits > chosen).sum(-1))
+
+
+def _eager_sums(logits, final_probs, row_max, chosen, scratch):
+    """:func:`row_sums` through one reused scratch buffer (no allocation per layer)."""
+    torch.sub(logits, row_max, out=scratch).exp_()
+    sum_exp = scratch.sum(-1)
+    e_z = torch.mul(scratch, logits, out=scratch).sum(-1)
+    e_f = torch.mul(final_probs, logits, out=scratch).sum(-1)
+    n_above = torch.gt(logits, chosen, out=scratch).sum(-1)
+    return sum_exp, e_z, e_f, n_above
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_sums():
+    compiled = torch.compile(row_sums, dynamic=True)
+    return lambda logits, final_probs, row_max, chosen, scratch: compiled(
+        logits, final_probs, row_max, chosen)
 
 
 def topk(logits: Float[Tensor, "rows d_vocab"], k: int, block: int = 128
@@ -216,15 +256,3 @@ def topk(logits: Float[Tensor, "rows d_vocab"], k: int, block: int = 128
     candidates = blocks.gather(1, best[..., None].expand(-1, -1, block)).view(rows, -1)
     values, where = candidates.topk(k, dim=-1)
     return values, best.gather(1, where // block) * block + where % block
-
-
-def _target_stats(logits, scratch, lse, targets, out):
-    """Rank (1 + number of larger logits), logit and probability of each row's target."""
-    valid = targets >= 0
-    index = targets.clamp_min(0)[None, :, None].expand(logits.shape[0], -1, 1)
-    chosen = logits.gather(-1, index)                                   # [layers, rows, 1]
-    rank = torch.gt(logits, chosen, out=scratch).sum(-1).long() + 1
-    out["target_rank"].copy_(torch.where(valid, rank, -1))
-    nan = torch.tensor(float("nan"), device=logits.device)
-    out["target_logit"].copy_(torch.where(valid, chosen[..., 0], nan))
-    out["target_prob"].copy_(torch.where(valid, torch.exp(chosen[..., 0] - lse), nan))

@@ -23,6 +23,7 @@ def logit_lens(
     chunk_size: int = DEFAULT_CHUNK,
     keep_logits: bool = False,
     progress: bool = False,
+    fused: bool = False,
 ) -> LensResult:
     """The logit lens of ``input`` at every residual-stream layer and position.
 
@@ -32,6 +33,8 @@ def logit_lens(
     (negative ones count from the end). ``target``: ``"final"`` (the final layer's top-1),
     ``"next"`` (the true next token), a one-token string or id, an int ``[batch, pos]``
     tensor, or None. ``keep_logits`` also returns the full ``[layer, batch, pos, d_vocab]``.
+    ``fused`` computes the statistics in one compiled kernel (faster on large inputs; the
+    first call compiles).
 
     >>> result = logit_lens(model, "The capital of France is")     # doctest: +SKIP
     >>> result.top_tokens()[-1][-1][0]                                # doctest: +SKIP
@@ -39,4 +42,5 @@ def logit_lens(
     """
     return apply_lens(model, input, LogitLens(), hook_names=hook_names, layers=layers,
                       incl_mid=incl_mid, positions=positions, k=k, target=target,
-                      chunk_size=chunk_size, keep_logits=keep_logits, progress=progress)
+                      chunk_size=chunk_size, keep_logits=keep_logits, progress=progress,
+                      fused=fused)
