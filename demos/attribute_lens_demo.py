@@ -77,7 +77,8 @@ def run(model, out_dir: Path, context: dict | None = None) -> tuple[str, str]:
                               betas=[1.0], ranks=[32, 128, 576])
     path = Path(out_dir) / "attribute_lens.html"
     rows, tops = report(model, path, args)
-    lines = "".join(f"<li>{row.method}, layer {row.layer}: faithfulness "
+    lines = "".join(f"<li>{row.method}, layer {row.layer}, beta {row.beta:g}, rank "
+                    f"{row.rank or 'full'}: faithfulness "
                     f"{row.faithfulness:.2f}, causality {row.causality:.2f}</li>"
                     for row in rows)
     summary = (f"<p><a href='{path.name}'>country &rarr; capital LRE (n=8, layer 6)</a>; "
