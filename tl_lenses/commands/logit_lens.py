@@ -19,6 +19,8 @@ def add_parser(subparsers) -> None:
                         help="'final' (final top-1), 'next' (true next token) or one token")
     parser.add_argument("--incl-mid", action="store_true", help="also read resid_mid")
     parser.add_argument("--backend", default="hooked", choices=["hooked", "bridge"])
+    parser.add_argument("--fused", action="store_true",
+                        help="compile the statistics into one kernel (long prompts)")
     parser.set_defaults(func=run)
 
 
@@ -33,7 +35,7 @@ def run(args) -> int:
     print("[tl_lenses] loading SmolLM2-135M-Instruct ...", file=sys.stderr, flush=True)
     model = load_default_model(backend=args.backend)
     result = logit_lens(model, args.text, k=args.k, target=args.target,
-                        incl_mid=args.incl_mid, progress=True)
+                        incl_mid=args.incl_mid, progress=True, fused=args.fused)
     path = write_report(args.out, [result], title=f"Logit lens: {args.text!r}")
     print(f"wrote {path}")
     if args.png:
