@@ -47,6 +47,8 @@ class Unembed:
         check_model(model)
         kind, weight, bias = (_bridge_norm if is_bridge(model) else _hooked_norm)(model)
         b_U = getattr(model, "b_U", None)
+        if b_U is not None and not b_U.detach().any():
+            b_U = None  # all zeros (Llama): a plain matmul is ~5% faster than addmm
         return cls(kind, float(model.cfg.eps), weight, bias, model.W_U, b_U)
 
     def at_least_float32(self) -> "Unembed":
