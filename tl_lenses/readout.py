@@ -99,8 +99,8 @@ def read_lens(
         rows = [r.reshape(-1, r.shape[-1]) for r in resids]
         final_rows = final_resid.reshape(-1, final_resid.shape[-1])
         n_rows = final_rows.shape[0]
-        size = max(min(chunk_size, n_rows) * max(1, min(len(rows), chunk_size // n_rows)),
-                   min(chunk_size, n_rows))
+        # A matmul never exceeds chunk_size rows (rows x stacked layers), nor all the rows.
+        size = min(chunk_size, n_rows * len(rows))
         work = _Workspace(size, unembed.d_vocab, final_rows.shape[-1], final_rows.device,
                           fused)
         for start in _chunks(n_rows, chunk_size, progress):
