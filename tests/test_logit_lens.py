@@ -245,24 +245,103 @@ def test_bfloat16_model_is_read_in_float32():
     torch.testing.assert_close(result.logits, reference.logits, atol=0.1, rtol=0.05)
 
 
-@pytest.mark.parametrize("vocab, k", [(49152, 5), (49152, 1), (1024, 7), (257, 3)])
-def test_blocked_topk_equals_torch_topk(vocab, k):
-    from tl_lenses.readout import topk
+@pytest.mark.parametrize("vocab, k", [(49152, 5), (49152, 1), (1024, 7), (257, 3),
+                                     (50257, 10), (1000, 2)])
+@pytest.mark.parametrize("given_block_max", [False, True])
+def test_blocked_topk_equals_torch_topk(vocab, k, given_block_max):
+    """Blocked top-k == torch.topk, with and without a tail block, from its own block maxima
+    or from those the fused kernel returns."""
+    from tl_lenses.row_stats import BLOCK, topk
 
     logits = torch.randn(33, vocab, generator=torch.Generator().manual_seed(vocab))
-    values, ids = topk(logits, k)
+    split = vocab - vocab % BLOCK
+    block_max = logits[:, :split].view(33, -1, BLOCK).amax(-1) if given_block_max else None
+    values, ids = topk(logits, k, block_max)
     expected = torch.topk(logits, k, dim=-1)
     assert torch.equal(values, expected.values) and torch.equal(ids, expected.indices)
 
 
-def test_fused_statistics_equal_the_eager_ones():
-    """The torch.compile'd one-pass sums give the eager in-place results."""
-    model = tiny_hooked("llama-gqa")
-    tokens = tokens_of(model)
-    eager = tll.logit_lens(model, tokens, target="next", incl_mid=True)
-    fused = tll.logit_lens(model, tokens, target="next", incl_mid=True, fused=True)
+COMPILED_CASES = [(49152, torch.float32), (1000, torch.float64)]
+
+
+@pytest.mark.parametrize("vocab", [49152, 1000, 257, 100])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_sums_equal_the_plain_softmax_sums(vocab, dtype):
+    """The online (per-block) sums, eager and compiled, against a plain softmax."""
+    from tl_lenses.row_stats import _call_compiled, eager_sums, fused_sums
+
+    gen = torch.Generator().manual_seed(vocab)
+    logits = (8 * torch.randn(3, 5, vocab, generator=gen)).to(dtype)
+    final_probs = torch.randn(5, vocab, generator=gen).softmax(-1).to(dtype)
+    chosen = logits[..., 7:8]
+    row_max = logits.amax(-1)
+    e = torch.exp(logits - row_max[..., None])
+    expected = (row_max, e.sum(-1), (e * logits).sum(-1), (final_probs * logits).sum(-1),
+                (logits > chosen).sum(-1))
+    eager = eager_sums(logits, final_probs, row_max[..., None], chosen, torch.empty_like(logits))
+    flat = (logits.view(-1, vocab), final_probs, chosen.reshape(-1, 1))
+    results = [fused_sums(*flat)[1:], (row_max, *eager)]
+    if (vocab, dtype) in COMPILED_CASES:  # each case is a compile: a few seconds on a cold cache
+        results.append(_call_compiled(*flat)[1:])
+    for got in results:
+        for value, want in zip(got, expected):
+            value = value.view(want.shape)
+            torch.testing.assert_close(value, want.to(value.dtype), rtol=1e-5, atol=1e-5)
+
+
+def test_fused_statistics_equal_the_eager_ones(tiny_model):
+    """The torch.compile'd pass gives the eager path's top-k and ranks, and its sums."""
+    tokens = tokens_of(tiny_model)
+    eager = tll.logit_lens(tiny_model, tokens, target="next", incl_mid=True, fused=False)
+    fused = tll.logit_lens(tiny_model, tokens, target="next", incl_mid=True, fused=True)
     assert torch.equal(eager.top_ids, fused.top_ids)
     assert torch.equal(eager.target_rank, fused.target_rank)
     for name in ("entropy", "kl_to_final", "top_probs"):
         torch.testing.assert_close(getattr(fused, name), getattr(eager, name),
                                    atol=1e-5, rtol=1e-5)
+
+
+def test_auto_fused_uses_the_kernel_only_where_it_pays(monkeypatch):
+    from tl_lenses import row_stats
+
+    monkeypatch.setattr(row_stats, "_warm", set())
+    monkeypatch.setattr(row_stats, "_broken", [])
+    cpu, big = torch.device("cpu"), row_stats.AUTO_FUSED_MIN_ROWS
+    assert not row_stats.use_fused(None, cpu, 257, torch.float32, big - 1)
+    assert row_stats.use_fused(None, cpu, 257, torch.float32, big) == row_stats._has_compiler()
+    assert row_stats.use_fused(True, cpu, 257, torch.float32, 1)
+    assert not row_stats.use_fused(False, cpu, 257, torch.float32, 10 * big)
+    assert not row_stats.use_fused(None, torch.device("meta"), 257, torch.float32, 10 * big)
+    row_stats._warm.add(("cpu", 257, torch.float32))      # compiled already: use it for all
+    assert row_stats.use_fused(None, cpu, 257, torch.float32, 1) == row_stats._has_compiler()
+    # ValueError from the check; TypeError from the runtime type checker the tests turn on
+    with pytest.raises((ValueError, TypeError), match="fused"):
+        row_stats.use_fused("yes", cpu, 257, torch.float32, 1)
+
+
+def test_a_failing_compile_falls_back_to_eager_or_raises_when_asked(monkeypatch):
+    """auto: a warning and the eager numbers; fused=True: an error naming the argument."""
+    from tl_lenses import row_stats
+
+    def broken():
+        def kernel(*args):
+            raise OSError("no C++ compiler")
+        return kernel
+
+    model = tiny_hooked("llama-gqa")
+    tokens = tokens_of(model)
+    reference = tll.logit_lens(model, tokens, fused=False)
+    monkeypatch.setattr(row_stats, "_compiled", broken)
+    monkeypatch.setattr(row_stats, "_warm", set())
+    monkeypatch.setattr(row_stats, "_broken", [])
+    monkeypatch.setattr(row_stats, "AUTO_FUSED_MIN_ROWS", 1)
+    monkeypatch.setattr(row_stats, "_has_compiler", lambda: True)
+    with pytest.raises(RuntimeError, match="fused=True"):
+        tll.logit_lens(model, tokens, fused=True)
+    assert_no_hooks(model)
+    with pytest.warns(RuntimeWarning, match="eager"):
+        result = tll.logit_lens(model, tokens)
+    assert torch.equal(result.top_ids, reference.top_ids)
+    torch.testing.assert_close(result.kl_to_final, reference.kl_to_final)
+    assert row_stats._broken and not row_stats.use_fused(None, torch.device("cpu"), 257,
+                                                         torch.float32, 10**9)

@@ -3,13 +3,13 @@
 Memory stays bounded by streaming ``chunk_size`` (batch x position) rows at a time through
 three reused ``[chunk_size, d_vocab]`` buffers: the final layer's probabilities, the
 current layer's logits, and scratch. Nothing ``[layer, batch, pos, d_vocab]``-sized
-exists unless ``keep_logits=True``. Per layer and row the statistics take one top-k, one exp
-pass and a few fused multiply-sums, so the cost stays close to the unembedding matmul.
+exists unless ``keep_logits=True``. The per-row statistics (:mod:`tl_lenses.row_stats`)
+take one compiled pass over each layer's logits on large readouts, so the cost stays close
+to the unembedding matmul's.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Sequence, Union
 
@@ -20,6 +20,7 @@ from torch import Tensor
 from tl_lenses.inputs import single_token, str_tokens
 from tl_lenses.lenses.base import Lens
 from tl_lenses.result import LensResult, empty_like_cells
+from tl_lenses.row_stats import row_stats, use_fused, warm_up
 from tl_lenses.unembed import Unembed
 
 Target = Union[None, str, int, Tensor]
@@ -67,12 +68,15 @@ def read_lens(
     chunk_size: int = DEFAULT_CHUNK,
     keep_logits: bool = False,
     progress: bool = False,
-    fused: bool = False,
+    fused: bool | None = None,
 ) -> LensResult:
     """Decode each residual in ``resids`` (one per hook name) through ``lens``.
 
-    ``fused=True`` computes the per-row sums in one ``torch.compile``d kernel (one pass
-    over the logits instead of five; the first call compiles for ~10-30 s).
+    ``fused``: compute the per-row statistics in one ``torch.compile``d pass over the
+    logits instead of five (:mod:`tl_lenses.row_stats`); None (auto) does so for large
+    readouts on the CPU, where the seconds of compiling pay off, and whenever the kernel is
+    already compiled. Both paths give the same top-k and ranks and the same sums to
+    float rounding.
 
     ``resids`` and ``final_resid`` cover the positions listed in ``positions`` (all, when
     None) of the prompts in ``tokens``. KL is measured against the model's own final
@@ -101,8 +105,10 @@ def read_lens(
         n_rows = final_rows.shape[0]
         # A matmul never exceeds chunk_size rows (rows x stacked layers), nor all the rows.
         size = min(chunk_size, n_rows * len(rows))
-        work = _Workspace(size, unembed.d_vocab, final_rows.shape[-1], final_rows.device,
-                          fused)
+        work = _Workspace(size, unembed.d_vocab, final_rows.shape[-1], final_rows.device)
+        work.fused = use_fused(fused, final_rows.device, unembed.d_vocab,
+                               unembed.W_U.dtype, n_rows * len(rows))
+        work.strict = fused is True
         for start in _chunks(n_rows, chunk_size, progress):
             stop = min(start + chunk_size, n_rows)
             _read_chunk(lens, unembed, rows, final_rows, hook_names, slice(start, stop),
@@ -132,8 +138,8 @@ class _Workspace:
     """Flat buffers reused by every chunk: the first touch of fresh memory (page faults)
     costs as much as the statistics, so each readout allocates its buffers once."""
 
-    def __init__(self, size: int, vocab: int, d_model: int, device, fused: bool = False):
-        self.reduce = _compiled_sums() if fused else None
+    def __init__(self, size: int, vocab: int, d_model: int, device):
+        self.fused = self.warm = self.strict = False
         self.logits = torch.empty(size * vocab, device=device)
         self.scratch = torch.empty(size * vocab, device=device)
         self.probs = torch.empty(size * vocab, device=device)
@@ -171,88 +177,39 @@ def _read_chunk(lens, unembed, rows, final_rows, hook_names, span, flat_targets,
             translated[i] = lens.translate(rows[layer][span], hook_names[layer])
         logits = unembed(translated, out=work.view(work.logits, g, n, vocab))
         _cell_stats(logits, work.view(work.scratch, g, n, vocab), final_probs,
-                    final_neg_entropy, targets, k, work.reduce,
+                    final_neg_entropy, targets, k, work,
                     {key: (None if value is None else value[first:first + g, span])
                      for key, value in cells.items()})
 
 
-def _cell_stats(logits, scratch, final_probs, final_neg_entropy, targets, k, reduce, out):
+def _cell_stats(logits, scratch, final_probs, final_neg_entropy, targets, k, work, out):
     """Top-k, entropy, KL(final || layer) and target stats of ``[layers, rows]`` logits.
 
-    The final layer's ``[rows, d_vocab]`` probabilities broadcast over layers. ``reduce``:
-    a compiled :func:`row_sums`, or None for the eager in-place passes.
+    The final layer's ``[rows, d_vocab]`` probabilities broadcast over layers.
     """
-    n_layers, n_rows, vocab = logits.shape
-    top_values, top_ids = topk(logits.view(-1, vocab), k)
-    top_values, top_ids = top_values.view(n_layers, n_rows, k), top_ids.view(n_layers, n_rows, k)
-    row_max = top_values[..., :1]
-    chosen = row_max
-    if targets is not None:
+    n_layers = logits.shape[0]
+    if targets is None:
+        chosen = logits.new_full((n_layers, logits.shape[1], 1), torch.inf)
+    else:
         index = targets.clamp_min(0)[None, :, None].expand(n_layers, -1, 1)
         chosen = logits.gather(-1, index)                               # [layers, rows, 1]
-    sums = (reduce or _eager_sums)(logits, final_probs, row_max, chosen, scratch)
-    sum_exp, e_z, e_f, n_above = sums
-    lse = row_max[..., 0] + sum_exp.log()
-    out["top_ids"].copy_(top_ids)
-    out["top_logits"].copy_(top_values)
-    out["top_probs"].copy_(torch.exp(top_values - lse[..., None]))
-    out["entropy"].copy_(lse - e_z / sum_exp)                      # H = lse - E_p[z]
+    if work.fused and not work.warm:
+        # compile before the first use; falls back to eager (auto) or raises (fused=True)
+        work.fused = work.warm = warm_up(logits, final_probs, chosen, strict=work.strict)
+    stats = row_stats(logits, final_probs, chosen, k, scratch, work.fused)
+    lse = stats.lse
+    out["top_ids"].copy_(stats.top_ids)
+    out["top_logits"].copy_(stats.top_values)
+    out["top_probs"].copy_(torch.exp(stats.top_values - lse[..., None]))
+    out["entropy"].copy_(lse - stats.e_z / stats.sum_exp)          # H = lse - E_p[z]
     # KL(f || l) = E_f[log p_f] - E_f[z_l] + lse_l. The two expectations are ~|z| in size,
-    # so float32 leaves ~1e-5 nats of rounding; identical logits give exactly 0.
-    out["kl_to_final"].copy_((final_neg_entropy - e_f + lse).clamp_min_(0.0))
+    # so float32 leaves ~1e-5 nats of rounding (clamped: KL is never negative).
+    out["kl_to_final"].copy_((final_neg_entropy - stats.e_f + lse).clamp_min_(0.0))
     if out["logits"] is not None:
         out["logits"].copy_(logits)
     if targets is not None:
         valid = targets >= 0
-        out["target_rank"].copy_(torch.where(valid, n_above.long() + 1, -1))
+        out["target_rank"].copy_(torch.where(valid, stats.n_above.long() + 1, -1))
         nan = torch.tensor(float("nan"), device=logits.device)
         out["target_logit"].copy_(torch.where(valid, chosen[..., 0], nan))
         out["target_prob"].copy_(torch.where(valid, torch.exp(chosen[..., 0] - lse), nan))
-
-
-def row_sums(logits, final_probs, row_max, chosen):
-    """Per row: sum e, sum e*z (e = exp(z - max)), sum p_final*z, count(z > chosen).
-
-    The reference form; ``_eager_sums`` computes the same in place, and ``torch.compile``
-    turns this one into a single pass over the logits.
-    """
-    e = torch.exp(logits - row_max)
-    return (e.sum(-1), (e * logits).sum(-1), (final_probs * logits).sum(-1),
-            (logits > chosen).sum(-1))
-
-
-def _eager_sums(logits, final_probs, row_max, chosen, scratch):
-    """:func:`row_sums` through one reused scratch buffer (no allocation per layer)."""
-    torch.sub(logits, row_max, out=scratch).exp_()
-    sum_exp = scratch.sum(-1)
-    e_z = torch.mul(scratch, logits, out=scratch).sum(-1)
-    e_f = torch.mul(final_probs, logits, out=scratch).sum(-1)
-    n_above = torch.gt(logits, chosen, out=scratch).sum(-1)
-    return sum_exp, e_z, e_f, n_above
-
-
-@functools.lru_cache(maxsize=1)
-def _compiled_sums():
-    compiled = torch.compile(row_sums, dynamic=True)
-    return lambda logits, final_probs, row_max, chosen, scratch: compiled(
-        logits, final_probs, row_max, chosen)
-
-
-def topk(logits: Float[Tensor, "rows d_vocab"], k: int, block: int = 128
-         ) -> tuple[Float[Tensor, "rows k"], Int[Tensor, "rows k"]]:
-    """Exact top-k along the vocabulary, ~6x faster than ``torch.topk`` on a large vocabulary.
-
-    The k largest values lie in the k blocks with the largest maxima (any other block's
-    maximum is beaten by k values in distinct blocks), so one cheap ``amax`` per block and
-    a top-k over ``k * block`` candidates suffice. Ties may pick other indices of the same
-    value than ``torch.topk`` would.
-    """
-    rows, vocab = logits.shape
-    if vocab % block or k * block >= vocab:
-        found = torch.topk(logits, k, dim=-1)
-        return found.values, found.indices
-    blocks = logits.view(rows, vocab // block, block)
-    best = blocks.amax(-1).topk(k, dim=-1).indices                         # [rows, k]
-    candidates = blocks.gather(1, best[..., None].expand(-1, -1, block)).view(rows, -1)
-    values, where = candidates.topk(k, dim=-1)
-    return values, best.gather(1, where // block) * block + where % block

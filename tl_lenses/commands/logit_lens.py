@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 
@@ -19,8 +20,8 @@ def add_parser(subparsers) -> None:
                         help="'final' (final top-1), 'next' (true next token) or one token")
     parser.add_argument("--incl-mid", action="store_true", help="also read resid_mid")
     parser.add_argument("--backend", default="hooked", choices=["hooked", "bridge"])
-    parser.add_argument("--fused", action="store_true",
-                        help="compile the statistics into one kernel (long prompts)")
+    parser.add_argument("--fused", action=argparse.BooleanOptionalAction, default=None,
+                        help="statistics in one compiled pass (default: on long prompts)")
     parser.set_defaults(func=run)
 
 

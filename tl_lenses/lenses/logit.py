@@ -23,7 +23,7 @@ def logit_lens(
     chunk_size: int = DEFAULT_CHUNK,
     keep_logits: bool = False,
     progress: bool = False,
-    fused: bool = False,
+    fused: bool | None = None,
 ) -> LensResult:
     """The logit lens of ``input`` at every residual-stream layer and position.
 
@@ -33,8 +33,9 @@ def logit_lens(
     (negative ones count from the end). ``target``: ``"final"`` (the final layer's top-1),
     ``"next"`` (the true next token), a one-token string or id, an int ``[batch, pos]``
     tensor, or None. ``keep_logits`` also returns the full ``[layer, batch, pos, d_vocab]``.
-    ``fused`` computes the statistics in one compiled kernel (faster on large inputs; the
-    first call compiles).
+    ``fused``: the statistics in one compiled pass (True), in eager passes (False), or the
+    compiled pass where it pays off (None: large readouts on the CPU; see
+    :mod:`tl_lenses.row_stats`).
 
     >>> result = logit_lens(model, "The capital of France is")     # doctest: +SKIP
     >>> result.top_tokens()[-1][-1][0]                                # doctest: +SKIP
