@@ -165,6 +165,19 @@ def test_training_lowers_held_out_kl(backend):
     assert_no_hooks(model)
 
 
+def test_reference_recipe_uses_the_libraries_optimizer_settings():
+    """tuned-lens 0.2.0: SGD(lr=lr_scale * (1 - momentum), momentum 0.9, Nesterov, wd 1e-3)
+    with lr_scale 1; the optimizer's lr must not be scaled by (1 - momentum) twice."""
+    from tl_lenses.tuned_train import TrainConfig, _optimizer
+
+    cfg = TrainConfig(recipe="reference").resolved()
+    group = _optimizer(TunedLens.for_model(tiny_hooked("gpt2")), cfg).param_groups[0]
+    lr_scale, momentum = 1.0, 0.9
+    assert group["lr"] == pytest.approx(lr_scale * (1 - momentum))
+    assert group["momentum"] == momentum and group["nesterov"]
+    assert group["weight_decay"] == 1e-3 and cfg.clip == 1.0
+
+
 def test_training_is_reproducible_and_resumable(tmp_path):
     model = tiny_hooked("gpt2")
     tokens = torch.randint(0, 256, (24, 16), generator=torch.Generator().manual_seed(1))

@@ -35,6 +35,9 @@ from tl_lenses.models import check_model
 from tl_lenses.unembed import Unembed
 
 CHECKPOINT = "checkpoint.pt"
+# The tuned-lens library's SGD lr: lr_scale 1 times (1 - momentum 0.9). The optimizer takes
+# 0.1 as it is; the (1 - momentum) factor is already in it (applying it again gave 0.01).
+REFERENCE_LR = 0.1
 
 
 @dataclass
@@ -65,7 +68,7 @@ class TrainConfig:
         fast = self.recipe == "fast"
         return replace(
             self, steps=self.steps if self.steps is not None else (30 if fast else 250),
-            lr=self.lr if self.lr is not None else (1e-4 if fast else 0.1 * (1 - self.momentum)),
+            lr=self.lr if self.lr is not None else (1e-4 if fast else REFERENCE_LR),
             bf16=self.bf16 if self.bf16 is not None else fast,
         )
 
