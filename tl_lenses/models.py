@@ -59,10 +59,14 @@ def gguf_path() -> Path:
     )
 
 
+def cache_root() -> Path:
+    """tl_lenses' cache: ``$TL_LENSES_CACHE`` or ``~/.cache/tl_lenses``."""
+    return Path(os.environ.get("TL_LENSES_CACHE") or Path.home() / ".cache" / "tl_lenses")
+
+
 def cache_dir() -> Path:
-    """Where converted weights are kept: ``$TL_LENSES_CACHE`` or ``~/.cache/tl_lenses``."""
-    root = os.environ.get("TL_LENSES_CACHE") or Path.home() / ".cache" / "tl_lenses"
-    return Path(root) / f"smollm2-135m-instruct-q4_1-{GGUF_VERSION}"
+    """Where the embedded model's converted weights are kept."""
+    return cache_root() / f"smollm2-135m-instruct-q4_1-{GGUF_VERSION}"
 
 
 def _say(message: str) -> None:

@@ -1,11 +1,12 @@
 """The shared, chunked readout behind every lens: residuals in, LensResult out.
 
 Memory stays bounded by streaming ``chunk_size`` (batch x position) rows at a time through
-three reused ``[chunk_size, d_vocab]`` buffers: the final layer's probabilities, the
-current layer's logits, and scratch. Nothing ``[layer, batch, pos, d_vocab]``-sized
-exists unless ``keep_logits=True``. The per-row statistics (:mod:`tl_lenses.row_stats`)
-take one compiled pass over each layer's logits on large readouts, so the cost stays close
-to the unembedding matmul's.
+reused ``[chunk_size, d_vocab]`` buffers: the final layer's probabilities, the current
+layer's logits (and scratch for the eager statistics). Nothing
+``[layer, batch, pos, d_vocab]``-sized exists unless ``keep_logits=True``. The per-row
+statistics (:mod:`tl_lenses.row_stats`) take one C kernel call per layer group, and the KL's
+cross term is a d_model-wide dot product, so the cost stays close to the unembedding
+matmul's.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from torch import Tensor
 from tl_lenses.inputs import single_token, str_tokens
 from tl_lenses.lenses.base import Lens
 from tl_lenses.result import LensResult, empty_like_cells
-from tl_lenses.row_stats import row_stats, use_fused, warm_up
+from tl_lenses.row_stats import row_stats, use_fused
 from tl_lenses.unembed import Unembed
 
 Target = Union[None, str, int, Tensor]
@@ -72,10 +73,9 @@ def read_lens(
 ) -> LensResult:
     """Decode each residual in ``resids`` (one per hook name) through ``lens``.
 
-    ``fused``: compute the per-row statistics in one ``torch.compile``d pass over the
-    logits instead of five (:mod:`tl_lenses.row_stats`); None (auto) does so for large
-    readouts on the CPU, where the seconds of compiling pay off, and whenever the kernel is
-    already compiled. Both paths give the same top-k and ranks and the same sums to
+    ``fused``: the per-row statistics from tl_lenses' C kernel (True) or from eager torch
+    passes (False); None (auto) takes the kernel for float32 on the CPU when it builds
+    (:mod:`tl_lenses.row_stats`). Both give the same top-k and ranks, and the same sums to
     float rounding.
 
     ``resids`` and ``final_resid`` cover the positions listed in ``positions`` (all, when
@@ -105,10 +105,9 @@ def read_lens(
         n_rows = final_rows.shape[0]
         # A matmul never exceeds chunk_size rows (rows x stacked layers), nor all the rows.
         size = min(chunk_size, n_rows * len(rows))
-        work = _Workspace(size, unembed.d_vocab, final_rows.shape[-1], final_rows.device)
-        work.fused = use_fused(fused, final_rows.device, unembed.d_vocab,
-                               unembed.W_U.dtype, n_rows * len(rows))
-        work.strict = fused is True
+        work = _Workspace(size, min(chunk_size, n_rows), unembed.d_vocab, final_rows.shape[-1],
+                          final_rows.device, use_fused(fused, final_rows.device, unembed.W_U.dtype))
+        work.final_like = [_same_view(r, final_rows) for r in rows]
         for start in _chunks(n_rows, chunk_size, progress):
             stop = min(start + chunk_size, n_rows)
             _read_chunk(lens, unembed, rows, final_rows, hook_names, slice(start, stop),
@@ -136,13 +135,16 @@ def _chunks(n_rows: int, chunk_size: int, progress: bool):
 
 class _Workspace:
     """Flat buffers reused by every chunk: the first touch of fresh memory (page faults)
-    costs as much as the statistics, so each readout allocates its buffers once."""
+    costs as much as the statistics, so each readout allocates its buffers once. The eager
+    statistics need a scratch buffer; the kernel doesn't."""
 
-    def __init__(self, size: int, vocab: int, d_model: int, device):
-        self.fused = self.warm = self.strict = False
+    def __init__(self, size: int, chunk: int, vocab: int, d_model: int, device, fused: bool):
+        self.fused = fused
+        self.final_like: list[bool] = []  # rows that are the final residual itself
         self.logits = torch.empty(size * vocab, device=device)
-        self.scratch = torch.empty(size * vocab, device=device)
-        self.probs = torch.empty(size * vocab, device=device)
+        self.scratch = None if fused else torch.empty(size * vocab, device=device)
+        self.final_logits = torch.empty(chunk * vocab, device=device)
+        self.probs = torch.empty(chunk * vocab, device=device)
         self.translated = torch.empty(size * d_model, device=device)
 
     @staticmethod
@@ -159,33 +161,69 @@ def _read_chunk(lens, unembed, rows, final_rows, hook_names, span, flat_targets,
     what keep the readout near the speed of a bare unembedding.
     """
     n, vocab, d_model = span.stop - span.start, unembed.d_vocab, final_rows.shape[-1]
-    final_logits = unembed(final_rows[span], out=work.view(work.logits, n, vocab))
-    final_lse = torch.logsumexp(final_logits, dim=-1)
+    final_logits = unembed(final_rows[span], out=work.view(work.final_logits, n, vocab))
+    final = row_stats(final_logits[None], final_logits.new_full((1, n, 1), torch.inf), 1,
+                      None if work.fused else work.view(work.scratch, 1, n, vocab), work.fused)
+    final_lse = final.lse[0]
+    final_neg_entropy = final.e_z[0] / final.sum_exp[0] - final_lse           # E_f[log p_f]
     final_probs = torch.sub(final_logits, final_lse[:, None],
                             out=work.view(work.probs, n, vocab)).exp_()
-    final_neg_entropy = torch.linalg.vecdot(final_probs, final_logits) - final_lse
+    # E_{p_f}[z_l] = x_l . (W_U p_f) + b_U . p_f for every layer's normalised x_l: one
+    # [n, d_vocab] @ [d_vocab, d_model] matmul per chunk instead of a pass over
+    # final_probs and each layer's logits.
+    final_in_model = final_probs @ unembed.W_U.T                         # [n, d_model]
+    final_bias = 0.0 if unembed.b_U is None else final_probs @ unembed.b_U
     if fill_final_targets:
-        flat_targets[span] = final_logits.argmax(dim=-1)
+        flat_targets[span] = final.top_ids[0, :, 0]
     targets = None if flat_targets is None else flat_targets[span]
-    n_layers = len(rows)
-    group = max(1, min(n_layers, chunk_size // n))
-    for first in range(0, n_layers, group):
-        layers = range(first, min(first + group, n_layers))
-        g = len(layers)
-        translated = work.view(work.translated, g, n, d_model)
-        for i, layer in enumerate(layers):
-            translated[i] = lens.translate(rows[layer][span], hook_names[layer])
-        logits = unembed(translated, out=work.view(work.logits, g, n, vocab))
-        _cell_stats(logits, work.view(work.scratch, g, n, vocab), final_probs,
-                    final_neg_entropy, targets, k, work,
-                    {key: (None if value is None else value[first:first + g, span])
+
+    def stats(logits, e_f, layers):
+        scratch = None if work.fused else work.view(work.scratch, *logits.shape)
+        _cell_stats(logits, scratch, e_f, final_neg_entropy, targets, k, work.fused,
+                    {key: (None if value is None else value[layers, span])
                      for key, value in cells.items()})
 
+    # Rows that are the final residual, read through an identity translation (the logit
+    # lens, the tuned lens' last layer), reuse the final logits instead of a second matmul.
+    todo = []
+    for layer, name in enumerate(hook_names):
+        piece = rows[layer][span]
+        if work.final_like[layer] and lens.translate(piece, name) is piece:
+            stats(final_logits[None], (final_neg_entropy + final_lse)[None],
+                  slice(layer, layer + 1))
+        else:
+            todo.append(layer)
+    for layers in _groups(todo, max(1, chunk_size // n)):
+        translated = work.view(work.translated, len(layers), n, d_model)
+        for i, layer in enumerate(layers):
+            translated[i] = lens.translate(rows[layer][span], hook_names[layer])
+        x = unembed.normalize(translated)
+        logits = unembed.project(x, out=work.view(work.logits, len(layers), n, vocab))
+        e_f = torch.linalg.vecdot(x, final_in_model) + final_bias          # [g, n]
+        stats(logits, e_f, slice(layers.start, layers.stop))
 
-def _cell_stats(logits, scratch, final_probs, final_neg_entropy, targets, k, work, out):
+
+def _groups(layers: list[int], size: int) -> list[range]:
+    """Runs of consecutive layers, at most ``size`` long (so results are written to views)."""
+    groups: list[range] = []
+    for layer in layers:
+        last = groups[-1] if groups else None
+        if last is not None and last.stop == layer and len(last) < size:
+            groups[-1] = range(last.start, layer + 1)
+        else:
+            groups.append(range(layer, layer + 1))
+    return groups
+
+
+def _same_view(a: Tensor, b: Tensor) -> bool:
+    return (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+            and a.dtype == b.dtype)
+
+
+def _cell_stats(logits, scratch, e_f, final_neg_entropy, targets, k, fused, out):
     """Top-k, entropy, KL(final || layer) and target stats of ``[layers, rows]`` logits.
 
-    The final layer's ``[rows, d_vocab]`` probabilities broadcast over layers.
+    ``e_f``: ``E_{p_final}[z]`` per layer and row.
     """
     n_layers = logits.shape[0]
     if targets is None:
@@ -193,10 +231,7 @@ def _cell_stats(logits, scratch, final_probs, final_neg_entropy, targets, k, wor
     else:
         index = targets.clamp_min(0)[None, :, None].expand(n_layers, -1, 1)
         chosen = logits.gather(-1, index)                               # [layers, rows, 1]
-    if work.fused and not work.warm:
-        # compile before the first use; falls back to eager (auto) or raises (fused=True)
-        work.fused = work.warm = warm_up(logits, final_probs, chosen, strict=work.strict)
-    stats = row_stats(logits, final_probs, chosen, k, scratch, work.fused)
+    stats = row_stats(logits, chosen, k, scratch, fused)
     lse = stats.lse
     out["top_ids"].copy_(stats.top_ids)
     out["top_logits"].copy_(stats.top_values)
@@ -204,7 +239,7 @@ def _cell_stats(logits, scratch, final_probs, final_neg_entropy, targets, k, wor
     out["entropy"].copy_(lse - stats.e_z / stats.sum_exp)          # H = lse - E_p[z]
     # KL(f || l) = E_f[log p_f] - E_f[z_l] + lse_l. The two expectations are ~|z| in size,
     # so float32 leaves ~1e-5 nats of rounding (clamped: KL is never negative).
-    out["kl_to_final"].copy_((final_neg_entropy - stats.e_f + lse).clamp_min_(0.0))
+    out["kl_to_final"].copy_((final_neg_entropy - e_f + lse).clamp_min_(0.0))
     if out["logits"] is not None:
         out["logits"].copy_(logits)
     if targets is not None:

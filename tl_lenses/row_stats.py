@@ -1,49 +1,42 @@
 """Per-row softmax statistics of a block of logits: the inner loop of every lens readout.
 
-For logits ``z`` (one row per layer x position) and the final layer's probabilities
-``p_f``, a readout needs the top-k, ``lse = log sum exp z``, ``E_p[z]`` (for the entropy),
-``E_{p_f}[z]`` (for the KL) and ``count(z > z_target)`` (for the rank). Two implementations
-give the same numbers:
+For logits ``z`` (one row per layer x position) a readout needs the top-k, the row maximum,
+``sum exp(z - max)`` and ``sum exp(z - max) * z`` (for the log-sum-exp and the entropy) and
+``count(z > z_target)`` (for the rank). (``E_{p_final}[z]``, for the KL, is a d_model-wide
+dot product computed before the unembedding: see :mod:`tl_lenses.readout`.) Two
+implementations give the same numbers:
 
-- eager: a blocked top-k, then in-place passes through one scratch buffer (five passes);
-- fused: one ``torch.compile``d pass that also returns the maximum of each 128-logit block,
-  so the top-k only has to look inside the k best blocks. About 2.5x faster on the CPU;
-  compiling costs seconds, once per process and vocabulary size.
+- fused: a C kernel (``kernels/row_stats.c``, built by :mod:`tl_lenses.native`) that sweeps
+  each row twice while it sits in the core's cache: block maxima and row maximum, then the
+  sums; the 128-logit block maxima also serve an exact top-k from the k best blocks.
+- eager: a blocked top-k, then in-place torch passes through one scratch buffer.
 
-``fused=None`` (the readouts' default) picks the fused kernel where the compile pays for
-itself: large readouts on the CPU, or any readout once the kernel is compiled.
+``fused=None`` (the readouts' default) takes the kernel for float32 logits on the CPU
+whenever it builds, and the eager path otherwise.
 """
 
 from __future__ import annotations
 
-import functools
-import shutil
-import warnings
 from typing import NamedTuple
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-BLOCK = 128
-# Row-layers (rows x hook points) above which compiling pays for itself: on SmolLM2's
-# vocabulary the fused kernel saves ~50 us per row-layer (10 vs 22 ms per 256), and a
-# compile costs ~17 s on a cold inductor cache, ~6 s on a warm one (2-core CPU).
-AUTO_FUSED_MIN_ROWS = 200_000
-_warm: set[tuple[str, int, torch.dtype]] = set()   # (device type, vocab, dtype) compiled
-_broken: list[str] = []                             # why compiling failed, once per process
+from tl_lenses import native
+
+BLOCK = 128  # the kernel's block (kernels/row_stats.c)
 
 
 class RowStats(NamedTuple):
-    """Statistics of ``[..., d_vocab]`` logits (``sum_exp`` and ``e_z`` relative to
-    ``row_max``: ``sum_exp = sum exp(z - max)``, ``e_z = sum exp(z - max) * z``)."""
+    """Statistics of ``[layer, row, d_vocab]`` logits (``sum_exp = sum exp(z - row_max)``,
+    ``e_z = sum exp(z - row_max) * z``, ``n_above = count(z > chosen)``)."""
 
     top_values: Tensor
     top_ids: Tensor
     row_max: Tensor
     sum_exp: Tensor
     e_z: Tensor
-    e_f: Tensor
     n_above: Tensor
 
     @property
@@ -53,70 +46,55 @@ class RowStats(NamedTuple):
 
 def row_stats(
     logits: Float[Tensor, "layer row d_vocab"],
-    final_probs: Float[Tensor, "row d_vocab"],
     chosen: Float[Tensor, "layer row 1"],
     k: int,
-    scratch: Float[Tensor, "layer row d_vocab"],
+    scratch: Float[Tensor, "layer row d_vocab"] | None,
     fused: bool,
 ) -> RowStats:
     """Top-k and sums of ``logits``; ``n_above`` counts logits above ``chosen``."""
     n_layers, n_rows, vocab = logits.shape
     flat = logits.view(-1, vocab)
     if fused:
-        block_max, *sums = _call_compiled(flat, final_probs, chosen.view(-1, 1))
-        row_max, sum_exp, e_z, e_f, n_above = (v.view(n_layers, n_rows) for v in sums)
+        block_max, *sums = native_sums(flat, chosen.reshape(-1))
+        row_max, sum_exp, e_z, n_above = (value.view(n_layers, n_rows) for value in sums)
         top_values, top_ids = topk(flat, k, block_max)
     else:
         top_values, top_ids = topk(flat, k)
         row_max = top_values.view(n_layers, n_rows, k)[..., 0]
-        sum_exp, e_z, e_f, n_above = eager_sums(logits, final_probs, row_max[..., None], chosen,
-                                                scratch)
+        sum_exp, e_z, n_above = eager_sums(logits, row_max[..., None], chosen, scratch)
     return RowStats(top_values.view(n_layers, n_rows, k), top_ids.view(n_layers, n_rows, k),
-                    row_max, sum_exp, e_z, e_f, n_above)
+                    row_max, sum_exp, e_z, n_above)
 
 
-def fused_sums(logits: Tensor, final_probs: Tensor, chosen: Tensor):
-    """One pass over ``logits``: (block maxima, row max, sum e, sum e*z, sum p_f*z, count).
-
-    The reference form that ``torch.compile`` turns into a single loop. Each block's
-    exponentials are taken relative to the block's own maximum and rescaled afterwards (the
-    online softmax), so the row maximum is not needed before the pass; the block maxima then
-    serve the top-k. A vocabulary that isn't a multiple of the block keeps a short tail.
-    Shapes: ``logits [layer * row, d_vocab]`` (layer-major), ``final_probs [row, d_vocab]``
-    (repeated over the layers), ``chosen [layer * row, 1]``. No runtime type checks here:
-    the function is traced by ``torch.compile``.
-    """
-    vocab = logits.shape[-1]
-    block = min(BLOCK, vocab)
-    split = vocab - vocab % block
-    main = logits[:, :split].unflatten(-1, (split // block, block))
-    block_max = main.amax(-1)
-    e = torch.exp(main - block_max[..., None])
-    block_sum, block_ez = e.sum(-1), (e * main).sum(-1)
-    row_max = block_max.amax(-1, keepdim=True)
-    if split < vocab:
-        row_max = torch.maximum(row_max, logits[:, split:].amax(-1, keepdim=True))
-    scale = torch.exp(block_max - row_max)
-    sum_exp, e_z = (block_sum * scale).sum(-1), (block_ez * scale).sum(-1)
-    if split < vocab:
-        tail = logits[:, split:]
-        e_tail = torch.exp(tail - row_max)
-        sum_exp, e_z = sum_exp + e_tail.sum(-1), e_z + (e_tail * tail).sum(-1)
-    by_layer = logits.view(-1, final_probs.shape[0], vocab)
-    e_f = (by_layer * final_probs).sum(-1).view(-1)
-    # counted in the logits' float type: exact up to 2**24, far above any vocabulary
-    n_above = (logits > chosen).to(logits.dtype).sum(-1)
-    return block_max, row_max[:, 0], sum_exp, e_z, e_f, n_above
+def native_sums(
+    logits: Float[Tensor, "rows d_vocab"], chosen: Float[Tensor, "rows"]
+) -> tuple[Float[Tensor, "rows n_blocks"], Float[Tensor, "rows"], Float[Tensor, "rows"],
+           Float[Tensor, "rows"], Float[Tensor, "rows"]]:
+    """(block maxima, row max, sum e, sum e*z, count(z > chosen)) from the C kernel."""
+    kernel = native.row_stats_kernel()
+    if kernel is None:
+        raise RuntimeError(f"the lens statistics kernel is unavailable: {native.build_error()}")
+    rows, vocab = logits.shape
+    if (logits.dtype != torch.float32 or logits.device.type != "cpu"
+            or not logits.is_contiguous()):
+        raise ValueError(f"logits must be contiguous float32 on the CPU, got {logits.dtype} "
+                         f"on {logits.device}")
+    chosen = chosen.to(torch.float32).contiguous()
+    block_max = logits.new_empty(rows, vocab // BLOCK)
+    row_max, sum_exp, e_z, n_above = logits.new_empty(4, rows)
+    kernel(logits.data_ptr(), chosen.data_ptr(), rows, vocab, torch.get_num_threads(),
+           block_max.data_ptr(), row_max.data_ptr(), sum_exp.data_ptr(), e_z.data_ptr(),
+           n_above.data_ptr())
+    return block_max, row_max, sum_exp, e_z, n_above
 
 
-def eager_sums(logits, final_probs, row_max, chosen, scratch):
-    """sum e, sum e*z, sum p_f*z, count(z > chosen) through one reused scratch buffer."""
+def eager_sums(logits, row_max, chosen, scratch):
+    """sum e, sum e*z, count(z > chosen) through one reused scratch buffer."""
     torch.sub(logits, row_max, out=scratch).exp_()
     sum_exp = scratch.sum(-1)
     e_z = torch.mul(scratch, logits, out=scratch).sum(-1)
-    e_f = torch.mul(final_probs, logits, out=scratch).sum(-1)
     n_above = torch.gt(logits, chosen, out=scratch).sum(-1)
-    return sum_exp, e_z, e_f, n_above
+    return sum_exp, e_z, n_above
 
 
 def topk(
@@ -127,9 +105,9 @@ def topk(
 
     The k largest values lie in the k blocks with the largest maxima, plus the tail when
     the vocabulary isn't a multiple of the block (any other block's maximum is beaten by k
-    values in distinct blocks). So one ``amax`` per block (or the ``block_max`` that
-    :func:`fused_sums` already found) and a top-k over ``k * block`` candidates suffice.
-    Ties may pick other indices of the same value than ``torch.topk`` would.
+    values in distinct blocks). So one ``amax`` per block (or the ``block_max`` the kernel
+    already found) and a top-k over ``k * block`` candidates suffice. Ties may pick other
+    indices of the same value than ``torch.topk`` would.
     """
     rows, vocab = logits.shape
     n_blocks = vocab // BLOCK
@@ -151,59 +129,17 @@ def topk(
     return values, ids.gather(1, where)
 
 
-def use_fused(fused: bool | None, device: torch.device, vocab: int, dtype: torch.dtype,
-              row_layers: int) -> bool:
-    """Resolve ``fused=None`` (auto) and check that ``fused=True`` can compile."""
+def use_fused(fused: bool | None, device: torch.device, dtype: torch.dtype) -> bool:
+    """Resolve ``fused=None`` (auto: the kernel where it applies and builds); check True."""
     if fused is not None and not isinstance(fused, bool):
         raise ValueError(f"fused must be True, False or None (auto), got {fused!r}")
-    if fused is False:
-        return False
+    applies = device.type == "cpu" and dtype == torch.float32
     if fused is None:
-        if device.type != "cpu" or _broken or not _has_compiler():
-            return False
-        if (device.type, vocab, dtype) not in _warm and row_layers < AUTO_FUSED_MIN_ROWS:
-            return False
-    return True
-
-
-def warm_up(logits: Tensor, final_probs: Tensor, chosen: Tensor, *, strict: bool) -> bool:
-    """Compile the fused kernel for these shapes now; False (with a warning) if that fails.
-
-    ``strict`` (the user asked for ``fused=True``) raises instead of falling back.
-    """
-    key = (logits.device.type, logits.shape[-1], logits.dtype)
-    if key in _warm:
-        return True
-    try:
-        _call_compiled(logits.view(-1, logits.shape[-1]), final_probs, chosen.view(-1, 1))
-    except Exception as error:  # inductor failures have no common base class
-        if strict:
-            raise RuntimeError(f"fused=True: torch.compile of the lens statistics failed "
-                               f"({type(error).__name__}: {error}); pass fused=False") from error
-        _broken.append(f"{type(error).__name__}: {error}")
-        warnings.warn(f"tl_lenses: compiling the lens statistics failed ({_broken[0]}); "
-                      "using the eager path", RuntimeWarning, stacklevel=3)
-        return False
-    _warm.add(key)
-    return True
-
-
-@functools.lru_cache(maxsize=1)
-def _has_compiler() -> bool:
-    """Inductor's CPU backend builds C++; without a compiler, auto stays eager."""
-    return any(shutil.which(name) for name in ("g++", "c++", "clang++"))
-
-
-def _call_compiled(logits, final_probs, chosen):
-    # Rows are symbolic from the first call, so every chunk size and layer group shares one
-    # compiled kernel (a size-1 dimension can't be marked: it gets its own, once); the
-    # vocabulary stays a constant, which vectorises better.
-    for tensor in (logits, final_probs, chosen):
-        if tensor.shape[0] > 1:
-            torch._dynamo.mark_dynamic(tensor, 0)
-    return _compiled()(logits, final_probs, chosen)
-
-
-@functools.lru_cache(maxsize=1)
-def _compiled():
-    return torch.compile(fused_sums, dynamic=False)
+        return applies and native.row_stats_kernel() is not None
+    if fused and not applies:
+        raise ValueError(f"fused=True needs float32 logits on the CPU (the C kernel), got "
+                         f"{dtype} on {device}; pass fused=None or False")
+    if fused and native.row_stats_kernel() is None:
+        raise RuntimeError(f"fused=True: the lens statistics kernel could not be built "
+                           f"({native.build_error()}); pass fused=None or False")
+    return fused

@@ -96,7 +96,12 @@ class Unembed:
             raise ValueError(
                 f"resid must end in d_model={self.d_model}, got shape {tuple(resid.shape)}"
             )
-        x = self.normalize(resid)
+        return self.project(self.normalize(resid), out=out)
+
+    def project(
+        self, x: Float[Tensor, "*rows d_model"], out: Tensor | None = None
+    ) -> Float[Tensor, "*rows d_vocab"]:
+        """``x @ W_U + b_U`` for already normalised ``x`` (into ``out`` when given)."""
         W_U = self.W_U if self.W_U.dtype == x.dtype else self.W_U.to(x.dtype)
         if out is not None and torch.is_grad_enabled() and (x.requires_grad or W_U.requires_grad):
             out = None  # out= is not differentiable; keep the autograd path working
