@@ -348,16 +348,23 @@ def test_without_the_kernel_auto_is_eager_and_fused_true_raises(monkeypatch):
     torch.testing.assert_close(result.kl_to_final, reference.kl_to_final, rtol=0, atol=0)
 
 
-def test_a_failed_build_warns_once_and_names_the_reason(monkeypatch, tmp_path):
+@pytest.mark.parametrize("cause", ["no compiler", "unwritable cache"])
+def test_a_failed_build_warns_and_names_the_reason(monkeypatch, tmp_path, cause):
     from tl_lenses import native
 
-    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
-    monkeypatch.setenv("TL_LENSES_CACHE", str(tmp_path))
+    if cause == "no compiler":
+        monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+        monkeypatch.setenv("TL_LENSES_CACHE", str(tmp_path))
+        reason = "no-such-compiler"
+    else:
+        (tmp_path / "a-file").write_text("")
+        monkeypatch.setenv("TL_LENSES_CACHE", str(tmp_path / "a-file"))
+        reason = "a-file"
     monkeypatch.setattr(native, "_errors", [])
     native._load.cache_clear()
     try:
-        with pytest.warns(RuntimeWarning, match="no-such-compiler"):
+        with pytest.warns(RuntimeWarning, match=reason):
             assert native.row_stats_kernel() is None
-        assert "no-such-compiler" in native.build_error()
+        assert reason in native.build_error()
     finally:
         native._load.cache_clear()

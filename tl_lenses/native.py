@@ -39,7 +39,7 @@ def row_stats_kernel():
 
 
 def build_error() -> str | None:
-    """Why the kernel is unavailable (None if it loaded, or was never asked for)."""
+    """What failed while building or loading the kernel (None if nothing did)."""
     return "; ".join(_errors) or None
 
 
@@ -83,20 +83,20 @@ def _library_path(source: str, compiler: str, flags: list[str]) -> Path:
 
 
 def _compile(source: str, compiler: str, flags: list[str], path: Path) -> bool:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-        src, out = Path(tmp) / "row_stats.c", Path(tmp) / path.name
-        src.write_text(source)
-        try:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+            src, out = Path(tmp) / "row_stats.c", Path(tmp) / path.name
+            src.write_text(source)
             done = subprocess.run([compiler, *flags, *COMMON_FLAGS, "-o", str(out), str(src)],
                                   capture_output=True, text=True, timeout=120)
-        except (OSError, subprocess.TimeoutExpired) as error:
-            _errors.append(f"{compiler} {' '.join(flags)}: {error}")
-            return False
-        if done.returncode != 0:
-            _errors.append(f"{compiler} {' '.join(flags)}: {done.stderr.strip()[-300:]}")
-            return False
-        os.replace(out, path)  # atomic: a concurrent process sees all of it or nothing
+            if done.returncode != 0:
+                _errors.append(f"{compiler} {' '.join(flags)}: {done.stderr.strip()[-300:]}")
+                return False
+            os.replace(out, path)  # atomic: a concurrent process sees all of it or nothing
+    except (OSError, subprocess.TimeoutExpired) as error:  # no compiler, unwritable cache
+        _errors.append(f"{compiler} {' '.join(flags)} into {path.parent}: {error}")
+        return False
     return True
 
 
