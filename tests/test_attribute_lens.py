@@ -121,6 +121,45 @@ def test_lre_is_the_mean_jacobian_and_offset(tiny_model):
                                atol=1e-5, rtol=1e-5)
 
 
+def test_lre_save_load_round_trip_is_exact(tiny_models, tmp_path):
+    """Saved on one backend, loaded on the other (same weights): every field, and the map."""
+    from tl_lenses.lre_io import load_lre, save_lre
+
+    hooked, bridge = tiny_models
+    lre = estimate_lre(hooked, TOY, 2, train=list(TOY.samples[:3]), beta=1.5)
+    save_lre(lre, tmp_path / "lre", hooked)
+    back = load_lre(tmp_path / "lre", bridge)
+    assert torch.equal(back.weight, lre.weight) and torch.equal(back.bias, lre.bias)
+    assert (back.beta, back.layer, back.relation, back.template, back.train, back.method) == \
+        (lre.beta, lre.layer, lre.relation, lre.template, lre.train, lre.method)
+    s = torch.randn(3, hooked.cfg.d_model)
+    assert torch.equal(back(s), lre(s)) and back.prompt("a") == lre.prompt("a")
+
+
+def test_lre_files_are_checked(tiny_model, tmp_path):
+    from tl_lenses.lre_io import CONFIG, WEIGHTS, load_lre, save_lre
+    from tl_lenses.tiny import tiny_hooked
+
+    lre = estimate_lre(tiny_model, TOY, 1, train=list(TOY.samples[:2]))
+    folder = save_lre(lre, tmp_path / "lre", tiny_model)
+    other = tiny_hooked("llama-gqa", seed=7)          # same shapes, other weights
+    with pytest.raises(ValueError, match="different model"):
+        load_lre(folder, other)
+    with pytest.raises(ValueError, match="layer"):
+        save_lre(LRE.identity(tiny_model.cfg.d_model, layer=99), tmp_path / "x", tiny_model)
+    with pytest.raises(TypeError, match="lre"):      # ours, or the runtime type checker's
+        save_lre("not an lre", tmp_path / "x", tiny_model)
+    weights = folder / WEIGHTS
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        load_lre(folder, tiny_model)
+    (folder / CONFIG).write_text((folder / CONFIG).read_text()[:50])
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        load_lre(folder, tiny_model)
+    with pytest.raises(FileNotFoundError):
+        load_lre(tmp_path / "nothing here", tiny_model)
+
+
 def test_demonstrations_exclude_the_subject_itself():
     lre = LRE.identity(4, template="{} =", train=TOY.samples[:3])
     assert lre.prompt("a") == "b = n\nc = o\na ="

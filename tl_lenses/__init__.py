@@ -12,6 +12,7 @@ from tl_lenses.lenses.base import Lens, LogitLens
 from tl_lenses.lenses.logit import logit_lens
 from tl_lenses.lenses.tuned import TunedLens
 from tl_lenses.lre import LRE, estimate_lre, relation_jacobian
+from tl_lenses.lre_io import load_lre, save_lre
 from tl_lenses.models import load_default_model
 from tl_lenses.patchscope import AffineMap, PatchscopeResult, patch_hook, patchscope, source_state
 from tl_lenses.patchscope_cross import AffineFit, fit_affine_map
@@ -40,6 +41,7 @@ __all__ = [
     "KLEvaluator", "save_tuned_lens", "load_tuned_lens", "import_tuned_lens_library",
     # attribute lens
     "AttributeLens", "attribute_lens", "LRE", "estimate_lre", "relation_jacobian",
+    "save_lre", "load_lre",
     "Relation", "Sample", "get_relation", "load_relation", "starter_relations",
     # patchscopes
     "AffineMap", "PatchscopeResult", "patch_hook", "patchscope", "source_state",

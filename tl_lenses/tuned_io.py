@@ -98,7 +98,7 @@ def save_tuned_lens(lens: TunedLens, path, *, training: dict | None = None) -> P
     config = {
         "format": FORMAT, "kind": lens.kind, "d_model": lens.d_model,
         "hook_names": lens.hook_names, "final_name": lens.final_name,
-        "model": lens.model_info, "weights_sha256": _file_hash(folder / WEIGHTS),
+        "model": lens.model_info, "weights_sha256": file_sha256(folder / WEIGHTS),
         "training": training or {},
     }
     (folder / CONFIG).write_text(json.dumps(config, indent=1))
@@ -113,7 +113,7 @@ def load_tuned_lens(path, model) -> TunedLens:
     folder = Path(path)
     config = read_config(folder)
     check_same_model(config["model"], model, source=f"the lens in {folder}")
-    tensors = _read_weights(folder / WEIGHTS, config)
+    tensors = read_weights(folder / WEIGHTS, config)
     lens = TunedLens(config["hook_names"], config["d_model"], final_name=config["final_name"],
                      kind=config["kind"], model_info=config["model"])
     _copy_params(lens, tensors, folder / WEIGHTS)
@@ -122,28 +122,35 @@ def load_tuned_lens(path, model) -> TunedLens:
 
 def read_config(folder: Path) -> dict:
     """The JSON config of a lens folder, with clear errors for missing or broken files."""
+    return read_json_config(folder, CONFIG, FORMAT, {"kind", "d_model", "hook_names",
+                                                     "final_name", "model", "weights_sha256"})
+
+
+def read_json_config(folder: Path, name: str, fmt: str, required: set[str]) -> dict:
+    """``folder/name`` as a dict of format ``fmt`` holding ``required`` keys, or a clear
+    error: missing folder or file, invalid JSON (corrupt, truncated), another format."""
     if not folder.is_dir():
-        raise FileNotFoundError(f"no lens folder at {folder}")
-    path = folder / CONFIG
+        raise FileNotFoundError(f"no folder at {folder}")
+    path = folder / name
     if not path.is_file():
-        raise FileNotFoundError(f"{folder} holds no {CONFIG}; is it a tl_lenses lens folder?")
+        raise FileNotFoundError(f"{folder} holds no {name}; is it a {fmt} folder?")
     try:
         config = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{path} is corrupt or truncated (not valid JSON: {error})") from None
-    missing = {"format", "kind", "d_model", "hook_names", "final_name", "model",
-               "weights_sha256"} - set(config if isinstance(config, dict) else ())
-    if missing or config.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a {FORMAT} lens config (missing {sorted(missing)})")
+    missing = ({"format"} | required) - set(config if isinstance(config, dict) else ())
+    if missing or config.get("format") != fmt:
+        raise ValueError(f"{path} is not a {fmt} config (missing {sorted(missing)})")
     return config
 
 
-def _read_weights(path: Path, config: dict) -> dict:
+def read_weights(path: Path, config: dict) -> dict:
+    """Tensors of a safetensors file whose sha256 the config recorded (else a clear error)."""
     from safetensors.torch import load_file
 
     if not path.is_file():
-        raise FileNotFoundError(f"lens weights {path} are missing")
-    if _file_hash(path) != config["weights_sha256"]:
+        raise FileNotFoundError(f"weights {path} are missing")
+    if file_sha256(path) != config["weights_sha256"]:
         raise ValueError(f"{path} is corrupt or truncated: its sha256 does not match the "
                          "one recorded in the config when it was saved")
     try:
@@ -162,7 +169,7 @@ def _copy_params(lens: TunedLens, tensors: dict, source) -> None:
             param.copy_(tensors[name])
 
 
-def _file_hash(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
