@@ -21,7 +21,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--incl-mid", action="store_true", help="also read resid_mid")
     parser.add_argument("--backend", default="hooked", choices=["hooked", "bridge"])
     parser.add_argument("--fused", action=argparse.BooleanOptionalAction, default=None,
-                        help="statistics in one compiled pass (default: on long prompts)")
+                        help="statistics from the C kernel (default: where it builds)")
     parser.set_defaults(func=run)
 
 

@@ -33,8 +33,8 @@ def logit_lens(
     (negative ones count from the end). ``target``: ``"final"`` (the final layer's top-1),
     ``"next"`` (the true next token), a one-token string or id, an int ``[batch, pos]``
     tensor, or None. ``keep_logits`` also returns the full ``[layer, batch, pos, d_vocab]``.
-    ``fused``: the statistics in one compiled pass (True), in eager passes (False), or the
-    compiled pass where it pays off (None: large readouts on the CPU; see
+    ``fused``: the statistics from tl_lenses' C kernel (True), from eager torch passes
+    (False), or the kernel where it applies and builds (None: float32 on the CPU; see
     :mod:`tl_lenses.row_stats`).
 
     >>> result = logit_lens(model, "The capital of France is")     # doctest: +SKIP
