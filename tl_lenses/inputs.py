@@ -7,6 +7,14 @@ from jaxtyping import Int
 from torch import Tensor
 
 
+def decode_each(tokenizer, ids) -> list[str]:
+    """Each token id (a list or 1-d tensor) as its own string; the id itself without a tokenizer."""
+    ids = ids.tolist() if isinstance(ids, Tensor) else list(ids)
+    if tokenizer is None:
+        return [str(i) for i in ids]
+    return [tokenizer.decode([i]) for i in ids]
+
+
 def require_tokenizer(model, *, argument: str = "model") -> None:
     if getattr(model, "tokenizer", None) is None:
         raise ValueError(

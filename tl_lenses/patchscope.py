@@ -28,7 +28,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from tl_lenses.inputs import to_tokens
+from tl_lenses.inputs import decode_each, to_tokens
 from tl_lenses.models import check_model, is_bridge
 
 Transform = Callable[[Tensor], Tensor]
@@ -278,16 +278,12 @@ class PatchscopeResult:
         return int(self.logits.argmax())
 
     def top_tokens(self, k: int = 5) -> list[str]:
-        return _decode_each(self.tokenizer, self.logits.topk(k).indices.tolist())
+        return decode_each(self.tokenizer, self.logits.topk(k).indices)
 
     @property
     def generated_text(self) -> str:
         ids = self.generated_ids.tolist()
         return self.tokenizer.decode(ids) if self.tokenizer is not None else str(ids)
-
-
-def _decode_each(tokenizer, ids: list[int]) -> list[str]:
-    return [tokenizer.decode([i]) if tokenizer is not None else str(i) for i in ids]
 
 
 def patchscope(

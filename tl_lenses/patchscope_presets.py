@@ -20,7 +20,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from tl_lenses.inputs import str_tokens, to_tokens
+from tl_lenses.inputs import decode_each, str_tokens, to_tokens
 from tl_lenses.lenses.base import Lens, LogitLens
 from tl_lenses.models import check_model
 from tl_lenses.patchscope import check_generation, resid_layer, resolve_position, source_states
@@ -78,8 +78,7 @@ class TokenIdentityResult:
     def decode(self, ids: Tensor) -> list:
         if ids.dim() > 1:
             return [self.decode(row) for row in ids]
-        return [self.tokenizer.decode([i]) if self.tokenizer is not None else str(i)
-                for i in ids.tolist()]
+        return decode_each(self.tokenizer, ids)
 
     def summary_rows(self) -> list[list]:
         """One row per layer: layer, patchscope P@1 and mean surprisal, then each lens's."""

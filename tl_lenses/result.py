@@ -10,6 +10,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from tl_lenses.hooks import short_label
+from tl_lenses.inputs import decode_each
 
 STATISTICS = ("logit", "prob", "rank", "entropy", "kl", "target_prob", "target_logit")
 
@@ -76,10 +77,7 @@ class LensResult:
 
     def decode(self, ids) -> list[str]:
         """Token ids as strings, with the model's tokenizer when there is one."""
-        ids = ids.tolist() if isinstance(ids, Tensor) else list(ids)
-        if self.tokenizer is None:
-            return [str(i) for i in ids]
-        return [self.tokenizer.decode([i]) for i in ids]
+        return decode_each(self.tokenizer, ids)
 
     def top_tokens(self, batch: int = 0) -> list[list[list[str]]]:
         """The top-k tokens as strings, ``[layer][pos][k]``, for one prompt."""
