@@ -249,25 +249,30 @@ def _component_parts(model, cache, pos, u, heads, neurons):
         labels.append("pos_embed")
         parts.append(project("hook_pos_embed"))
     shape = (1, *parts[0].shape[1:])
+
+    def add_units(unit_labels, terms, bias, bias_label) -> None:
+        """Per-unit terms (heads or neurons), then the layer's bias when it has one."""
+        labels.extend(unit_labels)
+        parts.append(terms)
+        if present(bias):
+            labels.append(bias_label)
+            parts.append((bias.detach().float() @ u).expand(shape))
+
     for layer in range(model.cfg.n_layers):
         block = model.blocks[layer]
         if heads:
-            labels += [f"L{layer}H{h}" for h in range(model.cfg.n_heads)]
-            parts.append(head_terms(at(f"blocks.{layer}.attn.hook_z"), block.attn.W_O, u))
-            if present(block.attn.b_O):
-                labels.append(f"L{layer} b_O")
-                parts.append((block.attn.b_O.detach().float() @ u).expand(shape))
+            add_units([f"L{layer}H{h}" for h in range(model.cfg.n_heads)],
+                      head_terms(at(f"blocks.{layer}.attn.hook_z"), block.attn.W_O, u),
+                      block.attn.b_O, f"L{layer} b_O")
         else:
             labels.append(f"L{layer} attn")
             parts.append(project(f"blocks.{layer}.hook_attn_out"))
         if model.cfg.attn_only:
             continue
         if neurons:
-            labels += _neuron_labels(layer, model.cfg.d_mlp)
-            parts.append(neuron_terms(at(f"blocks.{layer}.mlp.hook_post"), block.mlp.W_out, u))
-            if present(block.mlp.b_out):
-                labels.append(f"L{layer} b_out")
-                parts.append((block.mlp.b_out.detach().float() @ u).expand(shape))
+            add_units(_neuron_labels(layer, model.cfg.d_mlp),
+                      neuron_terms(at(f"blocks.{layer}.mlp.hook_post"), block.mlp.W_out, u),
+                      block.mlp.b_out, f"L{layer} b_out")
         else:
             labels.append(f"L{layer} MLP")
             parts.append(project(f"blocks.{layer}.hook_mlp_out"))
