@@ -69,7 +69,8 @@ def cache_dir() -> Path:
     return cache_root() / f"smollm2-135m-instruct-q4_1-{GGUF_VERSION}"
 
 
-def _say(message: str) -> None:
+def say(message: str) -> None:
+    """A progress line on stderr, tagged ``[tl_lenses]``."""
     print(f"[tl_lenses] {message}", file=sys.stderr, flush=True)
 
 
@@ -79,7 +80,7 @@ def _convert_gguf(target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = gguf_path()
-    _say(f"converting {source.name} (first load only, ~15 s)")
+    say(f"converting {source.name} (first load only, ~15 s)")
     tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
     model = AutoModelForCausalLM.from_pretrained(
         source.parent, gguf_file=source.name, dtype=torch.float32

@@ -6,8 +6,6 @@ with the training settings evaluates on exactly the rows training held out.
 
 from __future__ import annotations
 
-import sys
-
 MODELS = ("smollm", "tiny-gpt2", "tiny-llama")
 
 
@@ -53,16 +51,12 @@ def _data_arguments(parser) -> None:
                         help="the embedded model (default) or a tiny random one for tests")
 
 
-def _say(message: str) -> None:
-    print(f"[tl_lenses] {message}", file=sys.stderr, flush=True)
-
-
 def _model(args):
     from tl_lenses import tiny
-    from tl_lenses.models import load_default_model
+    from tl_lenses.models import load_default_model, say
 
     if args.model == "smollm":
-        _say("loading SmolLM2-135M-Instruct ...")
+        say("loading SmolLM2-135M-Instruct ...")
         return load_default_model(backend=args.backend)
     arch = "gpt2" if args.model == "tiny-gpt2" else "llama-gqa"
     return (tiny.tiny_hooked if args.backend == "hooked" else tiny.tiny_bridge)(arch)
@@ -70,14 +64,15 @@ def _model(args):
 
 def _split(model, args):
     from tl_lenses.data import token_split
+    from tl_lenses.models import say
 
     if (args.text is None) == (args.generate is None):
         raise ValueError("pass --text PATH... or --generate N (one of them)")
-    _say("reading and packing text ..." if args.text else "sampling text from the model ...")
+    say("reading and packing text ..." if args.text else "sampling text from the model ...")
     split = token_split(model, paths=args.text, generate=args.generate, seq_len=args.seq_len,
                         held_out=args.held_out, seed=args.seed, max_tokens=args.max_tokens)
-    _say(f"{split.train.shape[0]} training rows, {split.held_out.shape[0]} held out "
-         f"({args.seq_len} tokens each)")
+    say(f"{split.train.shape[0]} training rows, {split.held_out.shape[0]} held out "
+        f"({args.seq_len} tokens each)")
     return split
 
 
