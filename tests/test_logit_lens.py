@@ -289,6 +289,22 @@ def test_kernel_and_eager_sums_equal_a_float64_softmax(vocab):
         assert torch.equal(fused[0], want)
 
 
+def test_statistics_helpers_reject_bad_arguments():
+    from tl_lenses.row_stats import native_sums, topk
+
+    logits = torch.randn(4, 300)
+    # ValueError from the check; TypeError from the runtime type checker the tests turn on
+    with pytest.raises((ValueError, TypeError), match="chosen"):
+        native_sums(logits, torch.zeros(3))        # the kernel would read past the end
+    with pytest.raises(ValueError, match="logits"):
+        native_sums(logits.double(), torch.zeros(4))
+    with pytest.raises(ValueError, match="logits"):
+        native_sums(logits.t().contiguous().t(), torch.zeros(4))
+    for k in (0, 301):
+        with pytest.raises(ValueError, match="k must"):
+            topk(logits, k)
+
+
 def test_kernel_exp_is_accurate_to_float_rounding():
     """exp(x) over [-100, 0] through the kernel's sum of a one-element row: ~1 ulp."""
     from tl_lenses.row_stats import native_sums

@@ -79,7 +79,10 @@ def native_sums(
             or not logits.is_contiguous()):
         raise ValueError(f"logits must be contiguous float32 on the CPU, got {logits.dtype} "
                          f"on {logits.device}")
-    chosen = chosen.to(torch.float32).contiguous()
+    if chosen.numel() != rows:  # the kernel reads one chosen value per row: never fewer
+        raise ValueError(f"chosen must hold one value per row ({rows}), got "
+                         f"{tuple(chosen.shape)}")
+    chosen = chosen.to(device="cpu", dtype=torch.float32).contiguous()
     block_max = logits.new_empty(rows, vocab // BLOCK)
     row_max, sum_exp, e_z, n_above = logits.new_empty(4, rows)
     kernel(logits.data_ptr(), chosen.data_ptr(), rows, vocab, torch.get_num_threads(),
@@ -110,6 +113,8 @@ def topk(
     indices of the same value than ``torch.topk`` would.
     """
     rows, vocab = logits.shape
+    if not isinstance(k, int) or not 1 <= k <= vocab:
+        raise ValueError(f"k must be an int in [1, d_vocab={vocab}], got {k!r}")
     n_blocks = vocab // BLOCK
     if n_blocks <= k:
         found = torch.topk(logits, k, dim=-1)
