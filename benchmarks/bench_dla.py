@@ -5,7 +5,7 @@
 For 1 x 64 and 8 x 128 tokens, at the last position, attributing the logit difference of two
 tokens to all 30 x 1536 neurons:
 
-- ours: ``tl_lenses.dla.dla(..., neurons=True)`` (every component, neurons included);
+- ours: ``tl_lenses.attribution.core.dla(..., neurons=True)`` (every component, neurons included);
 - TL full: ``cache.stack_neuron_results(n_layers, pos_slice=-1)`` + ``cache.logit_attrs``
   (one d_model vector per neuron per prompt, then the dot product);
 - TL projected: ``cache.stack_neuron_results(..., apply_ln=True, project_output_onto=diff)``.
@@ -33,8 +33,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from tl_lenses.dla import dla  # noqa: E402
-from tl_lenses.dla_paths import head_path_dla  # noqa: E402
+from tl_lenses.attribution.core import dla  # noqa: E402
+from tl_lenses.attribution.paths import head_path_dla  # noqa: E402
 from tl_lenses.models import load_default_model  # noqa: E402
 
 ANSWER, WRONG = " Mary", " John"

@@ -26,8 +26,8 @@ import torch
 
 import tl_lenses as tll
 from tl_lenses.hooks import resid_names
-from tl_lenses.row_stats import use_fused
-from tl_lenses.unembed import Unembed
+from tl_lenses.readout._row_stats import use_fused
+from tl_lenses.readout.unembed import Unembed
 
 MiB = 2**20
 

@@ -32,9 +32,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from tl_lenses.lre import estimate_lre, relation_jacobian
+    from tl_lenses.lenses.attribute.lre import estimate_lre, relation_jacobian
+    from tl_lenses.lenses.attribute.relations import get_relation
     from tl_lenses.models import load_default_model
-    from tl_lenses.relations import get_relation
 
     model = load_default_model()
     relation = get_relation(args.relation)
@@ -43,7 +43,8 @@ def main() -> None:
     start = time.perf_counter()
     lre = estimate_lre(model, relation, args.layer, n=args.n, method="kv-cache")
     fast = time.perf_counter() - start
-    print(f"kv-cache + forward mode: {fast:.1f} s for n={args.n} ({fast / args.n:.2f} s per Jacobian)")
+    print(f"kv-cache + forward mode: {fast:.1f} s for n={args.n} "
+          f"({fast / args.n:.2f} s per Jacobian)")
 
     sample = lre.train[0]
     ours = relation_jacobian(model, lre.prompt(sample.subject), sample.subject, args.layer,
@@ -62,8 +63,8 @@ def main() -> None:
 
 
 def naive_rows(model, prompt, subject, layer, n_rows):
-    """The first ``n_rows`` rows of dz/ds by the generic path (tl_lenses.lre._jacobian_hooks)."""
-    from tl_lenses.lre import _jacobian_hooks, subject_position
+    """The first ``n_rows`` rows of dz/ds by the generic path (lre._jacobian_hooks)."""
+    from tl_lenses.lenses.attribute.lre import _jacobian_hooks, subject_position
 
     tokens, pos = subject_position(model, prompt, subject)
     return _jacobian_hooks(model, tokens, layer, pos, n_rows)[2], n_rows

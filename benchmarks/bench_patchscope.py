@@ -4,7 +4,7 @@ On the embedded SmolLM2-135M (30 blocks): every source layer l in 0..29 (``resid
 each block) into every target layer l* in 0..29 of the identity prompt, at its last token:
 900 patched runs. Three ways, in one run, on the same machine:
 
-* ``batched``  -- :func:`tl_lenses.patchscope_sweep.patchscope_sweep` (prefix shared through
+* ``batched``  -- :func:`tl_lenses.patchscopes.sweep.patchscope_sweep` (prefix shared through
   TL's KV cache, one hook per layer patching its own rows), all 900 cases;
 * ``batched, no prefix sharing`` -- the same with ``reuse_prefix=False`` (every row runs
   the whole target prompt);
@@ -29,10 +29,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from tl_lenses.hooks import resolve_layer  # noqa: E402
 from tl_lenses.models import load_default_model  # noqa: E402
-from tl_lenses.patchscope import patch_hook, resid_layer, source_states  # noqa: E402
-from tl_lenses.patchscope_presets import IDENTITY_PROMPT  # noqa: E402
-from tl_lenses.patchscope_sweep import patchscope_sweep  # noqa: E402
+from tl_lenses.patchscopes.core import patch_hook, source_states  # noqa: E402
+from tl_lenses.patchscopes.presets import IDENTITY_PROMPT  # noqa: E402
+from tl_lenses.patchscopes.sweep import patchscope_sweep  # noqa: E402
 
 SOURCE = "Diana, Princess of Wales"
 K = 5
@@ -43,7 +44,7 @@ def loop_case(model, tokens, hidden, s_layer, t_layer):
     hook = patch_hook(hidden[s_layer], position=-1)
     with torch.no_grad():
         logits = model.run_with_hooks(
-            tokens, fwd_hooks=[(resid_layer(model, t_layer)[1], hook)])[0, -1]
+            tokens, fwd_hooks=[(resolve_layer(model, t_layer)[1], hook)])[0, -1]
     return logits.softmax(-1).topk(K)
 
 
@@ -81,9 +82,9 @@ def main() -> int:
                             target_layers=layers, k=K, reuse_prefix=False,
                             batch_size=len(cases)) if len(cases) == n_cases else None
     if full is None:  # time the no-sharing batch on the same subset of cases
-        from tl_lenses.patchscope import run_patched
+        from tl_lenses.patchscopes.core import run_patched
         rows = torch.tensor(cases)
-        names = [resid_layer(model, int(l))[1] for l in sweep.target_layer[rows]]
+        names = [resolve_layer(model, int(l))[1] for l in sweep.target_layer[rows]]
         with torch.no_grad():
             logits, _ = run_patched(model, target.expand(len(cases), -1), names,
                                     [target.shape[1] - 1] * len(cases),

@@ -83,8 +83,8 @@ DRIVER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tuned_lens_li
 
 
 def run_recipe(model, split, contender, budget_s, marks, args, lens=None):
-    from tl_lenses.lenses.tuned import TunedLens
-    from tl_lenses.tuned_train import train_tuned_lens
+    from tl_lenses.lenses.tuned.lens import TunedLens
+    from tl_lenses.lenses.tuned.train import train_tuned_lens
 
     recipe, bf16 = CONTENDERS[contender]
     snaps = Snapshots(marks)
@@ -112,8 +112,8 @@ def run_library(model, split, held, budget_s, marks, args, evaluator, logit):
     import subprocess
     import tempfile
 
+    from tl_lenses.lenses.tuned.io import import_tuned_lens_library
     from tl_lenses.models import cache_dir
-    from tl_lenses.tuned_io import import_tuned_lens_library
 
     hf_folder = cache_dir() / "hf"
     with tempfile.TemporaryDirectory(prefix="bench-tuned-lens-library-") as tmp:
@@ -162,10 +162,10 @@ def evaluate(evaluator, lens, state):
 
 def main(argv=None) -> int:
     from tl_lenses.data import token_split
-    from tl_lenses.lenses.base import LogitLens
-    from tl_lenses.lenses.tuned import TunedLens
+    from tl_lenses.lenses.logit import LogitLens
+    from tl_lenses.lenses.tuned.eval import KLEvaluator
+    from tl_lenses.lenses.tuned.lens import TunedLens
     from tl_lenses.models import load_default_model
-    from tl_lenses.tuned_eval import KLEvaluator
 
     args = parse_args(argv)
     budgets = [float(b) * 60 for b in args.budgets.split(",")]

@@ -23,6 +23,7 @@ from tl_lenses.tiny import tiny_hooked  # noqa: E402
 
 PROMPTS = ["The capital of France is", "When Mary and John went to the store, John gave a drink to",
            "def add(a, b):\n    return"]
+TARGET = "cat -> cat\n1135 -> 1135\nhello -> hello\n?"
 
 
 def lens_numbers(model, out: dict) -> None:
@@ -41,8 +42,8 @@ def dla_numbers(model, out: dict) -> None:
 
 def patchscope_numbers(model, out: dict) -> None:
     for layer in (0, 6, 15, 29):
-        r = tll.patchscope(model, "Diana, Princess of Wales", "cat -> cat\n1135 -> 1135\nhello -> hello\n?",
-                           source_layer=layer, target_layer=layer, max_new_tokens=3)
+        r = tll.patchscope(model, "Diana, Princess of Wales", TARGET, source_layer=layer,
+                           target_layer=layer, max_new_tokens=3)
         out[f"patch{layer}.logits"] = r.logits
         out[f"patch{layer}.generated"] = r.generated_ids
 

@@ -35,7 +35,7 @@ def png_tag(path: Path) -> str:
 
 def beta_rank_sweep(model, lre, relation, betas, ranks):
     """Faithfulness/causality over beta (full rank), then causality over rank (beta = 1)."""
-    from tl_lenses.lre_metrics import collect_states, score
+    from tl_lenses.lenses.attribute.metrics import collect_states, score
 
     held_out = [x for x in relation.samples if x not in lre.train]
     train = collect_states(model, lre, lre.train, [lre.layer])
@@ -90,11 +90,11 @@ def run(model, out_dir: Path, context: dict | None = None) -> tuple[str, str]:
 
 def report(model, out: Path, args):
     """Estimate, score and draw; write ``out``. Returns (score rows, lens top-1 at Japan)."""
-    from tl_lenses.lre import estimate_lre
-    from tl_lenses.lre_metrics import sweep
-    from tl_lenses.relations import multi_token_objects, starter_relations
-    from tl_lenses.viz.attribute import attribute_lens_page, scores_table_html, sweep_png
-    from tl_lenses.viz.grid import side_by_side
+    from tl_lenses.lenses.attribute.lre import estimate_lre
+    from tl_lenses.lenses.attribute.metrics import sweep
+    from tl_lenses.lenses.attribute.relations import multi_token_objects, starter_relations
+    from tl_lenses.lenses.attribute.view import attribute_lens_page, scores_table_html, sweep_png
+    from tl_lenses.readout.view import side_by_side
     from tl_lenses.viz.html import esc, page
 
     relations = starter_relations()

@@ -17,11 +17,12 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from tl_lenses.dla import dla, needed_hooks, run_cache  # noqa: E402
-from tl_lenses.dla_paths import head_path_dla, path_hooks  # noqa: E402
+from tl_lenses.attribution.core import dla, needed_hooks  # noqa: E402
+from tl_lenses.attribution.paths import head_path_dla, path_hooks  # noqa: E402
+from tl_lenses.attribution.view import write_report  # noqa: E402
+from tl_lenses.hooks import run_cache  # noqa: E402
 from tl_lenses.inputs import to_tokens  # noqa: E402
 from tl_lenses.models import load_default_model  # noqa: E402
-from tl_lenses.viz.dla import write_report  # noqa: E402
 
 PROMPT = "When Mary and John went to the store, John gave a drink to"
 DIRECTION = (" Mary", " John")

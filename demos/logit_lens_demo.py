@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import tl_lenses as tll
+from tl_lenses.readout.view import settle_layer, write_report
 from tl_lenses.viz.html import esc
-from tl_lenses.viz.report import settle_layer, write_report
 
 PROMPTS = [
     "The capital of France is Paris, and the capital of Germany is",

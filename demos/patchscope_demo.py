@@ -22,13 +22,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from tl_lenses.models import load_default_model  # noqa: E402
-from tl_lenses.patchscope import patchscope  # noqa: E402
-from tl_lenses.patchscope_cross import fit_affine_map, random_rotation, rotated_copy  # noqa: E402
-from tl_lenses.patchscope_presets import (  # noqa: E402
-    IDENTITY_PROMPT, attribute_extraction, chain_of_thought, entity_description, token_identity,
+from tl_lenses.patchscopes import view as views  # noqa: E402
+from tl_lenses.patchscopes.core import patchscope  # noqa: E402
+from tl_lenses.patchscopes.cross import fit_affine_map, random_rotation, rotated_copy  # noqa: E402
+from tl_lenses.patchscopes.presets import (  # noqa: E402
+    IDENTITY_PROMPT,
+    attribute_extraction,
+    chain_of_thought,
+    entity_description,
+    token_identity,
 )
-from tl_lenses.patchscope_sweep import patchscope_sweep  # noqa: E402
-from tl_lenses.viz import patchscope as views  # noqa: E402
+from tl_lenses.patchscopes.sweep import patchscope_sweep  # noqa: E402
 from tl_lenses.viz.html import esc, page, table_html  # noqa: E402
 
 # The subject sits in a short context: a prompt-initial "France" (no leading space, at

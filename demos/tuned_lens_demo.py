@@ -20,12 +20,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import tl_lenses as tll  # noqa: E402
 from tl_lenses.data import token_split  # noqa: E402
-from tl_lenses.lenses.tuned import TunedLens  # noqa: E402
-from tl_lenses.tuned_eval import evaluate_lenses  # noqa: E402
-from tl_lenses.tuned_io import save_tuned_lens  # noqa: E402
-from tl_lenses.tuned_train import train_tuned_lens  # noqa: E402
+from tl_lenses.lenses.tuned.eval import evaluate_lenses  # noqa: E402
+from tl_lenses.lenses.tuned.io import save_tuned_lens  # noqa: E402
+from tl_lenses.lenses.tuned.lens import TunedLens  # noqa: E402
+from tl_lenses.lenses.tuned.train import train_tuned_lens  # noqa: E402
+from tl_lenses.readout.view import write_report  # noqa: E402
 from tl_lenses.viz.html import esc  # noqa: E402
-from tl_lenses.viz.report import write_report  # noqa: E402
 
 DOCS = Path("/usr/share/doc/python3.11/html/_sources")
 PROMPT = "The tuned lens translates each layer into the basis of the final layer, so"

@@ -6,20 +6,34 @@ import json
 
 import pytest
 import torch
-
 from conftest import assert_no_hooks, assert_weights_unchanged, weights_snapshot
-from tl_lenses.lenses.attribute import AttributeLens, attribute_lens
-from tl_lenses.lenses.logit import logit_lens
-from tl_lenses.lre import (
-    LRE, estimate_lre, lre_from_jacobians, relation_jacobian, subject_position,
+
+from tl_lenses.lenses.attribute.lens import AttributeLens, attribute_lens
+from tl_lenses.lenses.attribute.lre import (
+    LRE,
+    estimate_lre,
+    lre_from_jacobians,
+    relation_jacobian,
+    subject_position,
 )
-from tl_lenses.lre_metrics import causal_pairs, causality, collect_states, faithfulness, \
-    least_squares_lre
-from tl_lenses.models import bridge_from_hf, hooked_from_hf, llama_config
-from tl_lenses.relations import (
-    Relation, Sample, check_template, few_shot_prompt, load_relation, relation_from_dict,
+from tl_lenses.lenses.attribute.metrics import (
+    causal_pairs,
+    causality,
+    collect_states,
+    faithfulness,
+    least_squares_lre,
+)
+from tl_lenses.lenses.attribute.relations import (
+    Relation,
+    Sample,
+    check_template,
+    few_shot_prompt,
+    load_relation,
+    relation_from_dict,
     starter_relations,
 )
+from tl_lenses.lenses.logit import logit_lens
+from tl_lenses.models import bridge_from_hf, hooked_from_hf, llama_config
 from tl_lenses.tiny import byte_tokenizer, gpt2_config, tiny_hf_model
 
 PROMPT = "ab cd ef gh"
@@ -123,7 +137,7 @@ def test_lre_is_the_mean_jacobian_and_offset(tiny_model):
 
 def test_lre_save_load_round_trip_is_exact(tiny_models, tmp_path):
     """Saved on one backend, loaded on the other (same weights): every field, and the map."""
-    from tl_lenses.lre_io import load_lre, save_lre
+    from tl_lenses.lenses.attribute.io import load_lre, save_lre
 
     hooked, bridge = tiny_models
     lre = estimate_lre(hooked, TOY, 2, train=list(TOY.samples[:3]), beta=1.5)
@@ -137,7 +151,7 @@ def test_lre_save_load_round_trip_is_exact(tiny_models, tmp_path):
 
 
 def test_lre_files_are_checked(tiny_model, tmp_path):
-    from tl_lenses.lre_io import CONFIG, WEIGHTS, load_lre, save_lre
+    from tl_lenses.lenses.attribute.io import CONFIG, WEIGHTS, load_lre, save_lre
     from tl_lenses.tiny import tiny_hooked
 
     lre = estimate_lre(tiny_model, TOY, 1, train=list(TOY.samples[:2]))
@@ -203,7 +217,7 @@ def test_attribute_lens_decodes_the_lre_of_every_cell(tiny_model):
     lre = estimate_lre(tiny_model, TOY, 1, train=TOY.samples[:2]).with_beta(1.5)
     result = attribute_lens(tiny_model, PROMPT, lre, k=1, keep_logits=True)
     _, cache = tiny_model.run_with_cache(PROMPT)
-    from tl_lenses.unembed import Unembed
+    from tl_lenses.readout.unembed import Unembed
 
     expected = Unembed.from_model(tiny_model)(lre(cache["blocks.2.hook_resid_pre"]))
     torch.testing.assert_close(result.logits[2], expected, atol=1e-5, rtol=1e-5)
@@ -265,7 +279,7 @@ def test_exactly_linear_relation_is_fully_faithful_and_causal(arch, backend):
 def test_faithfulness_counts_top1_matches(tiny_model):
     lre = LRE.identity(tiny_model.cfg.d_model)
     s = torch.randn(6, tiny_model.cfg.d_model)
-    from tl_lenses.unembed import Unembed
+    from tl_lenses.readout.unembed import Unembed
 
     top = Unembed.from_model(tiny_model)(s).argmax(-1)
     wrong = (top + 1) % tiny_model.cfg.d_vocab
@@ -361,7 +375,7 @@ def test_smollm_lre_on_country_capital(smollm):
 
 
 def test_sweep_rows_cover_the_lre_and_both_baselines(tiny_model):
-    from tl_lenses.lre_metrics import sweep
+    from tl_lenses.lenses.attribute.metrics import sweep
 
     result = sweep(tiny_model, TOY, [1, 2], n=3, betas=[1.0, 2.0], ranks=[None, 4])
     assert [lre.layer for lre in result.lres] == [1, 2]

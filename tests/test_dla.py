@@ -6,8 +6,8 @@ import pytest
 import torch
 from conftest import assert_no_hooks, assert_weights_unchanged, weights_snapshot
 
-from tl_lenses.dla import dla, logit_directions, residual_readout
-from tl_lenses.dla_paths import head_path_dla
+from tl_lenses.attribution.core import dla, logit_directions, residual_readout
+from tl_lenses.attribution.paths import head_path_dla
 from tl_lenses.models import is_bridge
 
 A, B, C = ord("a"), ord("b"), ord("c")  # byte tokenizer: "a" is token 97
@@ -311,7 +311,7 @@ def test_ioi_on_the_embedded_model(smollm):
 
 
 def test_views_render(tiny_model, tmp_path):
-    from tl_lenses.viz.dla import report_html, tokens_html
+    from tl_lenses.attribution.view import report_html, tokens_html
 
     tokens = _tokens(tiny_model, batch=1)
     result = dla(tiny_model, tokens, [("a", "b"), "c"])
@@ -331,7 +331,7 @@ def test_views_render(tiny_model, tmp_path):
 
 def test_command_line(monkeypatch, tmp_path, capsys):
     import tl_lenses.models
-    from tl_lenses.commands import dla as command
+    from tl_lenses.attribution import cli as command
     from tl_lenses.tiny import tiny_hooked
 
     monkeypatch.setattr(tl_lenses.models, "load_default_model", lambda backend: tiny_hooked())

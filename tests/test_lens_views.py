@@ -8,10 +8,9 @@ import pytest
 
 import tl_lenses as tll
 from tl_lenses import cli
+from tl_lenses.readout.view import grid_cells, settle_layer, write_report
 from tl_lenses.tiny import tiny_hooked
-from tl_lenses.viz.grid import grid_cells
 from tl_lenses.viz.html import show_token
-from tl_lenses.viz.report import settle_layer, write_report
 
 
 @pytest.fixture(scope="module")

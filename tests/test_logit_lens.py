@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import assert_no_hooks, assert_weights_unchanged, weights_snapshot
 
 import tl_lenses as tll
 from tl_lenses.hooks import resid_names
+from tl_lenses.readout.unembed import Unembed
 from tl_lenses.tiny import tiny_hf_model, tiny_hooked
-from tl_lenses.unembed import Unembed
-from conftest import assert_no_hooks, assert_weights_unchanged, weights_snapshot
 
 PROMPTS = ["hello world", "the cat sat"]
 
@@ -223,7 +223,7 @@ def test_shapes_are_checked_at_runtime():
     """jaxtyping + beartype check the package's annotations during the test run."""
     from jaxtyping import TypeCheckError
 
-    from tl_lenses.readout import read_lens
+    from tl_lenses.readout.engine import read_lens
 
     model = tiny_hooked("gpt2")
     resid = torch.zeros(1, 4, model.cfg.d_model)
@@ -251,7 +251,7 @@ def test_bfloat16_model_is_read_in_float32():
 def test_blocked_topk_equals_torch_topk(vocab, k, given_block_max):
     """Blocked top-k == torch.topk, with and without a tail block, from its own block maxima
     or from those the fused kernel returns."""
-    from tl_lenses.row_stats import BLOCK, topk
+    from tl_lenses.readout._row_stats import BLOCK, topk
 
     logits = torch.randn(33, vocab, generator=torch.Generator().manual_seed(vocab))
     split = vocab - vocab % BLOCK
@@ -265,7 +265,7 @@ def test_blocked_topk_equals_torch_topk(vocab, k, given_block_max):
 def test_kernel_and_eager_sums_equal_a_float64_softmax(vocab):
     """The C kernel's and the eager path's sums against a float64 reference, on logits
     spread like a real model's (one row with a far outlier)."""
-    from tl_lenses.row_stats import eager_sums, native_sums
+    from tl_lenses.readout._row_stats import eager_sums, native_sums
 
     gen = torch.Generator().manual_seed(vocab)
     logits = 8 * torch.randn(2, 5, vocab, generator=gen)
@@ -290,7 +290,7 @@ def test_kernel_and_eager_sums_equal_a_float64_softmax(vocab):
 
 
 def test_statistics_helpers_reject_bad_arguments():
-    from tl_lenses.row_stats import native_sums, topk
+    from tl_lenses.readout._row_stats import native_sums, topk
 
     logits = torch.randn(4, 300)
     # ValueError from the check; TypeError from the runtime type checker the tests turn on
@@ -307,7 +307,7 @@ def test_statistics_helpers_reject_bad_arguments():
 
 def test_kernel_exp_is_accurate_to_float_rounding():
     """exp(x) over [-100, 0] through the kernel's sum of a one-element row: ~1 ulp."""
-    from tl_lenses.row_stats import native_sums
+    from tl_lenses.readout._row_stats import native_sums
 
     x = torch.linspace(-100.0, 0.0, 20001)
     rows = torch.stack([torch.zeros_like(x), x], dim=-1)     # max 0, so sum = 1 + exp(x)
@@ -333,7 +333,8 @@ def test_fused_statistics_equal_the_eager_ones(tiny_model):
 
 
 def test_fused_auto_takes_the_kernel_where_it_applies(monkeypatch):
-    from tl_lenses import native, row_stats
+    from tl_lenses.readout import _native as native
+    from tl_lenses.readout import _row_stats as row_stats
 
     cpu = torch.device("cpu")
     assert native.row_stats_kernel() is not None, native.build_error()  # gcc is a test need
@@ -349,7 +350,7 @@ def test_fused_auto_takes_the_kernel_where_it_applies(monkeypatch):
 
 
 def test_without_the_kernel_auto_is_eager_and_fused_true_raises(monkeypatch):
-    from tl_lenses import native
+    from tl_lenses.readout import _native as native
 
     model = tiny_hooked("llama-gqa")
     tokens = tokens_of(model)
@@ -366,7 +367,7 @@ def test_without_the_kernel_auto_is_eager_and_fused_true_raises(monkeypatch):
 
 @pytest.mark.parametrize("cause", ["no compiler", "unwritable cache"])
 def test_a_failed_build_warns_and_names_the_reason(monkeypatch, tmp_path, cause):
-    from tl_lenses import native
+    from tl_lenses.readout import _native as native
 
     if cause == "no compiler":
         monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))

@@ -6,11 +6,16 @@ import pytest
 import torch
 from conftest import assert_no_hooks, assert_weights_unchanged, weights_snapshot
 
-from tl_lenses.patchscope import (
-    AffineMap, patch_hook, patchscope, resid_layer, run_patched, source_state,
+from tl_lenses.hooks import resolve_layer
+from tl_lenses.patchscopes.core import (
+    AffineMap,
+    patch_hook,
+    patchscope,
+    run_patched,
+    source_state,
 )
-from tl_lenses.patchscope_sweep import patchscope_sweep
-from tl_lenses.unembed import Unembed
+from tl_lenses.patchscopes.sweep import patchscope_sweep
+from tl_lenses.readout.unembed import Unembed
 
 PROMPT = "hello world, cats"
 TARGET = "cat -> cat\n?"
@@ -18,12 +23,12 @@ TARGET = "cat -> cat\n?"
 
 def test_layer_convention(tiny_model):
     n = tiny_model.cfg.n_layers
-    assert resid_layer(tiny_model, 0) == (0, "blocks.0.hook_resid_pre")
-    assert resid_layer(tiny_model, n) == (n, f"blocks.{n - 1}.hook_resid_post")
-    assert resid_layer(tiny_model, -1) == (n, f"blocks.{n - 1}.hook_resid_post")
+    assert resolve_layer(tiny_model, 0) == (0, "blocks.0.hook_resid_pre")
+    assert resolve_layer(tiny_model, n) == (n, f"blocks.{n - 1}.hook_resid_post")
+    assert resolve_layer(tiny_model, -1) == (n, f"blocks.{n - 1}.hook_resid_post")
     for bad in (n + 1, -(n + 2), 1.0, True):
         with pytest.raises(ValueError, match="layer"):
-            resid_layer(tiny_model, bad)
+            resolve_layer(tiny_model, bad)
 
 
 @pytest.mark.parametrize("layer, position", [(0, 0), (2, 5), (3, -1), (1, -4)])

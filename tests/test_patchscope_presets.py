@@ -6,10 +6,13 @@ import pytest
 import torch
 from conftest import assert_no_hooks
 
-from tl_lenses.patchscope import patchscope, source_states
-from tl_lenses.patchscope_cross import fit_affine_map, random_rotation, rotated_copy
-from tl_lenses.patchscope_presets import (
-    attribute_extraction, chain_of_thought, entity_description, placeholder_position,
+from tl_lenses.patchscopes.core import patchscope, source_states
+from tl_lenses.patchscopes.cross import fit_affine_map, random_rotation, rotated_copy
+from tl_lenses.patchscopes.presets import (
+    attribute_extraction,
+    chain_of_thought,
+    entity_description,
+    placeholder_position,
     token_identity,
 )
 from tl_lenses.tiny import tiny_pair
@@ -129,13 +132,18 @@ def test_smollm_token_identity_and_description(smollm):
 
 
 def test_views_write_html_and_png(tmp_path):
-    from tl_lenses.patchscope_sweep import patchscope_sweep
+    from tl_lenses.patchscopes.sweep import patchscope_sweep
+    from tl_lenses.patchscopes.view import (
+        attribute_html,
+        attribute_png,
+        generation_table_html,
+        sweep_html,
+        sweep_png,
+        token_identity_html,
+        token_identity_png,
+    )
     from tl_lenses.tiny import tiny_hooked
     from tl_lenses.viz.html import page
-    from tl_lenses.viz.patchscope import (
-        attribute_html, attribute_png, generation_table_html, sweep_html, sweep_png,
-        token_identity_html, token_identity_png,
-    )
 
     model = tiny_hooked("llama")
     sweep = patchscope_sweep(model, PROMPT, "a: b, x", source_layers=[0, 2],
@@ -157,7 +165,7 @@ def test_views_write_html_and_png(tmp_path):
 
 
 def test_cli_layers_parsing():
-    from tl_lenses.commands.patchscope import parse_layers
+    from tl_lenses.patchscopes.cli import parse_layers
 
     assert parse_layers("3:6") == [3, 4, 5] and parse_layers("1,5") == [1, 5]
     assert parse_layers(None) is None
@@ -176,7 +184,7 @@ def test_cli_runs_each_preset(tmp_path, monkeypatch, argv, capsys):
     import argparse
 
     import tl_lenses.models
-    from tl_lenses.commands import patchscope as command
+    from tl_lenses.patchscopes import cli as command
     from tl_lenses.tiny import tiny_hooked
 
     monkeypatch.setattr(tl_lenses.models, "load_default_model", lambda **kw: tiny_hooked())
@@ -191,8 +199,8 @@ def test_cli_runs_each_preset(tmp_path, monkeypatch, argv, capsys):
 
 def test_token_identity_accepts_any_lens(tiny_model):
     """A fresh tuned lens is the logit lens; a perturbed one is scored from its own decoding."""
-    from tl_lenses.lenses.tuned import TunedLens
-    from tl_lenses.unembed import Unembed
+    from tl_lenses.lenses.tuned.lens import TunedLens
+    from tl_lenses.readout.unembed import Unembed
 
     fresh = TunedLens.for_model(tiny_model)
     result = token_identity(tiny_model, PROMPT, positions=[2, -1], lenses=[fresh])

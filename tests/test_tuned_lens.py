@@ -10,16 +10,22 @@ import torch
 from tests.conftest import assert_no_hooks, assert_weights_unchanged, weights_snapshot
 from tl_lenses.data import pack_tokens, read_text_files, split_rows, token_split
 from tl_lenses.hooks import final_resid_name, resid_names
-from tl_lenses.lenses.apply import LensCollector, apply_lens, apply_lens_to_cache
-from tl_lenses.lenses.base import Lens, LogitLens
-from tl_lenses.lenses.tuned import TunedLens
+from tl_lenses.lenses.logit import LogitLens
+from tl_lenses.lenses.tuned.eval import evaluate_lenses
+from tl_lenses.lenses.tuned.io import (
+    CONFIG,
+    WEIGHTS,
+    import_tuned_lens_library,
+    load_tuned_lens,
+    save_tuned_lens,
+)
+from tl_lenses.lenses.tuned.lens import TunedLens
+from tl_lenses.lenses.tuned.train import Moments, train_tuned_lens
 from tl_lenses.models import bridge_from_hf, hooked_from_hf, llama_config
+from tl_lenses.readout.apply import LensCollector, apply_lens, apply_lens_to_cache
+from tl_lenses.readout.lens import Lens
+from tl_lenses.readout.unembed import Unembed
 from tl_lenses.tiny import byte_tokenizer, gpt2_config, tiny_hf_model, tiny_hooked
-from tl_lenses.tuned_eval import evaluate_lenses
-from tl_lenses.tuned_io import (CONFIG, WEIGHTS, import_tuned_lens_library, load_tuned_lens,
-                                save_tuned_lens)
-from tl_lenses.tuned_train import Moments, train_tuned_lens
-from tl_lenses.unembed import Unembed
 
 PROMPT = "The cat sat on the mat."
 
@@ -168,7 +174,7 @@ def test_training_lowers_held_out_kl(backend):
 def test_reference_recipe_uses_the_libraries_optimizer_settings():
     """tuned-lens 0.2.0: SGD(lr=lr_scale * (1 - momentum), momentum 0.9, Nesterov, wd 1e-3)
     with lr_scale 1; the optimizer's lr must not be scaled by (1 - momentum) twice."""
-    from tl_lenses.tuned_train import TrainConfig, _optimizer
+    from tl_lenses.lenses.tuned.train import TrainConfig, _optimizer
 
     cfg = TrainConfig(recipe="reference").resolved()
     group = _optimizer(TunedLens.for_model(tiny_hooked("gpt2")), cfg).param_groups[0]
@@ -359,7 +365,7 @@ def test_evaluation_matches_independent_references(tiny_model, tmp_path):
 def test_command_line_train_then_evaluate(tmp_path, capsys):
     import argparse
 
-    from tl_lenses.commands import tuned as command
+    from tl_lenses.lenses.tuned import cli as command
 
     parser = argparse.ArgumentParser()
     command.add_parser(parser.add_subparsers(dest="command"))
@@ -387,7 +393,7 @@ TEXT = ("The tuned lens learns, for every layer, an affine map into the basis of
 @pytest.mark.slow
 def test_warm_start_on_the_embedded_model(smollm):
     """A least-squares fit on ~500 tokens already cuts SmolLM's held-out KL several-fold."""
-    from tl_lenses.tuned_eval import KLEvaluator
+    from tl_lenses.lenses.tuned.eval import KLEvaluator
 
     split = token_split(smollm, texts=[TEXT * 8], seq_len=64, held_out=0.2, seed=0)
     lens = train_tuned_lens(smollm, split.train, steps=0, ls_tokens=512, batch_size=8,

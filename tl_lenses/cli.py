@@ -1,19 +1,20 @@
-"""The ``tl-lenses`` command line: one subcommand per method, on the embedded model."""
+"""The ``tl-lenses`` command line: collects each method's subcommand (its ``cli.py``)."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 
 # Each module defines add_parser(subparsers), which registers a subcommand whose
 # ``func(args)`` does the work.
 COMMANDS = [
-    "tl_lenses.commands.logit_lens",
-    "tl_lenses.commands.tuned",
-    "tl_lenses.commands.dla",
-    "tl_lenses.commands.patchscope",
-    "tl_lenses.commands.attribute_lens",
+    "tl_lenses.lenses.cli",
+    "tl_lenses.lenses.tuned.cli",
+    "tl_lenses.attribution.cli",
+    "tl_lenses.patchscopes.cli",
+    "tl_lenses.lenses.attribute.cli",
 ]
 
 
@@ -28,7 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand; returns the exit status (2 for bad input, with the reason)."""
     args = build_parser().parse_args(argv)
+    # Progress messages go to the "tl_lenses" logger; the command line shows them on stderr.
+    logging.basicConfig(format="[tl_lenses] %(message)s", level=logging.INFO)
     try:
         return args.func(args) or 0
     except (ValueError, FileNotFoundError, ModuleNotFoundError) as error:

@@ -33,6 +33,7 @@ class TokenSplit:
 
     @property
     def n_tokens(self) -> int:
+        """Tokens in both splits."""
         return self.train.numel() + self.held_out.numel()
 
 
@@ -164,12 +165,32 @@ def token_split(model, *, paths=None, texts: Sequence[str] | None = None,
                 max_tokens: int | None = None) -> TokenSplit:
     """Packed train / held-out token rows from exactly one source.
 
-    ``paths`` (files, folders, globs), ``texts`` (strings), ``tokens`` (an int tensor; its
-    rows are treated as documents and repacked), ``dataset`` (a HF dataset with a ``text``
-    column) or ``generate=n_rows`` (the model's own samples, seeded by ``seed``).
-    ``max_tokens`` caps the corpus (after packing, before the split).
+    Documents are tokenized, joined with the tokenizer's end-of-text token where there is one,
+    and packed into rows of ``seq_len``; rows are then split at random.
 
-    >>> split = token_split(model, paths="corpus/", seq_len=128)   # doctest: +SKIP
+    Args:
+        model: the model whose tokenizer is used.
+        paths: text files, folders or globs.
+        texts: strings, one document each.
+        tokens: an int tensor; its rows are treated as documents and repacked.
+        dataset: a HF dataset with a ``text`` column (needs ``datasets``).
+        generate: a number of rows of the model's own samples, seeded by ``seed``.
+        seq_len: tokens per row.
+        held_out: the fraction of rows held out, in [0, 1).
+        seed: the split's (and the samples') seed.
+        max_tokens: caps the corpus (after packing, before the split).
+
+    Returns:
+        A :class:`TokenSplit` with int ``train`` and ``held_out`` rows ``[rows, seq_len]``.
+
+    Raises:
+        ValueError: naming the argument: none or several sources, too little text for one
+            row, ``seq_len``/``held_out`` out of range.
+        FileNotFoundError: a path that matches no file.
+
+    >>> split = token_split(model, texts=["some text " * 40], seq_len=16, held_out=0.25)
+    >>> split.train.shape[1], split.held_out.shape[0] > 0
+    (16, True)
     """
     check_model(model)
     given = [name for name, value in (("paths", paths), ("texts", texts), ("tokens", tokens),

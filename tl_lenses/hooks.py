@@ -1,21 +1,34 @@
-"""Hook-point names and checks shared by every method (TL's names, both backends)."""
+"""The host's conventions in one place: hook names, layers, positions, hook functions, caches.
+
+Every method names residual-stream layers the same way: an index into :func:`resid_names`
+at ``incl_mid=False``, 0 = the embedding (``blocks.0.hook_resid_pre``), ``l`` =
+``blocks.{l}.hook_resid_pre`` (the input of block ``l``), ``n_layers`` = the final
+``blocks.{n_layers-1}.hook_resid_post``; negative indices count from the end where a method
+allows them. Positions are token indices, negative ones counting from the end.
+"""
 
 from __future__ import annotations
 
 import re
+from typing import Protocol, Sequence, runtime_checkable
+
+import torch
+from torch import Tensor
 
 RESID_KINDS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
 _BLOCK_HOOK = re.compile(r"^blocks\.(\d+)\.hook_(\w+)$")
 
 
-def block_hook(model, layer: int, kind: str = "resid_pre", *, argument: str = "layer") -> str:
-    """``blocks.{layer}.hook_{kind}``, with ``layer`` checked (negative counts from the end)."""
-    n_layers = model.cfg.n_layers
-    if not isinstance(layer, int) or not -n_layers <= layer < n_layers:
-        raise ValueError(f"{argument} must be an int in [-{n_layers}, {n_layers}), got {layer!r}")
-    if kind not in RESID_KINDS:
-        raise ValueError(f"kind must be one of {RESID_KINDS}, got {kind!r}")
-    return f"blocks.{layer % n_layers}.hook_{kind}"
+@runtime_checkable
+class HookFn(Protocol):
+    """A TransformerLens hook function: ``hook(tensor, hook) -> tensor or None``.
+
+    Returning None leaves the activation unchanged; returning a tensor replaces it. Every
+    hook factory in tl_lenses returns one of these, usable in ``run_with_hooks`` lists.
+    """
+
+    def __call__(self, tensor: Tensor, hook) -> Tensor | None:
+        """Read or replace the activation at ``hook.name``."""
 
 
 def final_resid_name(model) -> str:
@@ -36,6 +49,75 @@ def resid_names(model, *, incl_mid: bool = False) -> list[str]:
         if incl_mid:
             names.append(f"blocks.{layer}.hook_resid_mid")
     return names + [final_resid_name(model)]
+
+
+def resolve_layer(model, layer, *, argument: str = "layer",
+                  negative: bool = True) -> tuple[int, str]:
+    """``(index in [0, n_layers], hook name)`` of a residual-stream layer.
+
+    Args:
+        model: the model whose ``cfg.n_layers`` sets the range.
+        layer: an int in ``[0, n_layers]`` (0 = embedding, ``n_layers`` = final
+            ``resid_post``), or in ``[-(n_layers + 1), -1]`` when ``negative``.
+        argument: the argument's name, for the error message.
+        negative: whether negative indices (counting from the end) are allowed.
+
+    Raises:
+        ValueError: naming ``argument``, for a bool, a non-int or an index out of range.
+    """
+    n = model.cfg.n_layers
+    low = -(n + 1) if negative else 0
+    if isinstance(layer, bool) or not isinstance(layer, int) or not low <= layer <= n:
+        raise ValueError(
+            f"{argument} must be an int in [0, n_layers={n}] (0 = embedding, {n} = final "
+            f"resid_post{'; negatives count from the end' if negative else ''}), got {layer!r}"
+        )
+    layer %= n + 1
+    name = f"blocks.{layer}.hook_resid_pre" if layer < n else final_resid_name(model)
+    return layer, name
+
+
+def resolve_position(position, n_pos: int, *, argument: str = "position") -> int:
+    """A non-negative index into a prompt of ``n_pos`` tokens (negatives count from the end).
+
+    Raises:
+        ValueError: naming ``argument``, for a bool, a non-int or an index out of range.
+    """
+    if isinstance(position, bool) or not isinstance(position, int) \
+            or not -n_pos <= position < n_pos:
+        raise ValueError(
+            f"{argument} must be an int in [-{n_pos}, {n_pos}) for a prompt of {n_pos} tokens, "
+            f"got {position!r}"
+        )
+    return position % n_pos
+
+
+def resolve_positions(n_pos: int, positions, *, argument: str = "positions") -> list[int]:
+    """``positions`` (None = all, an int, or ints) as non-negative indices into ``n_pos``.
+
+    Raises:
+        ValueError: naming ``argument``, for an empty list, non-ints or out-of-range ints.
+    """
+    if positions is None:
+        return list(range(n_pos))
+    positions = [positions] if isinstance(positions, int) else list(positions)
+    bad = [p for p in positions if not isinstance(p, int) or not -n_pos <= p < n_pos]
+    if bad or not positions:
+        raise ValueError(f"{argument} must be non-empty ints in [-{n_pos}, {n_pos}), got {bad}")
+    return [p % n_pos for p in positions]
+
+
+def run_cache(model, tokens: Tensor, names: Sequence[str], *, logits: bool = False):
+    """``run_with_cache`` keeping only ``names``, without gradients.
+
+    Returns the cache, or ``(logits, cache)`` with ``logits=True``. TL removes its caching
+    hooks even when the forward pass raises.
+    """
+    wanted = set(names)
+    with torch.no_grad():
+        out, cache = model.run_with_cache(tokens, names_filter=lambda name: name in wanted,
+                                          return_type="logits" if logits else None)
+    return (out, cache) if logits else cache
 
 
 def short_label(name: str) -> str:

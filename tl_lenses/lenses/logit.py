@@ -1,13 +1,34 @@
-"""The logit lens: decode every layer and position through the final norm and unembedding."""
+"""The logit lens (nostalgebraist 2020): decode every layer as if it were the last.
+
+Seed formula: ``logits_l = LayerNorm(z_l) W_U`` for every layer ``l <= L``, each row
+re-normalised with its own statistics.
+"""
 
 from __future__ import annotations
 
 from typing import Sequence
 
-from tl_lenses.lenses.apply import apply_lens
-from tl_lenses.lenses.base import LogitLens
-from tl_lenses.readout import DEFAULT_CHUNK, Target
-from tl_lenses.result import LensResult
+from jaxtyping import Float
+from torch import Tensor
+
+from tl_lenses.readout.apply import apply_lens
+from tl_lenses.readout.engine import DEFAULT_CHUNK, Target
+from tl_lenses.readout.result import LensResult
+
+
+class LogitLens:
+    """The logit lens as a :class:`~tl_lenses.readout.lens.Lens`: the identity translation."""
+
+    name = "logit lens"
+
+    def translate(
+        self, resid: Float[Tensor, "*rows d_model"], hook_name: str
+    ) -> Float[Tensor, "*rows d_model"]:
+        """Return ``resid`` itself (the readout then reuses the final logits where it can)."""
+        return resid
+
+    def __repr__(self) -> str:
+        return "LogitLens()"
 
 
 def logit_lens(
@@ -28,18 +49,34 @@ def logit_lens(
     """The logit lens of ``input`` at every residual-stream layer and position.
 
     Each row's residual is re-normalised with its own statistics, then unembedded (+ b_U).
-    Rows: ``hook_names``, or the residual stream (``layers`` picks rows, 0 = embedding,
-    ``n_layers`` = final; ``incl_mid`` adds ``resid_mid``). ``positions``: which columns
-    (negative ones count from the end). ``target``: ``"final"`` (the final layer's top-1),
-    ``"next"`` (the true next token), a one-token string or id, an int ``[batch, pos]``
-    tensor, or None. ``keep_logits`` also returns the full ``[layer, batch, pos, d_vocab]``.
-    ``fused``: the statistics from tl_lenses' C kernel (True), from eager torch passes
-    (False), or the kernel where it applies and builds (None: float32 on the CPU; see
-    :mod:`tl_lenses.row_stats`).
 
-    >>> result = logit_lens(model, "The capital of France is")     # doctest: +SKIP
-    >>> result.top_tokens()[-1][-1][0]                                # doctest: +SKIP
-    ' Paris'
+    Args:
+        model: a ``HookedTransformer`` or ``TransformerBridge``.
+        input: a string, a list of strings, or int tokens ``[batch, pos]``.
+        hook_names: residual-width hook points to read (default: the residual stream).
+        layers: rows of the residual stream (0 = embedding, ``n_layers`` = final).
+        incl_mid: add each block's ``resid_mid``.
+        positions: columns to read (negative ones count from the end; default all).
+        k: how many top tokens to keep per cell.
+        target: ``"final"`` (the final layer's top-1), ``"next"`` (the true next token),
+            a one-token string or id, an int ``[batch, pos]`` tensor, or None.
+        chunk_size: rows per unembedding matmul (memory ~ ``3 x chunk_size x d_vocab``).
+        keep_logits: also return the full ``[layer, batch, pos, d_vocab]`` logits.
+        progress: show a progress bar over chunks.
+        fused: statistics from tl_lenses' C kernel (True), eager torch passes (False), or
+            the kernel where it applies and builds (None: float32 on the CPU).
+
+    Returns:
+        A :class:`~tl_lenses.readout.result.LensResult` (``[layer, batch, pos]`` grids of
+        top-k ids/logits/probabilities, entropy and KL to final in nats, target rank).
+
+    Raises:
+        ValueError: naming the argument, for unknown hook points, out-of-range layers or
+            positions, a multi-token target, ``k`` or ``chunk_size`` out of range.
+
+    >>> result = logit_lens(model, "The capital of France is", k=3)
+    >>> result.top_ids.shape[-1], len(result.hook_names) == model.cfg.n_layers + 1
+    (3, True)
     """
     return apply_lens(model, input, LogitLens(), hook_names=hook_names, layers=layers,
                       incl_mid=incl_mid, positions=positions, k=k, target=target,

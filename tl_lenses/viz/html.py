@@ -15,12 +15,14 @@ import matplotlib
 
 STYLE = """
 body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:24px;color:#222}
-h1{font-size:20px} h2{font-size:16px;margin-top:28px} .note{color:#555;font-size:13px;max-width:60em}
+h1{font-size:20px} h2{font-size:16px;margin-top:28px}
+.note{color:#555;font-size:13px;max-width:60em}
 table.grid{border-collapse:collapse;font-family:ui-monospace,Menlo,Consolas,monospace;font-size:11px}
 table.grid td,table.grid th{border:1px solid #fff;padding:2px 4px;white-space:pre;text-align:center}
 table.grid th{background:#f3f3f3;font-weight:600}
 table.grid td{max-width:9em;overflow:hidden;text-overflow:ellipsis;cursor:default}
-table.plain{border-collapse:collapse;font-size:13px} table.plain td,table.plain th{border:1px solid #ddd;padding:3px 8px;text-align:left}
+table.plain{border-collapse:collapse;font-size:13px}
+table.plain td,table.plain th{border:1px solid #ddd;padding:3px 8px;text-align:left}
 .bar{display:flex;align-items:center;font-size:12px;font-family:ui-monospace,monospace}
 .bar span.label{width:16em;text-align:right;padding-right:6px;white-space:pre}
 .bar div.fill{height:12px}
@@ -36,11 +38,12 @@ def page(title: str, *sections: str) -> str:
 
 
 def esc(text) -> str:
+    """``text`` as HTML-escaped text (quotes too)."""
     return html.escape(str(text), quote=True)
 
 
 def show_token(token: str) -> str:
-    """A token as visible text: quotes keep leading spaces, newlines shown as \\n."""
+    r"""A token as visible text: quotes keep leading spaces, newlines shown as \n."""
     return repr(token)[1:-1] if token.strip() else repr(token)
 
 

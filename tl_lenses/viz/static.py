@@ -40,16 +40,3 @@ def heatmap_png(
     plt.close(fig)
     return Path(path)
 
-
-def grid_png(result, path, statistic: str = "prob", batch: int = 0, text: str = "top1",
-             title: str | None = None) -> Path:
-    """The lens grid of :mod:`tl_lenses.viz.grid` as a PNG."""
-    from tl_lenses.viz.grid import CAPTIONS, COLOURING, grid_cells
-
-    values, cell_text, _, rows, cols = grid_cells(result, statistic, batch, text)
-    cmap, log_scale = COLOURING[statistic]
-    return heatmap_png(
-        path, values, rows, cols, cell_text=cell_text, cmap=cmap,
-        title=title or f"{result.lens}: {CAPTIONS[statistic]}",
-        colorbar_label=CAPTIONS[statistic] + (" (log10)" if log_scale else ""),
-    )

@@ -1,0 +1,170 @@
+"""One file format for everything tl_lenses saves: safetensors weights + a JSON config.
+
+A saved folder holds a weights file and a JSON config whose ``format`` field names its kind
+(``tl_lenses.tuned_lens/1``, ``tl_lenses.lre/1``: see :data:`FORMATS`). The config records
+the model's shape, a fingerprint of its decoder and the weights file's sha256; reading
+checks all of it, so a lens or LRE made for another model, or a corrupt or truncated file,
+is an error and never a warning.
+
+The fingerprint has two parts. ``unembed_sha256`` hashes the final norm and unembedding
+exactly; when it differs (the same model on the other backend, or in another dtype, differs
+in the last bits) the ``probe`` decides: the decoder's logits of a few fixed random
+residuals must match to a relative 1e-3, which another model's decoder will not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tl_lenses.models import check_model
+from tl_lenses.readout.unembed import Unembed
+
+N_PROBES, N_PROBE_IDS, PROBE_RTOL = 4, 16, 1e-3
+
+
+@dataclass(frozen=True)
+class Format:
+    """File names and required config keys of one saved kind."""
+
+    weights: str
+    config: str
+    required: frozenset[str]
+
+
+FORMATS = {
+    "tl_lenses.tuned_lens/1": Format("lens.safetensors", "lens.json", frozenset(
+        {"kind", "d_model", "hook_names", "final_name", "model", "weights_sha256"})),
+    "tl_lenses.lre/1": Format("lre.safetensors", "lre.json", frozenset(
+        {"d_model", "beta", "layer", "relation", "template", "train", "method", "model",
+         "weights_sha256"})),
+}
+
+
+def model_info(model) -> dict:
+    """The shape of ``model`` and a fingerprint of its final norm + unembedding."""
+    check_model(model)
+    unembed = Unembed.from_model(model)
+    cfg = model.cfg
+    return {
+        "model_name": str(getattr(cfg, "model_name", "")), "n_layers": cfg.n_layers,
+        "d_model": cfg.d_model, "d_vocab": unembed.d_vocab, "norm": unembed.kind,
+        "unembed_sha256": _unembed_hash(unembed), "probe": _probe(unembed),
+    }
+
+
+def _unembed_hash(unembed: Unembed) -> str:
+    digest = hashlib.sha256()
+    for tensor in (unembed.weight, unembed.bias, unembed.W_U, unembed.b_U):
+        if tensor is not None:
+            digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _probe(unembed: Unembed) -> list[list[float]]:
+    """Decoder logits of fixed random residuals at fixed vocabulary ids."""
+    generator = torch.Generator().manual_seed(1234)
+    resid = torch.randn(N_PROBES, unembed.d_model, generator=generator)
+    ids = torch.randint(0, unembed.d_vocab, (N_PROBE_IDS,), generator=generator)
+    with torch.no_grad():
+        logits = unembed(resid.to(unembed.W_U.device, torch.float32)).float().cpu()
+    return logits[:, ids].tolist()
+
+
+def check_same_model(info: dict, model, *, source: str = "lens") -> None:
+    """Raise ValueError unless ``info`` (a saved :func:`model_info`) describes ``model``."""
+    mine = model_info(model)
+    for key in ("n_layers", "d_model", "d_vocab", "norm"):
+        if info.get(key) != mine[key]:
+            raise ValueError(
+                f"{source} was made for a different model: {key}={info.get(key)!r} there, "
+                f"{mine[key]!r} in this model ({info.get('model_name')!r} vs "
+                f"{mine['model_name']!r})"
+            )
+    if info.get("unembed_sha256") == mine["unembed_sha256"]:
+        return
+    theirs, ours = torch.tensor(info.get("probe", [])), torch.tensor(mine["probe"])
+    if theirs.shape != ours.shape or not torch.allclose(theirs, ours, rtol=PROBE_RTOL,
+                                                        atol=PROBE_RTOL):
+        raise ValueError(
+            f"{source} was made for a different model: the fingerprint of the final norm and "
+            f"unembedding (W_U) does not match ({info.get('model_name')!r} vs "
+            f"{mine['model_name']!r})"
+        )
+
+
+def write_folder(path, fmt: str, tensors: dict[str, torch.Tensor], config: dict) -> Path:
+    """Write ``tensors`` and ``config`` (plus ``format`` and the weights' sha256) to ``path``.
+
+    Returns the folder (created if needed).
+    """
+    from safetensors.torch import save_file  # optional at import time, needed here
+
+    spec = FORMATS[fmt]
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / spec.weights))
+    full = {"format": fmt, **config, "weights_sha256": file_sha256(folder / spec.weights)}
+    (folder / spec.config).write_text(json.dumps(full, indent=1))
+    return folder
+
+
+def read_folder(path, fmt: str, model, *, source: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config, tensors) of a folder written by :func:`write_folder`, checked against ``model``.
+
+    Raises:
+        FileNotFoundError: no folder, config or weights file.
+        ValueError: invalid JSON, another format, a sha256 mismatch (corrupt or truncated
+            weights), or a config made for another model.
+    """
+    spec = FORMATS[fmt]
+    folder = Path(path)
+    config = read_json_config(folder, spec.config, fmt, spec.required)
+    check_same_model(config["model"], model, source=source)
+    return config, read_weights(folder / spec.weights, config)
+
+
+def read_json_config(folder: Path, name: str, fmt: str, required: frozenset[str]) -> dict:
+    """``folder/name`` as a dict of format ``fmt`` holding ``required`` keys.
+
+    Raises:
+        FileNotFoundError: a missing folder or file.
+        ValueError: invalid JSON (corrupt, truncated) or another format.
+    """
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no folder at {folder}")
+    path = folder / name
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} holds no {name}; is it a {fmt} folder?")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is corrupt or truncated (not valid JSON: {error})") from None
+    missing = ({"format"} | required) - set(config if isinstance(config, dict) else ())
+    if missing or config.get("format") != fmt:
+        raise ValueError(f"{path} is not a {fmt} config (missing {sorted(missing)})")
+    return config
+
+
+def read_weights(path: Path, config: dict) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file whose sha256 the config recorded (else a clear error)."""
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise FileNotFoundError(f"weights {path} are missing")
+    if file_sha256(path) != config["weights_sha256"]:
+        raise ValueError(f"{path} is corrupt or truncated: its sha256 does not match the "
+                         "one recorded in the config when it was saved")
+    try:
+        return load_file(str(path))
+    except Exception as error:  # safetensors raises its own error types
+        raise ValueError(f"{path} is corrupt or truncated: {error}") from None
+
+
+def file_sha256(path: Path) -> str:
+    """The hex sha256 of the file at ``path``."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()

@@ -1,0 +1,13 @@
+"""Direct logit attribution over heads, MLPs, neurons and head paths.
+
+``core.py`` (:func:`dla`: a logit split over every residual-stream writer), ``paths.py``
+(:func:`head_path_dla`: paths through a head's OV circuit), ``result.py``
+(:class:`DLAResult`), ``view.py``, ``cli.py``.
+"""
+
+from tl_lenses.attribution.core import LogitDirections, dla, logit_directions
+from tl_lenses.attribution.paths import HeadPathResult, head_path_dla
+from tl_lenses.attribution.result import DLAResult
+
+__all__ = ["DLAResult", "HeadPathResult", "LogitDirections", "dla", "head_path_dla",
+           "logit_directions"]

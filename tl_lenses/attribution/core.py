@@ -1,0 +1,341 @@
+"""Direct logit attribution (DLA): a logit split exactly over every residual-stream writer.
+
+Convention: the final norm's scale is frozen at its forward-pass value. With tl_lenses'
+processing (``fold_ln``) the final norm only normalises, so at one position
+
+    logit = center(resid_final) / s · u + c
+
+where ``s`` is the scale the forward pass computed (``ln_final.hook_scale``), ``center``
+subtracts the mean for LayerNorm (the identity for RMSNorm), ``u`` is the direction (a W_U
+column, a difference of two, or any vector read off the norm's output) and ``c`` the constant
+part (``b_U``). Holding ``s`` fixed makes the logit linear in ``resid_final``, which is the
+sum of what each component wrote: the embeddings, every head's ``z @ W_O``, each attention
+bias ``b_O``, each MLP output (or each neuron's ``post * W_out`` row plus ``b_out``). So the
+attributions below plus the ``b_U`` term add up to the model's logit (or logit difference)
+to float rounding. What the convention leaves out is the norm's own dependence on each
+component: an attribution is a component's share *given* ``s``, not the effect of removing
+it (that would change ``s`` and every later layer).
+
+Centering is applied to the direction, not to each component (``(x - mean x) · u ==
+x · (u - mean u)``), and neuron attributions project ``W_out`` onto the direction before
+multiplying by the activations, so no per-neuron (or per-head) residual vector is ever built.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Sequence, Union
+
+import einops
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from tl_lenses.attribution.result import DLAResult, parse_head_label
+from tl_lenses.hooks import final_resid_name, resolve_positions, run_cache
+from tl_lenses.inputs import single_token, str_tokens, to_tokens
+from tl_lenses.models import check_model
+from tl_lenses.readout.unembed import Unembed
+
+
+@dataclass(frozen=True)
+class LogitDirections:
+    """Directions read off the final norm's output: ``value = norm(resid) · vector + offset``.
+
+    A token's direction is its W_U column with ``offset = b_U[token]``; an answer-minus-wrong
+    direction is the difference of both; a free vector has offset 0.
+    """
+
+    vectors: Float[Tensor, "direction d_model"]
+    offset: Float[Tensor, " direction"]
+    labels: list[str]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+DirectionSpec = Union[str, int, tuple, Tensor, LogitDirections, list]
+
+
+def logit_directions(model, directions: DirectionSpec) -> LogitDirections:
+    """Parse ``directions`` into :class:`LogitDirections`.
+
+    Accepted: a one-token string or a token id (that token's logit); a pair
+    ``(answer, wrong)`` (the logit difference); a float tensor ``[d_model]`` or
+    ``[n, d_model]`` (vectors multiplying the final norm's output, e.g. W_U columns); or a
+    list of any of these for several directions at once. Note the list/tuple distinction:
+    ``[" Mary", " John"]`` is two directions, ``(" Mary", " John")`` their difference.
+    """
+    check_model(model)
+    if isinstance(directions, LogitDirections):
+        _check_width(model, directions.vectors)
+        return directions
+    items = directions if isinstance(directions, list) else [directions]
+    if not items:
+        raise ValueError("directions must name at least one direction")
+    unembed = Unembed.from_model(model)
+    parts = [_one_direction(model, unembed, item, i) for i, item in enumerate(items)]
+    return LogitDirections(
+        torch.cat([p[0] for p in parts]).float(),
+        torch.cat([p[1] for p in parts]).float(),
+        [label for p in parts for label in p[2]],
+    )
+
+
+def _token_label(model, token: int) -> str:
+    if getattr(model, "tokenizer", None) is None:
+        return f"#{token}"
+    return repr(model.to_string([token]))
+
+
+def _one_direction(model, unembed: Unembed, item, i: int):
+    W_U = unembed.W_U.detach()
+    b_U = unembed.b_U.detach() if unembed.b_U is not None else torch.zeros(unembed.d_vocab)
+    if isinstance(item, Tensor) and item.is_floating_point():
+        vectors = item[None] if item.dim() == 1 else item
+        _check_width(model, vectors)
+        vectors = vectors.detach().to(W_U.device, W_U.dtype)
+        labels = [f"v{i}"] if item.dim() == 1 else [f"v{i}.{j}" for j in range(len(vectors))]
+        return vectors, torch.zeros(len(vectors), device=W_U.device), labels
+    if isinstance(item, tuple):
+        if len(item) != 2:
+            raise ValueError(f"a direction tuple must be (answer, wrong), got {item!r}")
+        a = single_token(model, item[0], argument="answer")
+        b = single_token(model, item[1], argument="wrong")
+        if a == b:
+            raise ValueError(
+                f"answer and wrong are the same token ({_token_label(model, a)}); their logit "
+                "difference is identically 0"
+            )
+        label = f"{_token_label(model, a)} - {_token_label(model, b)}"
+        return (W_U[:, a] - W_U[:, b])[None], (b_U[a] - b_U[b])[None], [label]
+    token = single_token(model, item, argument="directions")
+    return W_U[:, token][None], b_U[token][None], [_token_label(model, token)]
+
+
+def _check_width(model, vectors: Tensor) -> None:
+    d_model = model.cfg.d_model
+    if vectors.dim() != 2 or vectors.shape[-1] != d_model or not vectors.is_floating_point():
+        raise ValueError(
+            f"direction vectors must be float [d_model={d_model}] or [n, d_model], got "
+            f"{vectors.dtype} {tuple(vectors.shape)}"
+        )
+
+
+def residual_readout(
+    model, directions: LogitDirections
+) -> tuple[Float[Tensor, "d_model direction"], Float[Tensor, " direction"]]:
+    """``(u, c)`` with ``logit = resid_final · u / s + c`` under the frozen-scale convention.
+
+    Folds the final norm's weight into ``u``, its bias into ``c``, and LayerNorm's centering
+    into ``u`` (centering the direction equals centering every component).
+    """
+    unembed = Unembed.from_model(model)
+    vectors = directions.vectors.to(unembed.W_U.device, torch.float32)
+    u = vectors.T.clone()
+    if unembed.weight is not None:
+        u = u * unembed.weight.detach().float()[:, None]
+    const = directions.offset.to(u.device, torch.float32).clone()
+    if unembed.bias is not None:
+        const = const + vectors @ unembed.bias.detach().float()
+    if unembed.kind == "layernorm":
+        u = u - u.mean(0, keepdim=True)
+    return u, const
+
+
+def has_pos_embed(model) -> bool:
+    """Whether the model adds a learned position embedding to the residual stream."""
+    return model.cfg.positional_embedding_type == "standard"
+
+
+def needed_hooks(model, *, heads: bool = True, neurons: bool = False) -> list[str]:
+    """The hook points :func:`dla` reads (a ``names_filter`` for ``run_with_cache``)."""
+    names = ["hook_embed", final_resid_name(model)]
+    if has_pos_embed(model):
+        names.append("hook_pos_embed")
+    if model.cfg.normalization_type is not None:
+        names.append("ln_final.hook_scale")
+    for layer in range(model.cfg.n_layers):
+        names.append(f"blocks.{layer}.attn.hook_z" if heads else f"blocks.{layer}.hook_attn_out")
+        if not model.cfg.attn_only:
+            names.append(f"blocks.{layer}.mlp.hook_post" if neurons
+                         else f"blocks.{layer}.hook_mlp_out")
+    return names
+
+
+def check_cache(cache, tokens: Tensor, names: Sequence[str]) -> None:
+    """Fail unless ``cache`` holds every name, with [batch, pos] matching ``tokens``."""
+    missing = [name for name in names if name not in cache]
+    if missing:
+        raise ValueError(
+            f"cache lacks hook points DLA needs: {missing[:6]}{' ...' if len(missing) > 6 else ''}"
+            "; run run_with_cache without a names_filter that drops them"
+        )
+    shape = tuple(cache["hook_embed"].shape[:2])
+    if shape != tuple(tokens.shape):
+        raise ValueError(f"cache is for [batch, pos]={shape}, but tokens are {tuple(tokens.shape)}")
+
+
+def _final_scale(model, cache, positions: list[int]) -> Float[Tensor, "batch pos"]:
+    """The final norm's scale at ``positions`` (ones for a model without a final norm)."""
+    if model.cfg.normalization_type is None:
+        return torch.ones(cache["hook_embed"].shape[:2])[:, positions]
+    return cache["ln_final.hook_scale"][:, positions, 0].float()
+
+
+def dla(
+    model, input, directions: DirectionSpec, *, positions=-1, heads: bool = True,
+    neurons: bool = False, cache=None,
+) -> DLAResult:
+    """Direct logit attribution: the logit along each direction split over every writer.
+
+    Components, in order: ``embed`` (``pos_embed``), then per layer the heads ``L3H5`` and
+    ``L3 b_O`` (or ``L3 attn`` with ``heads=False``), the MLP ``L3 MLP`` (or its neurons
+    ``L3N1203`` and ``L3 b_out`` with ``neurons=True``), and last ``b_U`` (the constant part
+    of the direction: b_U and the final norm's bias). With the final norm's scale frozen at
+    its forward-pass value, ``values.sum(0)`` equals ``result.logits``, the model's own logit
+    (difference), to float rounding (the seed's Figure 5 a, c, d).
+
+    Args:
+        model: a ``HookedTransformer`` or ``TransformerBridge``.
+        input: a string, strings, or int tokens ``[batch, pos]``.
+        directions: a token (string or id), a ``(correct, wrong)`` pair (the logit
+            difference), a ``[d_model]`` vector, or a list of these.
+        positions: an int (default -1, the last token), ints, or None for all.
+        heads: split attention into heads (else one ``L3 attn`` per layer).
+        neurons: split MLPs into neurons.
+        cache: an ``ActivationCache`` of ``input`` (then ``input`` must be its tokens and
+            the model is not run).
+
+    Returns:
+        A :class:`~tl_lenses.attribution.result.DLAResult`: ``values [component, batch, pos,
+        direction]`` in logits, labels, and the model's own ``logits [batch, pos,
+        direction]``.
+
+    Raises:
+        ValueError: naming the argument: a multi-token answer, positions out of range, a
+            cache lacking hook points.
+
+    >>> result = dla(model, "hello world", ("o", "a"))
+    >>> torch.allclose(result.values.sum(0), result.logits, atol=1e-4)
+    True
+    """
+    check_model(model)
+    tokens = to_tokens(model, input)
+    dirs = logit_directions(model, directions)
+    pos = resolve_positions(tokens.shape[1], positions)
+    names = needed_hooks(model, heads=heads, neurons=neurons)
+    if cache is None:
+        cache = run_cache(model, tokens, names)
+    check_cache(cache, tokens, names)
+    u, const = residual_readout(model, dirs)
+    labels, parts = _component_parts(model, cache, pos, u, heads, neurons)
+    scale = _final_scale(model, cache, pos).to(u.device)
+    values = torch.cat(parts).div_(scale[None, :, :, None])
+    bias = const[None, None, None, :].expand(1, *values.shape[1:])
+    return DLAResult(
+        values=torch.cat([values, bias]), labels=[*labels, "b_U"], directions=dirs.labels,
+        positions=pos, tokens=tokens, logits=_model_logits(model, cache, pos, dirs),
+        scale=scale, str_tokens=str_tokens(model, tokens),
+    )
+
+
+def _component_parts(model, cache, pos, u, heads, neurons):
+    """(labels, [n, batch, pos, direction] tensors) for every writer, not yet divided by s."""
+    index = _position_index(pos)
+
+    def at(name: str) -> Tensor:
+        return cache[name][:, index].float()
+
+    def project(name: str) -> Tensor:
+        return (at(name) @ u)[None]
+
+    labels, parts = ["embed"], [project("hook_embed")]
+    if has_pos_embed(model):
+        labels.append("pos_embed")
+        parts.append(project("hook_pos_embed"))
+    shape = (1, *parts[0].shape[1:])
+
+    def add_units(unit_labels, terms, bias, bias_label) -> None:
+        """Per-unit terms (heads or neurons), then the layer's bias when it has one."""
+        labels.extend(unit_labels)
+        parts.append(terms)
+        if _present(bias):
+            labels.append(bias_label)
+            parts.append((bias.detach().float() @ u).expand(shape))
+
+    for layer in range(model.cfg.n_layers):
+        block = model.blocks[layer]
+        if heads:
+            add_units([f"L{layer}H{h}" for h in range(model.cfg.n_heads)],
+                      head_terms(at(f"blocks.{layer}.attn.hook_z"), block.attn.W_O, u),
+                      block.attn.b_O, f"L{layer} b_O")
+        else:
+            labels.append(f"L{layer} attn")
+            parts.append(project(f"blocks.{layer}.hook_attn_out"))
+        if model.cfg.attn_only:
+            continue
+        if neurons:
+            add_units(_neuron_labels(layer, model.cfg.d_mlp),
+                      neuron_terms(at(f"blocks.{layer}.mlp.hook_post"), block.mlp.W_out, u),
+                      block.mlp.b_out, f"L{layer} b_out")
+        else:
+            labels.append(f"L{layer} MLP")
+            parts.append(project(f"blocks.{layer}.hook_mlp_out"))
+    return labels, parts
+
+
+@functools.lru_cache(maxsize=256)
+def _neuron_labels(layer: int, d_mlp: int) -> tuple[str, ...]:
+    return tuple(f"L{layer}N{i}" for i in range(d_mlp))
+
+
+def _position_index(pos: list[int]):
+    """A slice (a view, no copy) where the positions are contiguous, else the list."""
+    if pos == list(range(pos[0], pos[-1] + 1)):
+        return slice(pos[0], pos[-1] + 1)
+    return pos
+
+
+def _present(bias: Tensor | None) -> bool:
+    """Whether a bias exists and is not all zeros.
+
+    HookedTransformer stores zeros where the Bridge has None; skipping both keeps the
+    component labels the same on the two backends.
+    """
+    return bias is not None and bool(bias.detach().any())
+
+
+def head_terms(
+    z: Float[Tensor, "batch pos head_index d_head"],
+    W_O: Float[Tensor, "head_index d_head d_model"],
+    u: Float[Tensor, "d_model direction"],
+) -> Float[Tensor, "head_index batch pos direction"]:
+    """Each head's ``z @ W_O · u``, projecting W_O first (no per-head residual vectors)."""
+    W_Ou = einops.einsum(W_O.detach().float(), u, "h e d, d k -> h e k")
+    return einops.einsum(z, W_Ou, "b p h e, h e k -> h b p k")
+
+
+def neuron_terms(
+    post: Float[Tensor, "batch pos d_mlp"],
+    W_out: Float[Tensor, "d_mlp d_model"],
+    u: Float[Tensor, "d_model direction"],
+) -> Float[Tensor, "d_mlp batch pos direction"]:
+    """Each neuron's ``post * (W_out · u)``: W_out is projected before meeting activations."""
+    W_out_u = W_out.detach().float() @ u  # [d_mlp, direction]: the only pass over W_out
+    return einops.einsum(post, W_out_u, "b p n, n k -> n b p k")
+
+
+def _model_logits(
+    model, cache, pos, dirs: LogitDirections
+) -> Float[Tensor, "batch pos direction"]:
+    """The model's own value along each direction, from the final residual (own statistics)."""
+    resid = cache[final_resid_name(model)][:, pos].float()
+    normalized = Unembed.from_model(model).normalize(resid)
+    return (normalized @ dirs.vectors.T.to(normalized.device)
+            + dirs.offset.to(normalized.device)).detach()
+
+
+__all__ = ["DLAResult", "LogitDirections", "parse_head_label", "logit_directions",
+           "residual_readout", "dla", "needed_hooks", "head_terms", "neuron_terms"]

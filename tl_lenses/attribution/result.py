@@ -1,0 +1,182 @@
+"""The result of a direct logit attribution: values per component, with labels and views."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from tl_lenses.attribution import view as _views
+
+
+@dataclass(frozen=True)
+class DLAResult:
+    """Attributions ``values[component, batch, pos, direction]`` with one label per component.
+
+    ``pos`` runs over ``positions`` (token indices); ``tokens`` holds the whole prompts
+    (``_``: every token position). ``logits`` is the model's own value along each
+    direction and ``values.sum(0)`` equals it to float rounding (while every component is
+    kept); ``scale`` is the frozen final-norm scale. Indexing (``result["L3H5"]``,
+    ``result[["L3H5", "L7 MLP"]]``, ``result[:10]``) selects components; ``top`` and
+    ``sort`` order them by one (batch, pos, direction) cell.
+    """
+
+    values: Float[Tensor, "component batch pos direction"]
+    labels: Sequence[str]
+    directions: list[str]
+    positions: list[int]
+    tokens: Int[Tensor, "batch _"]
+    logits: Float[Tensor, "batch pos direction"]
+    scale: Float[Tensor, "batch pos"]
+    str_tokens: list[list[str]] | None = None
+
+    def __len__(self) -> int:
+        return self.values.shape[0]
+
+    @functools.cached_property
+    def _label_index(self) -> dict[str, int] | None:
+        # A dict once per result: list.index would make selecting many labels quadratic.
+        if not isinstance(self.labels, list):
+            return None
+        return {label: i for i, label in reversed(list(enumerate(self.labels)))}
+
+    def index(self, label: str) -> int:
+        """The component index of ``label`` (``ValueError`` naming known labels if absent)."""
+        try:
+            if self._label_index is not None:
+                return self._label_index[label]
+            return self.labels.index(label)
+        except (KeyError, ValueError):
+            examples = ", ".join(repr(self.labels[i]) for i in range(min(4, len(self))))
+            raise ValueError(
+                f"unknown component label {label!r}; labels look like {examples} ..."
+            ) from None
+
+    def __getitem__(self, key) -> "DLAResult":
+        if isinstance(key, str):
+            key = [key]
+        if isinstance(key, slice):
+            key = list(range(len(self)))[key]
+        elif isinstance(key, int):
+            key = [key]
+        elif isinstance(key, Tensor):
+            key = (key.nonzero().flatten() if key.dtype == torch.bool else key).tolist()
+        index = [self.index(k) if isinstance(k, str) else int(k) for k in key]
+        bad = [i for i in index if not -len(self) <= i < len(self)]
+        if bad:
+            raise IndexError(f"component indices {bad} out of range for {len(self)} components")
+        take = getattr(self.labels, "take", None)
+        labels = take(index) if take else [self.labels[i] for i in index]
+        return replace(self, values=self.values[index], labels=labels)
+
+    def heads(self) -> "DLAResult":
+        """Only the per-head components (``L3H5``)."""
+        labels = self.labels if isinstance(self.labels, list) else []
+        return self[[i for i, label in enumerate(labels) if parse_head_label(label)]]
+
+    def per_prompt(self) -> "DLAResult":
+        """Prompt i along direction i only (a different answer pair per prompt, as in IOI).
+
+        Call it on a result computed with one direction per prompt, in batch order.
+        """
+        n = self.values.shape[1]
+        if len(self.directions) != n:
+            raise ValueError(f"per_prompt needs one direction per prompt ({n}), "
+                             f"got {len(self.directions)}")
+        i = torch.arange(n)
+        return replace(
+            self, values=self.values[:, i, :, i].permute(1, 0, 2)[..., None],
+            logits=self.logits[i, :, i][..., None], directions=["per prompt"],
+        )
+
+    def total(self) -> Float[Tensor, "batch pos direction"]:
+        """The sum over components (the logit when every component is present)."""
+        return self.values.sum(0)
+
+    def cell(self, batch: int = 0, pos: int = -1,
+             direction: int = 0) -> Float[Tensor, " component"]:
+        """One value per component at ``(batch, pos, direction)``; pos indexes ``positions``."""
+        for name, i, n in (("batch", batch, self.values.shape[1]),
+                           ("pos", pos, self.values.shape[2]),
+                           ("direction", direction, self.values.shape[3])):
+            if not -n <= i < n:
+                raise ValueError(f"{name} must be in [-{n}, {n}), got {i}")
+        return self.values[:, batch, pos, direction]
+
+    def sort(self, *, batch: int = 0, pos: int = -1, direction: int = 0,
+             absolute: bool = True) -> "DLAResult":
+        """Components ordered by value (largest first; by magnitude when ``absolute``)."""
+        column = self.cell(batch, pos, direction)
+        order = (column.abs() if absolute else column).argsort(descending=True, stable=True)
+        return self[order]
+
+    def top(self, k: int = 10, *, batch: int = 0, pos: int = -1, direction: int = 0,
+            absolute: bool = True) -> "DLAResult":
+        """The ``k`` largest components (by magnitude when ``absolute``), largest first."""
+        column = self.cell(batch, pos, direction)
+        k = min(k, len(self))
+        order = (column.abs() if absolute else column).topk(k).indices
+        return self[order]
+
+    def items(self, batch: int = 0, pos: int = -1, direction: int = 0) -> list[tuple[str, float]]:
+        """``(label, value)`` pairs at one cell, in component order."""
+        column = self.cell(batch, pos, direction).tolist()
+        return [(self.labels[i], v) for i, v in enumerate(column)]
+
+    def head_matrix(self, batch: int = 0, pos: int = -1,
+                    direction: int = 0) -> Float[Tensor, "layer head_index"]:
+        """Head attributions as [layer, head] (NaN for heads absent from this result)."""
+        labels = self.labels if isinstance(self.labels, list) else []
+        heads = [(i, parse_head_label(label)) for i, label in enumerate(labels)
+                 if parse_head_label(label) is not None]
+        if not heads:
+            raise ValueError("this result has no per-head components (labels like 'L3H5')")
+        n_layers = max(l for _, (l, _) in heads) + 1
+        n_heads = max(h for _, (_, h) in heads) + 1
+        matrix = torch.full((n_layers, n_heads), float("nan"))
+        column = self.cell(batch, pos, direction)
+        for i, (layer, head) in heads:
+            matrix[layer, head] = column[i]
+        return matrix
+
+    def to_html(self, path=None, **options) -> str:
+        """The report page of :func:`~tl_lenses.attribution.view.report_html`.
+
+        Also written to ``path`` when one is given.
+        """
+        html = _views.report_html(self, **options)
+        if path is not None:
+            Path(path).write_text(html, encoding="utf-8")
+        return html
+
+    def save_png(self, path, view: str = "heads", **cell) -> Path:
+        """``view="heads"``: layer × head heatmap; ``"top"``: top-k bars (``k=`` in cell).
+
+        Returns ``Path(path)``.
+        """
+        if view not in ("heads", "top"):
+            raise ValueError(f"view must be 'heads' or 'top', got {view!r}")
+        draw = _views.head_heatmap_png if view == "heads" else _views.top_bars_png
+        return draw(self, path, **cell)
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{label}={v:+.3g}" for label, v in self.items()[:8])
+        return (f"DLAResult({len(self)} components x batch {self.values.shape[1]} x "
+                f"{len(self.positions)} positions x directions {self.directions}: {shown}"
+                f"{' ...' if len(self) > 8 else ''})")
+
+
+def parse_head_label(label: str) -> tuple[int, int] | None:
+    """``"L3H5"`` -> ``(3, 5)``; None for any other label."""
+    if not label.startswith("L") or "H" not in label or " " in label:
+        return None
+    layer, _, head = label[1:].partition("H")
+    return (int(layer), int(head)) if layer.isdigit() and head.isdigit() else None
+
+
+__all__ = ["DLAResult", "parse_head_label"]

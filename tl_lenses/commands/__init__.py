@@ -1,1 +1,0 @@
-"""Subcommands of the ``tl-lenses`` command line (see tl_lenses/cli.py)."""

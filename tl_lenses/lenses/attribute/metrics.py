@@ -1,0 +1,237 @@
+"""How good is an LRE: faithfulness and causality, next to two baselines, and sweeps.
+
+Both metrics use held-out subjects that the model itself answers correctly (its top-1 at
+the prompt's last token is the object's first token), with the prompt the LRE was
+estimated with (:meth:`LRE.prompt`).
+
+* faithfulness: the fraction of them for which the decoded ``LRE(s)`` (final norm +
+  unembedding) has the object's first token as its top-1;
+* causality: for a pair (subject with object o, another with o'), add
+  ``delta = pinv_r(W) (LRE(s') - LRE(s))`` to the residual at layer l on the subject's last
+  token; success when the model's answer flips to the first token of o'.
+
+Baselines (also :class:`LRE` objects, so the same code scores them): the logit lens of
+``s`` (``W = I``, ``b = 0``; its causal edit is ``s' - s``, i.e. patching the subject
+token) and a least-squares affine map fitted on the same n ``(s_i, z_i)`` pairs
+(minimum-norm, since n < d_model).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Sequence
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from tl_lenses.hooks import final_resid_name, resid_names, resolve_layer, run_cache
+from tl_lenses.inputs import to_tokens
+from tl_lenses.lenses.attribute.lre import LRE, estimate_lre, subject_position
+from tl_lenses.lenses.attribute.relations import Relation, Sample, object_token
+from tl_lenses.readout.unembed import Unembed
+
+
+@dataclass(frozen=True)
+class SubjectStates:
+    """Residuals of held-out prompts: ``s`` per layer, final ``z``, and what the model says."""
+
+    subjects: list[str]
+    objects: list[str]
+    object_ids: Int[Tensor, " batch"]
+    predicted_ids: Int[Tensor, " batch"]
+    s: Float[Tensor, "layer batch d_model"]
+    z: Float[Tensor, "batch d_model"]
+    layers: list[int]
+    tokens: Int[Tensor, "batch pos"]
+    subject_positions: list[int]
+    last_positions: list[int]
+
+    @property
+    def correct(self) -> Tensor:
+        """Which prompts the model answers with the object's first token."""
+        return self.predicted_ids == self.object_ids
+
+    def at_layer(self, layer: int) -> Float[Tensor, "batch d_model"]:
+        """The subject states ``[batch, d_model]`` collected at ``layer`` (ValueError if not)."""
+        if layer not in self.layers:
+            raise ValueError(f"layer {layer} was not collected; have {self.layers}")
+        return self.s[self.layers.index(layer)]
+
+
+@dataclass
+class Score:
+    """One row of a metrics table."""
+
+    relation: str
+    method: str
+    layer: int
+    n: int
+    beta: float
+    rank: int | None
+    faithfulness: float
+    causality: float
+    n_test: int
+    n_pairs: int
+
+
+def collect_states(model, template_lre: LRE, samples: Sequence[Sample],
+                   layers: Sequence[int]) -> SubjectStates:
+    """One batched forward over the prompts of ``samples`` (right-padded)."""
+    if not samples:
+        raise ValueError("samples must not be empty")
+    layers = [resolve_layer(model, layer, negative=False)[0] for layer in layers]
+    prompts = [template_lre.prompt(x.subject) for x in samples]
+    positions = [subject_position(model, p, x.subject)[1] for p, x in zip(prompts, samples)]
+    lengths = [to_tokens(model, p).shape[1] for p in prompts]
+    tokens = to_tokens(model, prompts, argument="prompts")
+    names = [resid_names(model)[layer] for layer in layers]
+    # No logits: only the last positions are decoded, not [batch, pos, d_vocab].
+    cache = run_cache(model, tokens, [*names, final_resid_name(model)])
+    rows = torch.arange(len(samples))
+    last = torch.tensor(lengths) - 1
+    subj = torch.tensor(positions)
+    z = cache[final_resid_name(model)][rows, last]
+    return SubjectStates(
+        subjects=[x.subject for x in samples], objects=[x.object for x in samples],
+        object_ids=torch.tensor([object_token(model, x.object) for x in samples]),
+        predicted_ids=_answers(model, z),
+        s=torch.stack([cache[name][rows, subj] for name in names]),
+        z=z, layers=layers, tokens=tokens,
+        subject_positions=positions, last_positions=last.tolist(),
+    )
+
+
+def _answers(model, final_resid: Float[Tensor, "batch d_model"]) -> Int[Tensor, " batch"]:
+    """The model's top-1 from final residuals (the Unembed equals the model's own head)."""
+    with torch.no_grad():
+        return Unembed.from_model(model)(final_resid).argmax(-1).cpu()
+
+
+def least_squares_lre(lre: LRE, s: Float[Tensor, "batch d_model"],
+                      z: Float[Tensor, "batch d_model"]) -> LRE:
+    """The minimum-norm affine map with ``W s_i + b = z_i`` fitted on the training pairs."""
+    design = torch.cat([s.double(), torch.ones(len(s), 1, dtype=torch.float64)], dim=1)
+    solution = torch.linalg.pinv(design) @ z.double()          # [d_model + 1, d_model]
+    return replace(lre, weight=solution[:-1].T.to(s.dtype), bias=solution[-1].to(s.dtype),
+                   beta=1.0, method="least squares")
+
+
+def faithfulness(model, lre: LRE, s: Float[Tensor, "batch d_model"],
+                 object_ids: Int[Tensor, " batch"]) -> float:
+    """Fraction of rows where the decoded ``lre(s)`` ranks the object's token first."""
+    if len(s) == 0:
+        return float("nan")
+    with torch.no_grad():
+        top = Unembed.from_model(model)(lre(s)).argmax(-1).cpu()
+    return (top == object_ids.cpu()).float().mean().item()
+
+
+def causal_pairs(states: SubjectStates, keep: Tensor) -> list[tuple[int, int]]:
+    """(source, target) rows: each kept row with the next kept row whose object differs."""
+    rows = torch.nonzero(keep).flatten().tolist()
+    pairs = []
+    for k, i in enumerate(rows):
+        for j in rows[k + 1:] + rows[:k]:
+            if int(states.object_ids[j]) != int(states.object_ids[i]):
+                pairs.append((i, j))
+                break
+    return pairs
+
+
+def causality(model, lre: LRE, states: SubjectStates, pairs: Sequence[tuple[int, int]],
+              rank: int | None = None) -> float:
+    """Fraction of pairs whose answer flips to the target's object after the edit."""
+    if not pairs:
+        return float("nan")
+    s = states.at_layer(lre.layer)
+    src, dst = torch.tensor([p[0] for p in pairs]), torch.tensor([p[1] for p in pairs])
+    inverse = lre.pinv(rank).to(s.dtype)
+    delta = (lre(s[dst]) - lre(s[src])) @ inverse.T            # pinv_r(W) (o' - o)
+    subj = torch.tensor(states.subject_positions)[src]
+    rows = torch.arange(len(pairs))
+
+    def add_delta(resid, hook):
+        resid = resid.clone()
+        resid[rows, subj] += delta.to(resid.dtype)
+        return resid
+
+    seen = {}
+
+    def keep_final(resid, hook):
+        seen["z"] = resid[rows, last]
+
+    last = torch.tensor(states.last_positions)[src]
+    hooks = [(resid_names(model)[lre.layer], add_delta), (final_resid_name(model), keep_final)]
+    with torch.no_grad():
+        model.run_with_hooks(states.tokens[src], fwd_hooks=hooks, return_type=None)
+    answers = _answers(model, seen["z"])
+    return (answers == states.object_ids[dst]).float().mean().item()
+
+
+def score(model, lre: LRE, train_states: SubjectStates, test_states: SubjectStates,
+          rank: int | None = None, *, baselines: bool = True) -> list[Score]:
+    """Faithfulness and causality of ``lre`` (and both baselines) at ``lre.layer``."""
+    keep = test_states.correct
+    pairs = causal_pairs(test_states, keep)
+    s_test = test_states.at_layer(lre.layer)[keep]
+    ids = test_states.object_ids[keep]
+    operators = [
+        lre,
+        LRE.identity(lre.d_model, layer=lre.layer, relation=lre.relation,
+                     template=lre.template, train=lre.train),
+        least_squares_lre(lre, train_states.at_layer(lre.layer), train_states.z),
+    ][:3 if baselines else 1]
+    return [Score(lre.relation, op.method, lre.layer, lre.n, op.beta,
+                  rank if op is lre else None, faithfulness(model, op, s_test, ids),
+                  causality(model, op, test_states, pairs, rank if op is lre else None),
+                  int(keep.sum()), len(pairs)) for op in operators]
+
+
+@dataclass
+class Sweep:
+    """Rows of :class:`Score` from a sweep (the LRE and its baselines)."""
+
+    rows: list[Score] = field(default_factory=list)
+    lres: list[LRE] = field(default_factory=list)
+
+    def table(self) -> tuple[list[str], list[list]]:
+        """(header, rows) for :func:`tl_lenses.viz.html.table_html`."""
+        header = ["relation", "method", "layer", "n", "beta", "rank", "faithfulness",
+                  "causality", "held-out correct", "pairs"]
+        return header, [[r.relation, r.method, r.layer, r.n, f"{r.beta:g}",
+                         "full" if r.rank is None else r.rank, f"{r.faithfulness:.2f}",
+                         f"{r.causality:.2f}", r.n_test, r.n_pairs] for r in self.rows]
+
+
+def sweep(model, relation: Relation, layers: Sequence[int], *, n: int = 8,
+          betas: Sequence[float] = (1.0,), ranks: Sequence[int | None] = (None,),
+          seed: int = 0, progress: bool = False) -> Sweep:
+    """Estimate at each layer once; score every (beta, rank) with the baselines."""
+    train, test = relation.split(n, seed=seed)
+    result = Sweep()
+    prompts = LRE.identity(1, template=relation.prompt_templates[0], train=tuple(train))
+    train_states = collect_states(model, prompts, train, layers)
+    test_states = collect_states(model, prompts, test, layers)
+    for layer in layers:
+        lre = estimate_lre(model, relation, layer, train=train, progress=progress)
+        result.lres.append(lre)
+        baselines_done = False
+        for beta in betas:
+            for rank in ranks:
+                rows = score(model, lre.with_beta(beta), train_states, test_states, rank,
+                             baselines=not baselines_done)
+                baselines_done = True
+                result.rows += rows
+    return result
+
+
+def sweep_n(model, relation: Relation, layer: int, ns: Sequence[int], *, beta: float = 1.0,
+            seed: int = 0, progress: bool = False) -> Sweep:
+    """Faithfulness and causality as the number of training subjects grows."""
+    result = Sweep()
+    for n in ns:
+        one = sweep(model, relation, [layer], n=n, betas=[beta], seed=seed, progress=progress)
+        result.rows += one.rows
+        result.lres += one.lres
+    return result

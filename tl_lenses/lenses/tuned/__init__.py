@@ -1,0 +1,16 @@
+"""The tuned lens (Belrose et al. 2023): an affine translator per layer, trained by KL.
+
+``lens.py`` (:class:`TunedLens`), ``train.py`` (the fast and reference recipes),
+``eval.py`` (held-out KL, cross-entropy, top-1 agreement per layer), ``io.py`` (save, load,
+import the ``tuned-lens`` library's files), ``view.py``, ``cli.py``.
+"""
+
+from tl_lenses.data import TokenSplit, token_split
+from tl_lenses.lenses.tuned.eval import KLEvaluator, LayerMetrics, LensEvaluation, evaluate_lenses
+from tl_lenses.lenses.tuned.io import import_tuned_lens_library, load_tuned_lens, save_tuned_lens
+from tl_lenses.lenses.tuned.lens import TunedLens
+from tl_lenses.lenses.tuned.train import TrainConfig, TrainResult, train_tuned_lens
+
+__all__ = ["KLEvaluator", "LayerMetrics", "LensEvaluation", "TokenSplit", "TrainConfig",
+           "TrainResult", "TunedLens", "evaluate_lenses", "import_tuned_lens_library",
+           "load_tuned_lens", "save_tuned_lens", "token_split", "train_tuned_lens"]

@@ -1,0 +1,129 @@
+"""``tl-lenses train-tuned --text PATH... --out DIR``; ``tl-lenses eval-lens DIR --text PATH...``.
+
+Both pack the text the same way (``--seq-len``, ``--held-out``, ``--seed``), so ``eval-lens``
+with the training settings evaluates on exactly the rows training held out.
+"""
+
+from __future__ import annotations
+
+import logging
+
+MODELS = ("smollm", "tiny-gpt2", "tiny-llama")
+
+
+logger = logging.getLogger("tl_lenses")
+
+
+def add_parser(subparsers) -> None:
+    train = subparsers.add_parser("train-tuned", help="train a tuned lens on text")
+    _data_arguments(train)
+    train.add_argument("--out", required=True, help="folder to write the lens into")
+    train.add_argument("--recipe", default="fast", choices=["fast", "reference"])
+    train.add_argument("--kind", default="affine", choices=["affine", "bias"])
+    train.add_argument("--layers", default=None,
+                       help="comma-separated block indices to cover (default: all)")
+    train.add_argument("--steps", type=int, default=None, help="KL steps (recipe default)")
+    train.add_argument("--time-budget", type=float, default=None, help="seconds, in all")
+    train.add_argument("--batch-size", type=int, default=8, help="rows per step")
+    train.add_argument("--lr", type=float, default=None)
+    train.add_argument("--ls-tokens", type=int, default=32768,
+                       help="tokens for the fast recipe's least-squares warm start")
+    train.add_argument("--no-bf16", action="store_true", help="float32 unembedding matmuls")
+    train.add_argument("--checkpoint", default=None, help="checkpoint folder (resumable)")
+    train.add_argument("--resume", action="store_true", help="continue from --checkpoint")
+    train.set_defaults(func=run_train)
+
+    evaluate = subparsers.add_parser("eval-lens", help="per-layer held-out metrics of lenses")
+    evaluate.add_argument("lens_dirs", nargs="+", help="lens folders (from train-tuned)")
+    _data_arguments(evaluate)
+    evaluate.add_argument("--out", default="lens_eval.html", help="HTML report path")
+    evaluate.add_argument("--png", default=None, help="also write the KL plot as a PNG")
+    evaluate.add_argument("--rows", type=int, default=32, help="held-out rows to evaluate")
+    evaluate.set_defaults(func=run_eval)
+
+
+def _data_arguments(parser) -> None:
+    parser.add_argument("--text", nargs="+", default=None,
+                        help="text files, folders or globs")
+    parser.add_argument("--generate", type=int, default=None,
+                        help="instead of --text: sample this many rows from the model")
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--held-out", type=float, default=0.05)
+    parser.add_argument("--max-tokens", type=int, default=None, help="cap on the corpus")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--backend", default="hooked", choices=["hooked", "bridge"])
+    parser.add_argument("--model", default="smollm", choices=MODELS,
+                        help="the embedded model (default) or a tiny random one for tests")
+
+
+def _model(args):
+    from tl_lenses import tiny
+    from tl_lenses.models import load_default_model
+
+    if args.model == "smollm":
+        logger.info("loading SmolLM2-135M-Instruct ...")
+        return load_default_model(backend=args.backend)
+    arch = "gpt2" if args.model == "tiny-gpt2" else "llama-gqa"
+    return (tiny.tiny_hooked if args.backend == "hooked" else tiny.tiny_bridge)(arch)
+
+
+def _split(model, args):
+    from tl_lenses.data import token_split
+
+    if (args.text is None) == (args.generate is None):
+        raise ValueError("pass --text PATH... or --generate N (one of them)")
+    logger.info("reading and packing text ..." if args.text else "sampling text from the model ...")
+    split = token_split(model, paths=args.text, generate=args.generate, seq_len=args.seq_len,
+                        held_out=args.held_out, seed=args.seed, max_tokens=args.max_tokens)
+    logger.info(f"{split.train.shape[0]} training rows, {split.held_out.shape[0]} held out "
+        f"({args.seq_len} tokens each)")
+    return split
+
+
+def run_train(args) -> int:
+    from tl_lenses.lenses.tuned.io import save_tuned_lens
+    from tl_lenses.lenses.tuned.lens import TunedLens
+    from tl_lenses.lenses.tuned.train import train_tuned_lens
+
+    model = _model(args)
+    split = _split(model, args)
+    layers = None if args.layers is None else [int(x) for x in args.layers.split(",")]
+    lens = TunedLens.for_model(model, layers=layers, kind=args.kind)
+    result = train_tuned_lens(
+        model, split.train, lens, recipe=args.recipe, steps=args.steps,
+        time_budget=args.time_budget, batch_size=args.batch_size, lr=args.lr,
+        ls_tokens=args.ls_tokens, bf16=False if args.no_bf16 else None, seed=args.seed,
+        checkpoint_dir=args.checkpoint, resume=args.resume,
+    )
+    training = {"steps": result.steps, "tokens_seen": result.tokens_seen,
+                "seconds": round(result.seconds, 1), "config": result.config,
+                "text": args.text, "seq_len": args.seq_len, "seed": args.seed}
+    path = save_tuned_lens(result.lens, args.out, training=training)
+    print(f"wrote {path} ({result.steps} KL steps, {result.seconds:.0f} s)")
+    return 0
+
+
+def run_eval(args) -> int:
+    from tl_lenses.lenses.logit import LogitLens
+    from tl_lenses.lenses.tuned.eval import evaluate_lenses
+    from tl_lenses.lenses.tuned.io import load_tuned_lens
+
+    if args.rows < 1:
+        raise ValueError(f"--rows must be >= 1, got {args.rows}")
+    model = _model(args)
+    lenses = {"logit": LogitLens()}
+    for folder in args.lens_dirs:
+        lens = load_tuned_lens(folder, model)
+        lenses[f"{lens.name} ({folder})"] = lens
+    split = _split(model, args)
+    evaluation = evaluate_lenses(model, split.held_out[: args.rows], lenses, progress=True)
+    for name, m in evaluation.metrics.items():
+        print(f"{name}: mean KL {m.mean_kl:.4f} nats ({float(m.kl_bpb[:-1].mean()):.4f} "
+              f"bits/byte), mean top-1 agreement {float(m.top1_agreement[:-1].mean()):.3f}")
+    with open(args.out, "w", encoding="utf-8") as file:
+        file.write(evaluation.to_html())
+    print(f"wrote {args.out}")
+    if args.png:
+        evaluation.save_png(args.png)
+        print(f"wrote {args.png}")
+    return 0

@@ -1,0 +1,131 @@
+"""``tl-lenses patchscope PRESET "prompt" --out report.html``: patchscopes on the embedded model.
+
+Presets: ``identity`` (token identity, Precision@1 / surprisal vs the logit lens),
+``describe`` (entity description per layer), ``sweep`` (every (l, l*) pair into a target
+prompt, heatmap of the decoded tokens), ``cot`` (the Figure 4 multi-hop patch; the prompt
+argument is the outer phrase, ``--inner`` the inner one).
+"""
+
+from __future__ import annotations
+
+import logging
+
+PRESETS = ("identity", "describe", "sweep", "cot")
+
+
+logger = logging.getLogger("tl_lenses")
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "patchscope", help="patch a hidden state into a target prompt and decode it (HTML+PNG)"
+    )
+    parser.add_argument("preset", choices=PRESETS)
+    parser.add_argument("text", help="the source prompt (for cot: the outer phrase)")
+    parser.add_argument("--target", default=None,
+                        help="target prompt (default: the preset's; must hold the placeholder)")
+    parser.add_argument("--placeholder", default=None,
+                        help="the target prompt's placeholder ('?' for identity/sweep, 'x' "
+                             "for describe); its last token is the patched position")
+    parser.add_argument("--inner", default="the company that created Visual Basic Script",
+                        help="cot: the inner phrase")
+    parser.add_argument("--position", type=int, default=-1, help="source position (default -1)")
+    parser.add_argument("--layers", default=None,
+                        help="source layers as 'a:b' or 'a,b,c' (0 = embedding, 30 = final)")
+    parser.add_argument("--target-layers", default=None, help="sweep/cot: target layers")
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help="tokens to generate (describe: 20, sweep: 0, cot: 5)")
+    parser.add_argument("--out", default="patchscope.html", help="HTML report path")
+    parser.add_argument("--png", default=None, help="also write the heatmap as a PNG")
+    parser.add_argument("--backend", default="hooked", choices=["hooked", "bridge"])
+    parser.set_defaults(func=run)
+
+
+def parse_layers(text: str | None, argument: str = "--layers") -> list[int] | None:
+    """``'3:7'`` -> [3, 4, 5, 6], ``'1,5,9'`` -> [1, 5, 9], None -> None (all layers)."""
+    if text is None:
+        return None
+    try:
+        if ":" in text:
+            start, stop = text.split(":")
+            return list(range(int(start), int(stop)))
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise ValueError(f"{argument} must look like '3:7' or '1,5,9', got {text!r}") from None
+
+
+def run(args) -> int:
+    from tl_lenses.models import load_default_model
+    from tl_lenses.viz.html import page
+
+    layers = parse_layers(args.layers)
+    target_layers = parse_layers(args.target_layers, "--target-layers")
+    logger.info("loading SmolLM2-135M-Instruct ...")
+    model = load_default_model(backend=args.backend)
+    logger.info(f"running the {args.preset} patchscope ...")
+    section, title = RUNNERS[args.preset](model, args, layers, target_layers)
+    with open(args.out, "w", encoding="utf-8") as file:
+        file.write(page(title, section))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _identity(model, args, layers, _):
+    from tl_lenses.patchscopes.presets import IDENTITY_PROMPT, token_identity
+    from tl_lenses.patchscopes.view import token_identity_html, token_identity_png
+
+    result = token_identity(model, args.text, layers=layers,
+                            target_prompt=args.target or IDENTITY_PROMPT,
+                            placeholder=args.placeholder or "?")
+    for row in result.summary_rows():
+        print("  layer {:>2}: patchscope P@1 {} surprisal {} | logit lens P@1 {} surprisal {}"
+              .format(*row[:5]))
+    if args.png:
+        print(f"wrote {token_identity_png(result, args.png)}")
+    return token_identity_html(result), f"Token identity patchscope: {args.text!r}"
+
+
+def _describe(model, args, layers, _):
+    from tl_lenses.patchscopes.presets import DESCRIPTION_PROMPT, entity_description
+    from tl_lenses.patchscopes.view import generation_table_html
+
+    table = entity_description(model, args.text, position=args.position, layers=layers,
+                               target_prompt=args.target or DESCRIPTION_PROMPT,
+                               placeholder=args.placeholder or "x",
+                               max_new_tokens=args.max_new_tokens or 20)
+    for layer, text in table.rows():
+        print(f"  layer {layer:>2}: {text!r}")
+    return generation_table_html(table), f"Entity description: {args.text!r}"
+
+
+def _sweep(model, args, layers, target_layers):
+    from tl_lenses.patchscopes.presets import IDENTITY_PROMPT, placeholder_position
+    from tl_lenses.patchscopes.sweep import patchscope_sweep
+    from tl_lenses.patchscopes.view import sweep_html, sweep_png
+
+    target = args.target or IDENTITY_PROMPT
+    position = placeholder_position(model, target, args.placeholder or "?")
+    sweep = patchscope_sweep(model, args.text, target, source_layers=layers,
+                             source_positions=args.position, target_layers=target_layers,
+                             target_position=position,
+                             max_new_tokens=args.max_new_tokens or 0)
+    if args.png:
+        print(f"wrote {sweep_png(sweep, args.png)}")
+    return sweep_html(sweep), f"Patchscope sweep: {args.text!r} into {target!r}"
+
+
+def _cot(model, args, layers, target_layers):
+    from tl_lenses.patchscopes.presets import chain_of_thought
+    from tl_lenses.patchscopes.view import sweep_html, sweep_png
+
+    sweep = chain_of_thought(model, args.text, args.inner, source_layers=layers,
+                             target_layers=target_layers,
+                             max_new_tokens=args.max_new_tokens or 5)
+    if args.png:
+        print(f"wrote {sweep_png(sweep, args.png, title='Chain-of-thought patchscope')}")
+    return (sweep_html(sweep, title="Chain-of-thought: inner phrase's last token into the "
+                       "outer phrase's last token"),
+            f"Chain-of-thought patchscope: {args.text!r} + {args.inner!r}")
+
+
+RUNNERS = {"identity": _identity, "describe": _describe, "sweep": _sweep, "cot": _cot}

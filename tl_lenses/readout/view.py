@@ -1,0 +1,161 @@
+"""Views of a lens readout: the seed's grids (HTML and PNG) and the multi-lens report.
+
+Grids are layers x positions with the top-1 token (or a number) in each cell.
+
+Rows run from the last layer at the top to the embedding at the bottom, as in the lecture
+figures; columns are the prompt's tokens. Hovering a cell shows its top-k tokens with their
+probabilities, the entropy, the KL to the final layer and the target's rank.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from tl_lenses.viz.html import circuitsvis_html, esc, heatmap_html, page, show_token
+from tl_lenses.viz.static import heatmap_png
+
+if TYPE_CHECKING:
+    from tl_lenses.readout.result import LensResult
+
+# The per-cell statistics a grid can show (see LensResult.statistic).
+STATISTICS = ("logit", "prob", "rank", "entropy", "kl", "target_prob", "target_logit")
+
+# How each statistic is coloured: (colour map, log scale). Low ranks, entropies and
+# divergences are "good", so their maps run the other way.
+COLOURING = {
+    "logit": ("viridis", False), "prob": ("viridis", False), "target_prob": ("viridis", False),
+    "target_logit": ("viridis", False), "rank": ("viridis_r", True),
+    "entropy": ("magma_r", False), "kl": ("magma_r", False),
+}
+CAPTIONS = {
+    "logit": "logit of the top-1 token", "prob": "probability of the top-1 token",
+    "rank": "rank of the target", "entropy": "entropy (nats)",
+    "kl": "KL(final || layer) (nats)", "target_prob": "probability of the target",
+    "target_logit": "logit of the target",
+}
+
+
+def grid_cells(result: LensResult, statistic: str, batch: int, text: str):
+    """(values, cell_text, tooltips, row_labels, col_labels), rows top = last layer."""
+    if statistic not in STATISTICS:
+        raise ValueError(f"statistic must be one of {STATISTICS}, got {statistic!r}")
+    if text not in ("top1", "value"):
+        raise ValueError(f"text must be 'top1' or 'value', got {text!r}")
+    n_batch = result.tokens.shape[0]
+    if not isinstance(batch, int) or not 0 <= batch < n_batch:
+        raise ValueError(f"batch must be an int in [0, {n_batch}), got {batch!r}")
+    values = result.statistic(statistic)[:, batch].cpu()
+    tops = result.top_tokens(batch)
+    order = list(range(values.shape[0]))[::-1]
+    cell_text = [[_cell_text(values[l, p].item(), tops[l][p][0], statistic, text)
+                  for p in range(values.shape[1])] for l in order]
+    tooltips = [[_tooltip(result, l, batch, p, tops[l][p]) for p in range(values.shape[1])]
+                for l in order]
+    shown = values.log10() if COLOURING[statistic][1] else values
+    col_labels = [show_token(result.str_tokens[batch][p]) for p in result.positions]
+    return ([shown[l].tolist() for l in order], cell_text, tooltips,
+            [result.labels[l] for l in order], col_labels)
+
+
+def _cell_text(value: float, top1: str, statistic: str, text: str) -> str:
+    if text == "top1":
+        return show_token(top1)
+    if math.isnan(value):
+        return ""
+    return str(int(value)) if statistic == "rank" else f"{value:.2f}"
+
+
+def _tooltip(result: LensResult, layer: int, batch: int, pos: int, top: list[str]) -> str:
+    probs = result.top_probs[layer, batch, pos].tolist()
+    lines = [f"{result.hook_names[layer]} @ pos {result.positions[pos]}"]
+    lines += [f"{i + 1}. {show_token(tok)!s:>14}  p={p:.3f}" for i, (tok, p) in
+              enumerate(zip(top, probs))]
+    lines.append(f"entropy {result.entropy[layer, batch, pos]:.3f} nats, "
+                 f"KL to final {result.kl_to_final[layer, batch, pos]:.3f}")
+    if result.target_rank is not None and result.target_ids[batch, pos] >= 0:
+        target = result.decode([int(result.target_ids[batch, pos])])[0]
+        lines.append(f"target {show_token(target)!s} ({result.target}): rank "
+                     f"{int(result.target_rank[layer, batch, pos])}, "
+                     f"p={result.target_prob[layer, batch, pos]:.3g}")
+    return "\n".join(lines)
+
+
+def grid_html(result: LensResult, statistic: str = "prob", batch: int = 0,
+              text: str = "top1", title: str | None = None) -> str:
+    """An HTML section (no scripts) with the grid; wrap it with ``viz.html.page``."""
+    values, cell_text, tooltips, rows, cols = grid_cells(result, statistic, batch, text)
+    cmap, log_scale = COLOURING[statistic]
+    caption = CAPTIONS[statistic] + (" (log10)" if log_scale else "")
+    heading = title or f"{result.lens}: {CAPTIONS[statistic]}"
+    return (f"<h2>{esc(heading)}</h2>"
+            + heatmap_html(values, rows, cols, cell_text=cell_text, tooltips=tooltips,
+                           cmap=cmap, caption=caption))
+
+
+def rank_grid_html(result: LensResult, batch: int = 0) -> str:
+    """The seed's second figure: the rank of the target (default: final top-1) per cell."""
+    return grid_html(result, "rank", batch, text="value",
+                     title=f"{result.lens}: rank of {result.target}")
+
+
+def side_by_side(*sections: str) -> str:
+    """Place grids next to each other (e.g. tuned lens beside logit lens)."""
+    cells = "".join(f"<div style='flex:1;min-width:0;overflow-x:auto'>{s}</div>"
+                    for s in sections)
+    return f"<div style='display:flex;gap:24px;align-items:flex-start'>{cells}</div>"
+
+
+
+def grid_png(result: LensResult, path, statistic: str = "prob", batch: int = 0,
+             text: str = "top1", title: str | None = None) -> Path:
+    """The lens grid of :func:`grid_html` as a PNG (matplotlib); returns ``Path(path)``."""
+    values, cell_text, _, rows, cols = grid_cells(result, statistic, batch, text)
+    cmap, log_scale = COLOURING[statistic]
+    return heatmap_png(
+        path, values, rows, cols, cell_text=cell_text, cmap=cmap,
+        title=title or f"{result.lens}: {CAPTIONS[statistic]}",
+        colorbar_label=CAPTIONS[statistic] + (" (log10)" if log_scale else ""),
+    )
+
+
+def settle_layer(result: LensResult, batch: int = 0) -> torch.Tensor:
+    """Per position, the first row from which the target stays rank 1 (len(rows) if never)."""
+    if result.target_rank is None:
+        raise ValueError("settle_layer needs a result computed with a target")
+    is_top = (result.target_rank[:, batch] == 1).flip(0).cumprod(0).flip(0)
+    return (is_top.shape[0] - is_top.sum(0)).float()
+
+
+def tokens_view(result: LensResult, batch: int = 0) -> str:
+    """Circuitsvis colored_tokens: each token coloured by the row its target settles at."""
+    from circuitsvis.tokens import colored_tokens  # heavy: imported only when drawn
+
+    values = settle_layer(result, batch)
+    tokens = [result.str_tokens[batch][p] for p in result.positions]
+    note = (f"<p class='note'>Each token coloured by the first row (0 = embedding) from which "
+            f"the {esc(result.target)} stays the lens's top-1. Hover for the value.</p>")
+    return note + circuitsvis_html(colored_tokens(tokens=tokens, values=values.tolist()))
+
+
+def lens_sections(result: LensResult, batch: int = 0) -> list[str]:
+    """The standard views of one lens result."""
+    sections = [grid_html(result, "prob", batch)]
+    if result.target_rank is not None:
+        sections.append(rank_grid_html(result, batch))
+    sections.append(grid_html(result, "kl", batch))
+    return sections
+
+
+def write_report(path, results: list[LensResult], *, title: str, batch: int = 0,
+                 intro: str = "") -> Path:
+    """An HTML report: each result's grids side by side (e.g. logit vs tuned lens)."""
+    per_result = [lens_sections(r, batch) for r in results]
+    rows = [side_by_side(*row) for row in zip(*per_result)]
+    extra = [tokens_view(results[0], batch)] if results[0].target_rank is not None else []
+    body = [f"<p class='note'>{intro}</p>" if intro else "", *rows, *extra]
+    Path(path).write_text(page(title, *body), encoding="utf-8")
+    return Path(path)
