@@ -6,6 +6,9 @@ SmolLM2-135M-Instruct, the all-layer logit lens (top-5 ids and probabilities, en
 final, rank of the final top-1) of three prompts, the DLA parts (heads, MLPs, neurons) of a
 logit difference, and identity-patchscope predictions; on a tiny random model, a tuned lens
 trained with a fixed seed (fast and reference recipes, a few steps).
+
+Float sums depend on how matmuls split across threads: ``pinned_numbers.pt`` was recorded
+with 2 threads (this project's machines), so the check runs with ``--threads 2``.
 """
 
 from __future__ import annotations
@@ -75,7 +78,10 @@ def main(argv=None) -> int:
     group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument("--record", metavar="FILE")
     group.add_argument("--check", metavar="FILE")
+    parser.add_argument("--threads", type=int, default=2,
+                        help="torch threads (the pinned file was recorded with 2)")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     numbers = compute()
     if args.record:
         torch.save(numbers, args.record)
