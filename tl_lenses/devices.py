@@ -1,0 +1,133 @@
+"""Where a model lives, and compiled kernels for CUDA with an eager fallback.
+
+Every method runs on the device that holds the model's weights and returns its tensors
+there. TransformerLens moves inputs to ``model.cfg.device``, so that field must name the
+weights' device: :func:`model_device` checks it (and that no parameter sits elsewhere), and
+every method calls it through :func:`tl_lenses.models.check_model`.
+
+:func:`compiled` wraps a pure tensor function in ``torch.compile`` for CUDA tensors (Inductor
+emits Triton kernels that fuse the softmax statistics into one or two passes over the
+logits). CPU tensors, a torch without Triton, ``$TL_LENSES_NO_COMPILE`` or any compile
+failure run the same function eagerly: both give the same numbers up to float rounding.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from typing import Callable
+
+import torch
+
+logger = logging.getLogger("tl_lenses")
+
+
+def _matches(configured: torch.device, actual: torch.device) -> bool:
+    """Whether ``cfg.device`` (often index-less: ``"cuda"``) names the ``actual`` device."""
+    if configured.type != actual.type:
+        return False
+    if configured.index is not None:
+        return configured.index == (actual.index or 0)
+    if actual.type == "cuda" and actual.index is not None:
+        # TL moves inputs to "cuda", i.e. the current CUDA device.
+        return actual.index == torch.cuda.current_device()
+    return True
+
+
+def model_device(model, *, argument: str = "model") -> torch.device:
+    """The one device that holds every parameter and buffer of ``model``.
+
+    Args:
+        model: a HookedTransformer or TransformerBridge.
+        argument: the name used in error messages.
+
+    Returns:
+        The device of the weights (``model.cfg.device`` when the model has none).
+
+    Raises:
+        ValueError: when the weights sit on several devices (a model split with
+            ``n_devices > 1`` or a partly moved one), on the meta device (not loaded), or
+            when ``model.cfg.device`` names another device than the weights' (TransformerLens
+            would move every input there).
+    """
+    devices = {t.device for t in model.parameters()} | {t.device for t in model.buffers()}
+    configured = getattr(model.cfg, "device", None)
+    if not devices:
+        return torch.device(configured or "cpu")
+    if len(devices) > 1:
+        raise ValueError(
+            f"{argument} has parameters on several devices ({', '.join(sorted(map(str, devices)))}); "
+            f"tl_lenses needs the whole model on one device: build it there (for a "
+            f"TransformerBridge move the HF model first, then wrap it) or call {argument}.to(device)"
+        )
+    device = devices.pop()
+    if device.type == "meta":
+        raise ValueError(f"{argument} has its weights on the meta device (not loaded)")
+    if configured is not None and not _matches(torch.device(configured), device):
+        raise ValueError(
+            f"{argument}.cfg.device is {configured!r} but its weights are on {device}; "
+            f"TransformerLens moves inputs to cfg.device, so every forward pass would mix "
+            f"devices. Set {argument}.cfg.device = {str(device)!r} or move the model with "
+            f"{argument}.to({str(device)!r})"
+        )
+    return device
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` on ``device`` (itself when already there; a copy otherwise)."""
+    return tensor if tensor.device == device else tensor.to(device)
+
+
+def compile_enabled(device: torch.device) -> bool:
+    """Whether :func:`compiled` functions take the compiled path for tensors on ``device``."""
+    if device.type != "cuda" or os.environ.get("TL_LENSES_NO_COMPILE"):
+        return False
+    return _triton_available()
+
+
+@functools.lru_cache(maxsize=1)
+def _triton_available() -> bool:
+    try:
+        from torch.utils._triton import has_triton
+
+        return bool(has_triton())
+    except Exception:  # an old torch or a broken Triton: stay eager
+        return False
+
+
+class compiled:
+    """``fn`` compiled with ``torch.compile`` when its first tensor argument is on CUDA.
+
+    The first compile or run failure logs a warning and makes this wrapper eager for the
+    rest of the process (the eager function computes the same numbers). ``force=True`` on a
+    call takes the compiled path on any device (tests use it on the CPU).
+    """
+
+    def __init__(self, fn: Callable, *, dynamic_dim0: bool = True):
+        functools.update_wrapper(self, fn)
+        self.fn, self.dynamic_dim0 = fn, dynamic_dim0
+        self._compiled = None
+        self.failed: str | None = None
+
+    def __call__(self, *args, force: bool = False):
+        first = args[0]
+        if self.failed is None and (force or compile_enabled(first.device)):
+            try:
+                if self._compiled is None:
+                    self._compiled = torch.compile(self.fn, dynamic=None)
+                if self.dynamic_dim0:
+                    _mark_dynamic(first)
+                return self._compiled(*args)
+            except Exception as error:  # Inductor/Triton missing or failing: stay correct
+                self.failed = f"{type(error).__name__}: {str(error)[:300]}"
+                logger.warning("torch.compile of %s failed (%s); using eager torch",
+                               self.fn.__name__, self.failed)
+        return self.fn(*args)
+
+
+def _mark_dynamic(tensor: torch.Tensor) -> None:
+    """Compile once for any number of rows (the last chunk is shorter than the others)."""
+    mark = getattr(torch._dynamo, "maybe_mark_dynamic", None)
+    if mark is not None and tensor.dim() and tensor.shape[0] > 1:
+        mark(tensor, 0)
