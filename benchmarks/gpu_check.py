@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.machinery
+import importlib.metadata
 import json
 import os
 import sys
@@ -109,23 +110,26 @@ def _build(backend: str, arch: str, device, dtype=torch.float32):
     return make(arch, device=device, dtype=dtype)
 
 
-def _method_outputs(model, *, train_steps: int = 8):
-    """Every method once on ``model``: the numbers to compare across devices."""
+def _method_outputs(model, *, train_steps: int = 8, small: bool = False):
+    """Every method once on ``model``: the numbers to compare across devices (``small``:
+    fewer layers, steps and subjects, for the CPU smoke run)."""
     out = {}
     lens = logit_lens(model, PROMPTS, target="next")
     out["logit lens"] = lens
     out["dla"] = dla(model, PROMPTS[0], ("a", "b"), neurons=True, positions=None)
     out["patchscope"] = patchscope(model, PROMPTS[0], PROMPTS[1], source_layer=1,
                                    target_layer=2, max_new_tokens=4)
-    out["sweep"] = patchscope_sweep(model, PROMPTS, PROMPTS[1], source_layers=[0, 1, 3],
-                                    target_layers=[1, 2], k=3, max_new_tokens=2)
+    out["sweep"] = patchscope_sweep(model, PROMPTS, PROMPTS[1],
+                                    source_layers=[0, 3] if small else [0, 1, 3],
+                                    target_layers=[1] if small else [1, 2], k=3,
+                                    max_new_tokens=2)
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, 256, (16, 24), generator=gen)
-    trained = train_tuned_lens(model, tokens[:12], steps=train_steps, batch_size=4,
-                               ls_tokens=192, progress=False)
+    trained = train_tuned_lens(model, tokens[:12], steps=2 if small else train_steps,
+                               batch_size=4, ls_tokens=96 if small else 192, progress=False)
     held = apply_lens(model, tokens[12:], trained.lens, target=None)
     out["tuned lens"] = (trained, held)
-    out["lre"] = estimate_lre(model, TOY, 1, n=4)
+    out["lre"] = estimate_lre(model, TOY, 1, n=2 if small else 4)
     return out
 
 
@@ -168,28 +172,32 @@ def _compare_low_precision(dev, ref) -> tuple[bool, str]:
             f"tuned held-out KL {kl:.3f}")
 
 
-def correctness(device) -> dict[str, dict]:
+def correctness(device, *, smoke: bool = False) -> dict[str, dict]:
+    """Each check per (arch, backend); the smoke run takes two of the four and bf16 only."""
     rows = {}
-    for arch in ("llama-gqa", "gpt2"):
-        for backend in ("hooked", "bridge"):
-            tag = f"{arch}/{backend}"
-            try:
-                ref = _method_outputs(_build(backend, arch, "cpu"))
-                model = _build(backend, arch, device)
-                dev = _method_outputs(model)
-                where = {str(p.device) for p in model.parameters()}
-                for check, (ok, detail) in _compare(dev, ref).items():
-                    rows[f"{tag}: {check}"] = {"ok": ok, "detail": detail}
-                rows[f"{tag}: weights on"] = {"ok": where == {str(torch.device(device))}
-                                              or str(device) == "cuda" and where == {"cuda:0"},
-                                              "detail": f"{sorted(where)} cfg {model.cfg.device}"}
-                for dtype in (torch.bfloat16, torch.float16):
-                    low = _method_outputs(_build(backend, arch, device, dtype), train_steps=4)
-                    ok, detail = _compare_low_precision(low, ref)
-                    rows[f"{tag}: {str(dtype)[6:]} every method"] = {"ok": ok, "detail": detail}
-            except Exception as error:
-                rows[f"{tag}: ran"] = {"ok": False, "detail": f"{type(error).__name__}: {error}",
-                                       "traceback": traceback.format_exc()}
+    configs = [(a, b) for a in ("llama-gqa", "gpt2") for b in ("hooked", "bridge")]
+    if smoke:
+        configs = [("llama-gqa", "hooked"), ("gpt2", "bridge")]
+    for arch, backend in configs:
+        tag = f"{arch}/{backend}"
+        try:
+            ref = _method_outputs(_build(backend, arch, "cpu"), small=smoke)
+            model = _build(backend, arch, device)
+            dev = _method_outputs(model, small=smoke)
+            for check, (ok, detail) in _compare(dev, ref).items():
+                rows[f"{tag}: {check}"] = {"ok": ok, "detail": detail}
+            kinds = {p.device.type for p in model.parameters()}
+            ok = kinds == {device.type} == {torch.device(model.cfg.device).type}
+            rows[f"{tag}: weights and cfg.device"] = {
+                "ok": ok, "detail": f"weights on {sorted(kinds)}, cfg.device {model.cfg.device}"}
+            for dtype in (torch.bfloat16,) if smoke else (torch.bfloat16, torch.float16):
+                low = _method_outputs(_build(backend, arch, device, dtype), train_steps=4,
+                                      small=smoke)
+                ok, detail = _compare_low_precision(low, ref)
+                rows[f"{tag}: {str(dtype)[6:]} every method"] = {"ok": ok, "detail": detail}
+        except Exception as error:
+            rows[f"{tag}: ran"] = {"ok": False, "detail": f"{type(error).__name__}: {error}",
+                                   "traceback": traceback.format_exc()}
     return rows
 
 
@@ -313,8 +321,9 @@ def training_figures(model, device, *, smoke: bool) -> dict:
         stamps = {}
         steps = 6 if smoke else 40
 
-        def clock(step, seconds, lens):
-            stamps[step] = seconds
+        def clock(step, seconds, lens):  # wall clock after the GPU's queue is done
+            _sync(device)
+            stamps[step] = time.perf_counter()
 
         train_tuned_lens(model, tokens[:-8], steps=steps, batch_size=batch, ls_tokens=0,
                          progress=False, callback=clock)
@@ -418,17 +427,14 @@ def main(argv=None) -> int:
     begin = time.perf_counter()
     out = {"device": str(device), "torch": torch.__version__, "notes": NOTES,
            "device_name": torch.cuda.get_device_name() if device.type == "cuda" else "CPU"}
-    try:
-        import transformer_lens
-        import transformers
-
-        out.update(transformer_lens=transformer_lens.__version__,
-                   transformers=transformers.__version__)
-    except Exception:
-        pass
+    for dist in ("transformer_lens", "transformers"):
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except Exception:  # not installed as a distribution (a bare path): say so
+            out[dist] = "unknown"
     print(f"device {out['device_name']}, torch {torch.__version__}, "
           f"TL {out.get('transformer_lens')}, transformers {out.get('transformers')}")
-    out["correctness"] = correctness(device)
+    out["correctness"] = correctness(device, smoke=smoke)
     print(f"correctness done in {time.perf_counter() - begin:.0f} s", flush=True)
     if not args.correctness_only:
         model = smol_shaped(device, smoke=smoke)

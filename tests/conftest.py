@@ -58,3 +58,12 @@ def assert_no_hooks(model) -> None:
     """No forward or backward hook is left on any hook point."""
     for name, hp in model.hook_dict.items():
         assert not hp._forward_hooks and not hp._backward_hooks, f"hook left on {name}"
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> str:
+    """Every device this machine has: the CPU always, CUDA when present."""
+    return request.param

@@ -8,6 +8,7 @@ import torch
 
 from conftest import assert_no_hooks, assert_weights_unchanged, weights_snapshot
 from tl_lenses import devices
+from tl_lenses.readout import _native as native
 from tl_lenses.dla.core import dla
 from tl_lenses.lenses.attribute.lens import attribute_lens
 from tl_lenses.lenses.attribute.lre import LRE, estimate_lre
@@ -199,6 +200,7 @@ def test_the_cuda_readout_branch_equals_the_eager_one(monkeypatch, tiny_model):
     tokens = tiny_model.to_tokens(["hello world", "abcdefgh"])
     eager = logit_lens(tiny_model, tokens, target="next", incl_mid=True, fused=False)
     _compile_as_eager(monkeypatch)
+    monkeypatch.setattr(native, "row_stats_kernel", lambda: None)   # as on a GPU: no C kernel
     from tl_lenses.readout import engine
 
     calls = []
@@ -267,3 +269,12 @@ def test_gpu_check_smoke_correctness_on_the_cpu(tmp_path):
     out = json.loads(path.read_text())
     failed = {k: v["detail"] for k, v in out["correctness"].items() if not v["ok"]}
     assert code == 0 and not failed, failed
+
+
+def test_str_tokens_equal_tls_own(tiny_model):
+    """The batched decode gives TL's to_str_tokens, row by row (repeats and padding too)."""
+    from tl_lenses.inputs import str_tokens
+
+    tokens = tiny_model.to_tokens(["héllo wörld, hello", "ab"], padding_side="right")
+    tokens = torch.cat([tokens, torch.tensor([[256, 0], [255, 128]])], dim=1)
+    assert str_tokens(tiny_model, tokens) == [tiny_model.to_str_tokens(row) for row in tokens]

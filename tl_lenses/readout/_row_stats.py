@@ -11,8 +11,14 @@ implementations give the same numbers:
   sums; the 128-logit block maxima also serve an exact top-k from the k best blocks.
 - eager: a blocked top-k, then in-place torch passes through one scratch buffer.
 
+- compiled (CUDA): the same sums written as plain torch ops (:func:`compiled_sums`) and
+  fused by ``torch.compile`` into Triton kernels: block maxima and row maximum in one pass
+  over the logits, the sums in a second; the block maxima serve the same exact top-k.
+
 ``fused=None`` (the readouts' default) takes the kernel for float32 logits on the CPU
-whenever it builds, and the eager path otherwise.
+whenever it builds, the compiled sums on CUDA when Triton is there
+(:func:`tl_lenses.devices.compile_enabled`), and the eager path otherwise
+(:func:`stats_backend`).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from tl_lenses import devices
 from tl_lenses.readout import _native as native
 
 BLOCK = 128  # the kernel's block (kernels/row_stats.c)
@@ -52,13 +59,19 @@ def row_stats(
     chosen: Float[Tensor, "layer row 1"],
     k: int,
     scratch: Float[Tensor, "layer row d_vocab"] | None,
-    fused: bool,
+    fused: bool | str,
 ) -> RowStats:
-    """Top-k and sums of ``logits``; ``n_above`` counts logits above ``chosen``."""
+    """Top-k and sums of ``logits``; ``n_above`` counts logits above ``chosen``.
+
+    ``fused``: the backend, ``"native"`` (or True), ``"compiled"``, or ``"eager"`` (or
+    False; it needs ``scratch``).
+    """
+    backend = ("native" if fused else "eager") if isinstance(fused, bool) else fused
     n_layers, n_rows, vocab = logits.shape
     flat = logits.view(-1, vocab)
-    if fused:
-        block_max, *sums = native_sums(flat, chosen.reshape(-1))
+    if backend in ("native", "compiled"):
+        sums_of = native_sums if backend == "native" else compiled_sums
+        block_max, *sums = sums_of(flat, chosen.reshape(-1))
         row_max, sum_exp, e_z, n_above = (value.view(n_layers, n_rows) for value in sums)
         top_values, top_ids = topk(flat, k, block_max)
     else:
@@ -92,6 +105,40 @@ def native_sums(
            block_max.data_ptr(), row_max.data_ptr(), sum_exp.data_ptr(), e_z.data_ptr(),
            n_above.data_ptr())
     return block_max, row_max, sum_exp, e_z, n_above
+
+
+def _sums(logits: Tensor, chosen: Tensor):
+    """(block maxima, row max, sum e, sum e*z, count(z > chosen)) as plain torch ops.
+
+    Eager, this makes [rows, d_vocab] temporaries; under ``torch.compile`` it becomes two
+    passes over the logits (block maxima, then the three sums) and no temporary.
+    """
+    rows, vocab = logits.shape
+    n_blocks = vocab // BLOCK
+    block_max = logits[:, : n_blocks * BLOCK].reshape(rows, n_blocks, BLOCK).amax(-1)
+    row_max = block_max.amax(-1) if n_blocks else logits.amax(-1)
+    if 0 < n_blocks * BLOCK < vocab:
+        row_max = torch.maximum(row_max, logits[:, n_blocks * BLOCK:].amax(-1))
+    e = torch.exp(logits - row_max[:, None])
+    return (block_max, row_max, e.sum(-1), (e * logits).sum(-1),
+            (logits > chosen[:, None]).sum(-1))
+
+
+# Compiled where CUDA and Triton are (eager elsewhere, and after any compile failure).
+compiled_sums = devices.compiled(_sums)
+
+
+def stats_backend(fused: bool | None, device: torch.device, dtype: torch.dtype) -> str:
+    """``"native"`` (the C kernel), ``"compiled"`` (CUDA) or ``"eager"`` for ``fused``.
+
+    ``fused=True`` insists on the C kernel (float32 on the CPU); None takes the fastest
+    that applies; False the eager torch passes.
+    """
+    if use_fused(fused, device, dtype):
+        return "native"
+    if fused is None and dtype == torch.float32 and devices.compile_enabled(device):
+        return "compiled"
+    return "eager"
 
 
 def eager_sums(logits, row_max, chosen, scratch):

@@ -132,6 +132,8 @@ def _at_positions(resid: Tensor, positions: list[int], tokens: Tensor, name: str
             f"cache[{name!r}] has shape {tuple(resid.shape)}, which does not match tokens "
             f"{tuple(tokens.shape)}"
         )
+    # A cache may sit on another device (run_with_cache(device=...)): read on the model's.
+    resid = resid.to(tokens.device)
     return resid if len(positions) == tokens.shape[1] else resid[:, positions]
 
 

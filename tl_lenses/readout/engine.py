@@ -2,11 +2,15 @@
 
 Memory stays bounded by streaming ``chunk_size`` (batch x position) rows at a time through
 reused ``[chunk_size, d_vocab]`` buffers: the final layer's probabilities, the current
-layer's logits (and scratch for the eager statistics). Nothing
+layer's logits (and scratch for the eager statistics). ``chunk_size=None`` picks the rows per
+matmul by device: 256 on the CPU (the buffers stay in cache), on a GPU as many as fit in
+``GPU_BUFFER_BYTES`` (about a thousand rows at a 49k vocabulary), since there tall matmuls
+and few kernel launches are what count. Nothing
 ``[layer, batch, pos, d_vocab]``-sized exists unless ``keep_logits=True``. The per-row
-statistics (:mod:`tl_lenses.readout._row_stats`) take one C kernel call per layer group,
-and the KL's cross term is a d_model-wide dot product, so the cost stays close to the
-unembedding matmul's.
+statistics (:mod:`tl_lenses.readout._row_stats`) take one C kernel call per layer group on
+the CPU (two compiled passes on CUDA), and the KL's cross term is a d_model-wide dot product,
+so the cost stays close to the unembedding matmul's. Everything runs on the device of the
+residuals (the model's), in float32, and the result's tensors are there too.
 """
 
 from __future__ import annotations
@@ -19,13 +23,29 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from tl_lenses.inputs import single_token, str_tokens
-from tl_lenses.readout._row_stats import row_stats, use_fused
+from tl_lenses.readout._row_stats import row_stats, stats_backend
 from tl_lenses.readout.lens import Lens
 from tl_lenses.readout.result import LensResult, empty_like_cells
 from tl_lenses.readout.unembed import Unembed
 
 Target = Union[None, str, int, Tensor]
 DEFAULT_CHUNK = 256
+# Float32 [rows, d_vocab] buffers of a GPU readout: well under 1 GB above the cache, with
+# room for the result and the top-k's temporaries.
+GPU_BUFFER_BYTES = 640 * 2**20
+
+
+def auto_chunk_size(device: torch.device, d_vocab: int, *, compiled: bool) -> int:
+    """Rows per unembedding matmul for ``chunk_size=None``.
+
+    The CPU keeps :data:`DEFAULT_CHUNK` (its buffers fit in cache). Elsewhere the three
+    float32 ``[rows, d_vocab]`` buffers (four with the eager statistics' scratch) fill
+    :data:`GPU_BUFFER_BYTES`: a multiple of 64 rows, from 64 to 16384.
+    """
+    if device.type == "cpu":
+        return DEFAULT_CHUNK
+    rows = GPU_BUFFER_BYTES // ((3 if compiled else 4) * 4 * d_vocab)
+    return max(64, min(16384, rows // 64 * 64))
 
 
 def resolve_target(model, target: Target, tokens: Tensor) -> tuple[str | None, Tensor | None]:
@@ -66,7 +86,7 @@ def read_lens(
     positions: Sequence[int] | None = None,
     k: int = 5,
     target: Target = "final",
-    chunk_size: int = DEFAULT_CHUNK,
+    chunk_size: int | None = None,
     keep_logits: bool = False,
     progress: bool = False,
     fused: bool | None = None,
@@ -76,9 +96,13 @@ def read_lens(
     ``lens=None`` is the logit lens (the identity translation).
 
     ``fused``: the per-row statistics from tl_lenses' C kernel (True) or from eager torch
-    passes (False); None (auto) takes the kernel for float32 on the CPU when it builds
-    (:mod:`tl_lenses.readout._row_stats`). Both give the same top-k and ranks, and the same sums to
-    float rounding.
+    passes (False); None (auto) takes the kernel for float32 on the CPU when it builds, and
+    the compiled statistics on CUDA (:mod:`tl_lenses.readout._row_stats`). All give the same
+    top-k and ranks, and the same sums to float rounding. ``chunk_size``: rows per
+    unembedding matmul (None: by device, :func:`auto_chunk_size`).
+
+    The residuals may sit anywhere: they are read on the model's device (that of its
+    unembedding), and the result's tensors are there too.
 
     ``resids`` and ``final_resid`` cover the positions listed in ``positions`` (all, when
     None) of the prompts in ``tokens``. KL is measured against the model's own final
@@ -88,14 +112,22 @@ def read_lens(
         raise ValueError(f"got {len(resids)} residuals for {len(hook_names)} hook_names")
     if not isinstance(k, int) or not 1 <= k <= model.cfg.d_vocab:
         raise ValueError(f"k must be an int in [1, d_vocab={model.cfg.d_vocab}], got {k!r}")
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     positions = list(range(tokens.shape[1])) if positions is None else list(positions)
     description, target_ids = resolve_target(model, target, tokens)
     if target_ids is not None:
         target_ids = target_ids[:, positions].clone()
     unembed = Unembed.from_model(model).at_least_float32()
     translate = _identity if lens is None else lens.translate
+    device = unembed.W_U.device
+    resids = [r.to(device) for r in resids]
+    final_resid = final_resid.to(device)
+    if target_ids is not None:
+        target_ids = target_ids.to(device)
+    backend = stats_backend(fused, device, unembed.W_U.dtype)
+    if chunk_size is None:
+        chunk_size = auto_chunk_size(device, unembed.d_vocab, compiled=backend != "eager")
     batch, n_pos = final_resid.shape[:2]
     cells = empty_like_cells(
         len(resids), batch, n_pos, k=k, target=target_ids is not None,
@@ -109,7 +141,7 @@ def read_lens(
         # A matmul never exceeds chunk_size rows (rows x stacked layers), nor all the rows.
         size = min(chunk_size, n_rows * len(rows))
         work = _Workspace(size, min(chunk_size, n_rows), unembed.d_vocab, final_rows.shape[-1],
-                          final_rows.device, use_fused(fused, final_rows.device, unembed.W_U.dtype))
+                          device, backend)
         work.final_like = [_same_view(r, final_rows) for r in rows]
         for start in _chunks(n_rows, chunk_size, progress):
             stop = min(start + chunk_size, n_rows)
@@ -149,14 +181,15 @@ class _Workspace:
 
     The first touch of fresh memory (page faults) costs as much as the statistics, so each
     readout allocates its buffers once. The eager statistics need a scratch buffer; the
-    kernel doesn't.
+    kernel and the compiled ones don't.
     """
 
-    def __init__(self, size: int, chunk: int, vocab: int, d_model: int, device, fused: bool):
-        self.fused = fused
+    def __init__(self, size: int, chunk: int, vocab: int, d_model: int, device, backend: str):
+        self.backend = backend
         self.final_like: list[bool] = []  # rows that are the final residual itself
         self.logits = torch.empty(size * vocab, device=device)
-        self.scratch = None if fused else torch.empty(size * vocab, device=device)
+        self.scratch = (torch.empty(size * vocab, device=device) if backend == "eager"
+                        else None)
         self.final_logits = torch.empty(chunk * vocab, device=device)
         self.probs = torch.empty(chunk * vocab, device=device)
         self.translated = torch.empty(size * d_model, device=device)
@@ -177,7 +210,7 @@ def _read_chunk(translate, unembed, rows, final_rows, hook_names, span, flat_tar
     n, vocab, d_model = span.stop - span.start, unembed.d_vocab, final_rows.shape[-1]
     final_logits = unembed(final_rows[span], out=work.view(work.final_logits, n, vocab))
     final = row_stats(final_logits[None], final_logits.new_full((1, n, 1), torch.inf), 1,
-                      None if work.fused else work.view(work.scratch, 1, n, vocab), work.fused)
+                      _scratch(work, 1, n, vocab), work.backend)
     final_lse = final.lse[0]
     final_neg_entropy = final.e_z[0] / final.sum_exp[0] - final_lse           # E_f[log p_f]
     final_probs = torch.sub(final_logits, final_lse[:, None],
@@ -192,8 +225,8 @@ def _read_chunk(translate, unembed, rows, final_rows, hook_names, span, flat_tar
     targets = None if flat_targets is None else flat_targets[span]
 
     def stats(logits, e_f, layers):
-        scratch = None if work.fused else work.view(work.scratch, *logits.shape)
-        _cell_stats(logits, scratch, e_f, final_neg_entropy, targets, k, work.fused,
+        _cell_stats(logits, _scratch(work, *logits.shape), e_f, final_neg_entropy, targets, k,
+                    work.backend,
                     {key: (None if value is None else value[layers, span])
                      for key, value in cells.items()})
 
@@ -217,6 +250,10 @@ def _read_chunk(translate, unembed, rows, final_rows, hook_names, span, flat_tar
         stats(logits, e_f, slice(layers.start, layers.stop))
 
 
+def _scratch(work: _Workspace, *shape: int) -> Tensor | None:
+    return None if work.scratch is None else work.view(work.scratch, *shape)
+
+
 def _groups(layers: list[int], size: int) -> list[range]:
     """Runs of consecutive layers, at most ``size`` long (so results are written to views)."""
     groups: list[range] = []
@@ -234,7 +271,7 @@ def _same_view(a: Tensor, b: Tensor) -> bool:
             and a.dtype == b.dtype)
 
 
-def _cell_stats(logits, scratch, e_f, final_neg_entropy, targets, k, fused, out):
+def _cell_stats(logits, scratch, e_f, final_neg_entropy, targets, k, backend, out):
     """Top-k, entropy, KL(final || layer) and target stats of ``[layers, rows]`` logits.
 
     ``e_f``: ``E_{p_final}[z]`` per layer and row.
@@ -245,7 +282,7 @@ def _cell_stats(logits, scratch, e_f, final_neg_entropy, targets, k, fused, out)
     else:
         index = targets.clamp_min(0)[None, :, None].expand(n_layers, -1, 1)
         chosen = logits.gather(-1, index)                               # [layers, rows, 1]
-    stats = row_stats(logits, chosen, k, scratch, fused)
+    stats = row_stats(logits, chosen, k, scratch, backend)
     lse = stats.lse
     out["top_ids"].copy_(stats.top_ids)
     out["top_logits"].copy_(stats.top_values)
@@ -259,6 +296,7 @@ def _cell_stats(logits, scratch, e_f, final_neg_entropy, targets, k, fused, out)
     if targets is not None:
         valid = targets >= 0
         out["target_rank"].copy_(torch.where(valid, stats.n_above.long() + 1, -1))
-        nan = torch.tensor(float("nan"), device=logits.device)
-        out["target_logit"].copy_(torch.where(valid, chosen[..., 0], nan))
-        out["target_prob"].copy_(torch.where(valid, torch.exp(chosen[..., 0] - lse), nan))
+        # A scalar NaN: torch.tensor(nan, device=cuda) would wait for the GPU every chunk.
+        out["target_logit"].copy_(torch.where(valid, chosen[..., 0], torch.nan))
+        out["target_prob"].copy_(torch.where(valid, torch.exp(chosen[..., 0] - lse),
+                                             torch.nan))

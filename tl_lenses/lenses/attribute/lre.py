@@ -61,7 +61,7 @@ class LRE:
 
     def __call__(self, s: Float[Tensor, "*rows d_model"]) -> Float[Tensor, "*rows d_model"]:
         """``beta * W s + b`` for every row of ``s`` (``[*rows, d_model]``)."""
-        weight, bias = self.weight.to(s.dtype), self.bias.to(s.dtype)
+        weight, bias = self.weight.to(s), self.bias.to(s)         # s's device and dtype
         return self.beta * (s @ weight.T) + bias
 
     @property

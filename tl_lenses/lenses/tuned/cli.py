@@ -24,7 +24,8 @@ def add_parser(subparsers) -> None:
                        help="comma-separated block indices to cover (default: all)")
     train.add_argument("--steps", type=int, default=None, help="KL steps (recipe default)")
     train.add_argument("--time-budget", type=float, default=None, help="seconds, in all")
-    train.add_argument("--batch-size", type=int, default=8, help="rows per step")
+    train.add_argument("--batch-size", type=int, default=None,
+                       help="rows per step (default 8; 32 on a GPU)")
     train.add_argument("--lr", type=float, default=None)
     train.add_argument("--ls-tokens", type=int, default=32768,
                        help="tokens for the fast recipe's least-squares warm start")

@@ -98,9 +98,9 @@ class TunedLens(nn.Module):
         i = self.index(hook_name)
         if resid.shape[-1] != self.d_model:
             raise ValueError(f"resid must end in d_model={self.d_model}, got {tuple(resid.shape)}")
-        out = resid + self.bias[i].to(resid.dtype)
+        out = resid + self.bias[i].to(resid)                  # resid's device and dtype
         if self.weight is not None:
-            out = out + resid @ self.weight[i].to(resid.dtype).T
+            out = out + resid @ self.weight[i].to(resid).T
         return out
 
     def translate_stack(
