@@ -74,11 +74,6 @@ def model_device(model, *, argument: str = "model") -> torch.device:
     return device
 
 
-def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``tensor`` on ``device`` (itself when already there; a copy otherwise)."""
-    return tensor if tensor.device == device else tensor.to(device)
-
-
 def compile_enabled(device: torch.device) -> bool:
     """Whether :func:`compiled` functions take the compiled path for tensors on ``device``."""
     if device.type != "cuda" or os.environ.get("TL_LENSES_NO_COMPILE"):
