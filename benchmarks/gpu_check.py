@@ -73,15 +73,15 @@ _import_or_stand_in()
 
 import torch  # noqa: E402
 
-from tl_lenses.dla.core import dla  # noqa: E402
+from tl_lenses.attribution.core import dla  # noqa: E402
 from tl_lenses.hooks import resid_names  # noqa: E402
 from tl_lenses.lenses.attribute.lre import estimate_lre  # noqa: E402
 from tl_lenses.lenses.attribute.relations import Relation, Sample  # noqa: E402
 from tl_lenses.lenses.logit import logit_lens  # noqa: E402
 from tl_lenses.lenses.tuned.train import train_tuned_lens  # noqa: E402
 from tl_lenses.models import llama_config  # noqa: E402
-from tl_lenses.patchscope.core import patchscope  # noqa: E402
-from tl_lenses.patchscope.sweep import patchscope_sweep  # noqa: E402
+from tl_lenses.patchscopes.core import patchscope  # noqa: E402
+from tl_lenses.patchscopes.sweep import patchscope_sweep  # noqa: E402
 from tl_lenses.readout.apply import apply_lens, apply_lens_to_cache  # noqa: E402
 from tl_lenses.readout.unembed import Unembed  # noqa: E402
 from tl_lenses.tiny import byte_tokenizer, tiny_bridge, tiny_hooked  # noqa: E402
@@ -151,7 +151,7 @@ def _compare(dev, ref) -> dict[str, tuple[bool, str]]:
                                               f"rel diff {d:.1e}, same tokens {gen}")
     same = _same(dev["sweep"].top_ids, ref["sweep"].top_ids)
     checks["patchscope sweep"] = (same >= 0.99, f"top-k same {same:.3f}")
-    (ta, ha), (tb, hb) = dev["tuned lens"], ref["tuned lens"]
+    (_, ha), (_, hb) = dev["tuned lens"], ref["tuned lens"]
     ka, kb = float(ha.kl_to_final.mean()), float(hb.kl_to_final.mean())
     checks["tuned-lens training"] = (abs(ka - kb) <= 0.05 * kb + 1e-3,
                                      f"held-out KL {ka:.4f} vs CPU {kb:.4f}")
@@ -306,7 +306,7 @@ def readout_figures(model, device, shapes, *, smoke: bool) -> list[dict]:
                     row["naive_s"] = "out of memory"
             else:
                 row["naive_s"] = f"skipped: needs ~{need / GiB:.0f} GiB, {free / GiB:.0f} free"
-            del cache
+            cache = None  # free the residuals before the next shape
         rows.append(row)
     return rows
 
@@ -361,7 +361,7 @@ def method_figures(model, device, *, smoke: bool) -> dict:
         _, cache = model.run_with_cache(tokens)
     figures["dla_neurons_s"] = timed(lambda: dla(model, tokens, (100, 200), neurons=True,
                                                  cache=cache), device)[0]
-    del cache
+    cache = None
     layers = list(range(model.cfg.n_layers + 1))
     figures["sweep_cases"] = len(layers) ** 2
     figures["sweep_s"] = timed(lambda: patchscope_sweep(

@@ -5,19 +5,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import assert_no_hooks, assert_weights_unchanged, weights_snapshot
+
 from tl_lenses import devices
-from tl_lenses.readout import _native as native
-from tl_lenses.dla.core import dla
+from tl_lenses.attribution.core import dla
 from tl_lenses.lenses.attribute.lens import attribute_lens
 from tl_lenses.lenses.attribute.lre import LRE, estimate_lre
 from tl_lenses.lenses.attribute.relations import Relation, Sample
 from tl_lenses.lenses.logit import logit_lens
 from tl_lenses.lenses.tuned.lens import TunedLens
 from tl_lenses.lenses.tuned.train import train_tuned_lens
-from tl_lenses.patchscope.core import patchscope
-from tl_lenses.patchscope.sweep import patchscope_sweep
+from tl_lenses.patchscopes.core import patchscope
+from tl_lenses.patchscopes.sweep import patchscope_sweep
+from tl_lenses.readout import _native as native
 from tl_lenses.readout.apply import apply_lens
 from tl_lenses.tiny import tiny_bridge, tiny_hooked, tiny_pair
 

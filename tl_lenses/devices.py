@@ -57,9 +57,10 @@ def model_device(model, *, argument: str = "model") -> torch.device:
         return torch.device(configured or "cpu")
     if len(devices) > 1:
         raise ValueError(
-            f"{argument} has parameters on several devices ({', '.join(sorted(map(str, devices)))}); "
-            f"tl_lenses needs the whole model on one device: build it there (for a "
-            f"TransformerBridge move the HF model first, then wrap it) or call {argument}.to(device)"
+            f"{argument} has parameters on several devices "
+            f"({', '.join(sorted(map(str, devices)))}); tl_lenses needs the whole model on one "
+            f"device: build it there (for a TransformerBridge move the HF model first, then "
+            f"wrap it) or call {argument}.to(device)"
         )
     device = devices.pop()
     if device.type == "meta":
@@ -106,6 +107,7 @@ class compiled:
         self.failed: str | None = None
 
     def __call__(self, *args, force: bool = False):
+        """``fn(*args)``, compiled when the first argument is on CUDA (or ``force``)."""
         first = args[0]
         if self.failed is None and (force or compile_enabled(first.device)):
             try:

@@ -269,8 +269,11 @@ def is_bridge(model) -> bool:
 
 
 def check_model(model, *, argument: str = "model") -> None:
-    """Fail early unless ``model`` is a HookedTransformer or a compatibility-mode Bridge
-    whose weights sit on one device, the one ``cfg.device`` names (:func:`model_device`)."""
+    """Fail early unless ``model`` is a usable HookedTransformer or TransformerBridge.
+
+    A Bridge must be in compatibility mode; either must have its weights on one device, the
+    one ``cfg.device`` names (:func:`tl_lenses.devices.model_device`).
+    """
     if is_bridge(model):
         if not getattr(model, "compatibility_mode", False):
             raise ValueError(

@@ -14,7 +14,11 @@ from typing import Literal
 import torch
 
 from tl_lenses.models import (
-    PROCESSING, bridge_from_hf, hooked_from_hf, llama_config, to_device_and_dtype,
+    PROCESSING,
+    bridge_from_hf,
+    hooked_from_hf,
+    llama_config,
+    to_device_and_dtype,
 )
 
 Arch = Literal["llama", "llama-gqa", "gpt2"]
