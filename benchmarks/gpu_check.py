@@ -292,9 +292,12 @@ def readout_figures(model, device, shapes, *, smoke: bool) -> list[dict]:
                        ratio=t_ours / t_floor, eager_s=t_eager, eager_peak=m_eager,
                        same_top_ids=_same(ours.top_ids, eager.top_ids),
                        same_ranks=_same(ours.target_rank, eager.target_rank))
-            need = 4 * row["rows"] * model.cfg.d_vocab * 4
-            free = (torch.cuda.mem_get_info()[0] if torch.device(device).type == "cuda"
-                    else 8 * GiB)
+            need = 4 * row["rows"] * model.cfg.d_vocab * 4      # ~4 float32 logit tensors
+            if torch.device(device).type == "cuda":
+                torch.cuda.empty_cache()
+                free = torch.cuda.mem_get_info()[0]
+            else:
+                free = 8 * GiB
             if need < 0.8 * free:
                 try:
                     t_naive, m_naive, ref = timed(lambda: naive(model, cache), device, repeat=1)
