@@ -1,0 +1,93 @@
+"""Streaming text through a model for the analyses: checks, batches with a progress bar, caches.
+
+Every analysis reads token rows ``[batch, pos]`` in batches of ``batch_size`` rows, so memory
+is bounded by one batch's activations (and whatever ``[d_model, d_model]``-sized sums the
+analysis keeps), whatever the amount of text.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Iterator, Sequence
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
+from tl_lenses.models import check_model
+
+logger = logging.getLogger("tl_lenses")
+
+
+def check_tokens(model, tokens, *, argument: str = "tokens", min_pos: int = 2) -> Tensor:
+    """``tokens`` checked as int rows ``[batch, pos]`` of ids the model knows (pos >= min_pos)."""
+    check_model(model)
+    if not isinstance(tokens, Tensor) or tokens.dim() != 2 or tokens.dtype.is_floating_point:
+        raise ValueError(f"{argument} must be an int tensor of token rows [batch, pos]")
+    if tokens.shape[0] < 1 or not min_pos <= tokens.shape[1] <= model.cfg.n_ctx:
+        raise ValueError(f"{argument} must hold >= 1 row of {min_pos}..n_ctx={model.cfg.n_ctx} "
+                         f"tokens, got shape {tuple(tokens.shape)}")
+    if tokens.min() < 0 or tokens.max() >= model.cfg.d_vocab:
+        raise ValueError(f"{argument} has ids outside [0, d_vocab={model.cfg.d_vocab})")
+    return tokens
+
+
+def check_positive(**values) -> None:
+    """ValueError naming the first argument that is not a positive int."""
+    for name, value in values.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def batches(model, tokens: Int[Tensor, "batch pos"], batch_size: int, *, desc: str,
+            progress: bool = True) -> Iterator[Int[Tensor, "batch pos"]]:
+    """The rows of ``tokens`` in consecutive batches on the model's device, with a tqdm bar."""
+    check_positive(batch_size=batch_size)
+    starts = range(0, tokens.shape[0], batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc=desc, unit="batch")
+    for start in starts:
+        yield tokens[start:start + batch_size].to(model.cfg.device)
+
+
+def cached(model, tokens: Int[Tensor, "batch pos"], names: Sequence[str]) -> dict[str, Tensor]:
+    """The activations at ``names`` for one batch, float32, without decoding the logits."""
+    wanted = set(names)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, names_filter=lambda name: name in wanted,
+                                        return_type=None)
+    return {name: cache[name].float() for name in names}
+
+
+def frozen_unembed(model):
+    """The model's final norm and unembedding, detached (training never touches the model)."""
+    from dataclasses import replace
+
+    from tl_lenses.readout.unembed import Unembed
+
+    unembed = Unembed.from_model(model).at_least_float32()
+    detach = lambda t: None if t is None else t.detach()  # noqa: E731
+    return replace(unembed, weight=detach(unembed.weight), bias=detach(unembed.bias),
+                   W_U=unembed.W_U.detach(), b_U=detach(unembed.b_U))
+
+
+def spearman(x: Tensor, y: Tensor) -> float:
+    """Spearman's rank correlation of two 1-D series (average ranks for ties); NaN if constant."""
+    rx, ry = _ranks(x.double()), _ranks(y.double())
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    denominator = (rx.norm() * ry.norm()).item()
+    return float("nan") if denominator == 0 else float((rx @ ry).item() / denominator)
+
+
+def _ranks(x: Tensor) -> Tensor:
+    """1-based ranks with ties given their average rank."""
+    order = torch.argsort(x, stable=True)
+    ranks = torch.empty_like(x)
+    ranks[order] = torch.arange(1, len(x) + 1, dtype=x.dtype)
+    for value in torch.unique(x):
+        tied = x == value
+        if tied.sum() > 1:
+            ranks[tied] = ranks[tied].mean()
+    return ranks

@@ -1,0 +1,190 @@
+"""``tl-lenses analyze {objectives,retrained,current-next,drift,alignment,causal} ...``.
+
+Each analysis reads the user's text (``--text`` files, folders or globs; or ``--generate N``
+rows sampled from the model), packs it into ``--seq-len`` rows with a seeded train /
+held-out split, runs on ``--rows`` held-out rows (and trains on the train rows where the
+analysis trains), and writes an HTML report (``--out``) and a PNG (``--png``).
+"""
+
+from __future__ import annotations
+
+import logging
+
+logger = logging.getLogger("tl_lenses")
+MODELS = ("smollm", "tiny-gpt2", "tiny-llama")
+ANALYSES = ("objectives", "retrained", "current-next", "drift", "alignment", "causal")
+
+
+def add_parser(subparsers) -> None:
+    """Register ``analyze`` and its six sub-subcommands."""
+    analyze = subparsers.add_parser("analyze", help="the lecture notes' open questions")
+    inner = analyze.add_subparsers(dest="analysis", required=True)
+    for name in ANALYSES:
+        parser = inner.add_parser(name, help=RUNNERS[name].__doc__.splitlines()[0])
+        _common(parser)
+        if name in ("objectives", "retrained"):
+            parser.add_argument("--steps", type=int, default=100, help="Adam steps per lens")
+            parser.add_argument("--lr", type=float, default=1e-3)
+            parser.add_argument("--layers", default=None, help="comma-separated layers")
+        if name in ("current-next", "drift", "causal"):
+            parser.add_argument("--tuned", default=None, help="a tuned lens folder to add")
+        if name == "objectives":
+            parser.add_argument("--objectives", default="kl,mse_logits,mse_resid,cosine")
+            parser.add_argument("--kinds", default="bias,affine")
+        if name == "causal":
+            parser.add_argument("--intervention", default="top-token",
+                                choices=["top-token", "resample"])
+            parser.add_argument("--rank", type=int, default=8, help="resampled subspace")
+            parser.add_argument("--layers", default=None, help="comma-separated blocks")
+            parser.add_argument("--relation", default=None,
+                                help="also score an LRE of this starter relation at a "
+                                     "held-out rank (e.g. country_capital)")
+            parser.add_argument("--lre-layer", type=int, default=6)
+        parser.set_defaults(func=RUNNERS[name])
+
+
+def _common(parser) -> None:
+    parser.add_argument("--text", nargs="+", default=None, help="text files, folders or globs")
+    parser.add_argument("--generate", type=int, default=None,
+                        help="instead of --text: sample this many rows from the model")
+    parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--max-tokens", type=int, default=200_000, help="cap on the corpus")
+    parser.add_argument("--rows", type=int, default=16, help="held-out rows analysed")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--backend", default="hooked", choices=["hooked", "bridge"])
+    parser.add_argument("--model", default="smollm", choices=MODELS,
+                        help="the embedded model (default) or a tiny random one")
+    parser.add_argument("--out", default="analysis.html", help="HTML report path")
+    parser.add_argument("--png", default=None, help="also write the figure as a PNG")
+
+
+def _model(args):
+    from tl_lenses import tiny
+    from tl_lenses.models import load_default_model
+
+    if args.model == "smollm":
+        logger.info("loading SmolLM2-135M-Instruct")
+        return load_default_model(backend=args.backend)
+    arch = "gpt2" if args.model == "tiny-gpt2" else "llama-gqa"
+    return (tiny.tiny_hooked if args.backend == "hooked" else tiny.tiny_bridge)(arch)
+
+
+def _split(model, args):
+    from tl_lenses.data import token_split
+
+    if (args.text is None) == (args.generate is None):
+        raise ValueError("pass --text PATH... or --generate N (one of them)")
+    if args.rows < 1:
+        raise ValueError(f"--rows must be >= 1, got {args.rows}")
+    split = token_split(model, paths=args.text, generate=args.generate, seq_len=args.seq_len,
+                        held_out=0.1, seed=args.seed, max_tokens=args.max_tokens)
+    return split.train, split.held_out[: args.rows]
+
+
+def _ints(text):
+    return None if text is None else [int(x) for x in text.split(",")]
+
+
+def _lenses(model, args) -> dict:
+    from tl_lenses.lenses.logit import LogitLens
+
+    lenses = {"logit lens": LogitLens()}
+    if getattr(args, "tuned", None):
+        from tl_lenses.lenses.tuned.io import load_tuned_lens
+
+        lenses["tuned lens"] = load_tuned_lens(args.tuned, model)
+    return lenses
+
+
+def _write(result, args, title: str) -> int:
+    from tl_lenses.viz.html import page
+
+    with open(args.out, "w", encoding="utf-8") as file:
+        file.write(page(title, result.to_html()))
+    print(f"wrote {args.out}")
+    if args.png:
+        print(f"wrote {result.save_png(args.png)}")
+    return 0
+
+
+def run_objectives(args) -> int:
+    """Why KL? lenses trained with KL, MSE (logits, residual) and cosine objectives."""
+    from tl_lenses.analysis.objectives import compare_objectives
+
+    model = _model(args)
+    train, held = _split(model, args)
+    result = compare_objectives(model, train, held, objectives=args.objectives.split(","),
+                                kinds=args.kinds.split(","), layers=_ints(args.layers),
+                                steps=args.steps, lr=args.lr, batch_size=args.batch_size,
+                                seed=args.seed)
+    for row in result.summary()[1]:
+        print("  ".join(row))
+    return _write(result, args, "Lens objectives")
+
+
+def run_retrained(args) -> int:
+    """A decoder per layer retrained on the next token, vs the tuned and logit lenses."""
+    from tl_lenses.analysis.retrained import retrained_decoders
+
+    model = _model(args)
+    train, held = _split(model, args)
+    result = retrained_decoders(model, train, held, layers=_ints(args.layers), steps=args.steps,
+                                lr=args.lr, batch_size=args.batch_size, seed=args.seed)
+    return _write(result, args, "Retrained decoders")
+
+
+def run_current_next(args) -> int:
+    """Rank and probability of the input token and of the next token per layer."""
+    from tl_lenses.analysis.current_next import current_vs_next
+
+    model = _model(args)
+    _, held = _split(model, args)
+    result = current_vs_next(model, held, _lenses(model, args), batch_size=args.batch_size)
+    return _write(result, args, "Current token vs next token")
+
+
+def run_drift(args) -> int:
+    """CKA and covariance similarity between layers, and translator transfer."""
+    from tl_lenses.analysis.drift import residual_drift
+
+    model = _model(args)
+    _, held = _split(model, args)
+    tuned = _lenses(model, args).get("tuned lens")
+    result = residual_drift(model, held, tuned=tuned, batch_size=args.batch_size)
+    return _write(result, args, "Representational drift")
+
+
+def run_alignment(args) -> int:
+    """Cosine of each sublayer's update with the negative loss gradient (iterative inference)."""
+    from tl_lenses.analysis.alignment import gradient_alignment
+
+    model = _model(args)
+    _, held = _split(model, args)
+    result = gradient_alignment(model, held, batch_size=args.batch_size)
+    return _write(result, args, "Iterative inference")
+
+
+def run_causal(args) -> int:
+    """Causal fidelity of the lenses; optionally an LRE's causality at a held-out rank."""
+    from tl_lenses.analysis.causal import causal_fidelity
+
+    model = _model(args)
+    _, held = _split(model, args)
+    result = causal_fidelity(model, held, _lenses(model, args), intervention=args.intervention,
+                             rank=args.rank, layers=_ints(args.layers),
+                             batch_size=args.batch_size, seed=args.seed)
+    code = _write(result, args, "Causal fidelity")
+    if args.relation:
+        from tl_lenses.analysis.causal_lre import lre_causality
+        from tl_lenses.lenses.attribute.relations import get_relation
+
+        lre = lre_causality(model, get_relation(args.relation), args.lre_layer, seed=args.seed)
+        for row in lre.table()[1]:
+            print("  ".join(str(x) for x in row))
+    return code
+
+
+RUNNERS = {"objectives": run_objectives, "retrained": run_retrained,
+           "current-next": run_current_next, "drift": run_drift, "alignment": run_alignment,
+           "causal": run_causal}
