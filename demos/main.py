@@ -20,7 +20,7 @@ from tl_lenses.viz.html import page  # noqa: E402
 
 # Order matters: the tuned lens trained here joins the patchscope token-identity table.
 DEMOS = ["logit_lens_demo", "tuned_lens_demo", "dla_ioi", "patchscope_demo",
-         "attribute_lens_demo"]
+         "attribute_lens_demo", "analysis_demo"]
 
 
 def main() -> None:

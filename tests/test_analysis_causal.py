@@ -7,8 +7,8 @@ import string
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import assert_no_hooks, assert_weights_unchanged, weights_snapshot
+
 from tl_lenses.analysis._stream import frozen_unembed
 from tl_lenses.analysis.alignment import batch_cosines, gradient_alignment
 from tl_lenses.analysis.causal import _edit, _read_map, causal_fidelity

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import assert_no_hooks, assert_weights_unchanged, weights_snapshot
+
 from tl_lenses.analysis._fit import OBJECTIVES, FitConfig, Translators, fit, objective_loss
 from tl_lenses.analysis._stream import frozen_unembed, spearman
 from tl_lenses.analysis.objectives import compare_objectives, rank_correlations

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import assert_no_hooks
+
 from tl_lenses.analysis.current_next import common_ids, current_vs_next, seen_before
 from tl_lenses.analysis.drift import linear_cka, minibatch_hsic, residual_drift
 from tl_lenses.hooks import resid_names

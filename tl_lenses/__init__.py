@@ -2,13 +2,14 @@
 
 One subpackage per method: ``lenses/`` (logit lens; ``tuned/``, ``attribute/``),
 ``patchscopes/``, ``attribution/`` (direct logit attribution); ``readout/`` is the shared
-lens readout, ``viz/`` the drawing primitives. The top level holds the entry points and
+lens readout, ``analysis/`` the lecture notes' open questions as tools, ``viz/`` the drawing
+primitives. The top level holds the entry points and
 result types; everything else is one level down (``tl_lenses.tuned``,
 ``tl_lenses.attribute``, ``tl_lenses.patchscopes``, ``tl_lenses.attribution``,
-``tl_lenses.readout``).
+``tl_lenses.readout``, ``tl_lenses.analysis``).
 """
 
-from tl_lenses import attribution, patchscopes, readout
+from tl_lenses import analysis, attribution, patchscopes, readout
 from tl_lenses.attribution import DLAResult, HeadPathResult, dla, head_path_dla
 from tl_lenses.lenses import attribute, tuned
 from tl_lenses.lenses.attribute import LRE, attribute_lens, estimate_lre
@@ -19,7 +20,7 @@ from tl_lenses.patchscopes import PatchscopeResult, SweepResult, patchscope, pat
 from tl_lenses.readout import Lens, LensCollector, LensResult, apply_lens, apply_lens_to_cache
 
 # Subpackages, reachable as attributes (tll.tuned.save_tuned_lens, tll.patchscopes.patch_hook).
-SUBPACKAGES = (attribute, attribution, patchscopes, readout, tuned)
+SUBPACKAGES = (analysis, attribute, attribution, patchscopes, readout, tuned)
 
 __all__ = [
     # models and the shared readout

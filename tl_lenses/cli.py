@@ -15,6 +15,7 @@ COMMANDS = [
     "tl_lenses.attribution.cli",
     "tl_lenses.patchscopes.cli",
     "tl_lenses.lenses.attribute.cli",
+    "tl_lenses.analysis.cli",
 ]
 
 

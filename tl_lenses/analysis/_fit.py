@@ -64,7 +64,7 @@ class Translators(nn.Module):
 
 
 def objective_loss(objective: str, translated: Float[Tensor, "rows d_model"],
-                   final: Float[Tensor, "rows d_model"], next_ids: Int[Tensor, "rows"],
+                   final: Float[Tensor, "rows d_model"], next_ids: Int[Tensor, " rows"],
                    unembed, final_logits: Float[Tensor, "rows d_vocab"] | None = None
                    ) -> Tensor:
     """The mean over rows of ``objective`` (see the module docstring) for one layer."""
@@ -160,7 +160,7 @@ METRICS = ("kl", "ce", "top1_agreement", "top1_accuracy", "mse_logits", "mse_res
 
 def evaluate(model, tokens: Int[Tensor, "batch pos"], lenses: dict, hook_names: Sequence[str],
              *, batch_size: int = 8, chunk: int = 256, progress: bool = True
-             ) -> dict[str, dict[str, Float[Tensor, "layer"]]]:
+             ) -> dict[str, dict[str, Float[Tensor, " layer"]]]:
     """Per lens, per metric (:data:`METRICS`), per hook point: means over held-out tokens.
 
     ``kl``: KL(final || lens) in nats; ``ce``: cross-entropy of the true next token (nats);

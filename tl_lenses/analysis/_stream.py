@@ -14,6 +14,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from tl_lenses.hooks import run_cache
 from tl_lenses.models import check_model
 
 logger = logging.getLogger("tl_lenses")
@@ -54,10 +55,7 @@ def batches(model, tokens: Int[Tensor, "batch pos"], batch_size: int, *, desc: s
 
 def cached(model, tokens: Int[Tensor, "batch pos"], names: Sequence[str]) -> dict[str, Tensor]:
     """The activations at ``names`` for one batch, float32, without decoding the logits."""
-    wanted = set(names)
-    with torch.no_grad():
-        _, cache = model.run_with_cache(tokens, names_filter=lambda name: name in wanted,
-                                        return_type=None)
+    cache = run_cache(model, tokens, names)
     return {name: cache[name].float() for name in names}
 
 

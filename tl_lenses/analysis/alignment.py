@@ -43,10 +43,12 @@ class AlignmentResult:
 
     @property
     def labels(self) -> list[str]:
+        """Short row labels (``3 pre``)."""
         return [str(l) for l in range(self.mean.shape[1])]
 
     @property
     def edges(self) -> Tensor:
+        """The histogram's bin edges over [-1, 1]."""
         return torch.linspace(-1, 1, self.histogram.shape[-1] + 1)
 
     def quantile(self, q: float) -> Float[Tensor, "sublayer layer"]:
@@ -80,6 +82,7 @@ def gradient_alignment(model, tokens: Int[Tensor, "batch pos"], *, bins: int = 1
             attention and MLP (``resid_mid`` exists).
         tokens: int token rows ``[batch, pos]`` (pos >= 2), ``batch_size`` rows per backward.
         bins: histogram bins over [-1, 1].
+        batch_size: rows per forward and backward pass.
         progress: a tqdm bar.
 
     Returns:

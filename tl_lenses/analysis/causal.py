@@ -27,8 +27,14 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from tl_lenses.analysis._stream import batches, cached, check_positive, check_tokens, \
-    frozen_unembed, spearman
+from tl_lenses.analysis._stream import (
+    batches,
+    cached,
+    check_positive,
+    check_tokens,
+    frozen_unembed,
+    spearman,
+)
 from tl_lenses.hooks import final_resid_name, resid_names, short_label
 from tl_lenses.lenses.logit import LogitLens
 from tl_lenses.readout.lens import Lens
@@ -53,15 +59,16 @@ class CausalResult:
 
     @property
     def labels(self) -> list[str]:
+        """Short row labels (``3 pre``)."""
         return [short_label(n) for n in self.hook_names]
 
-    def correlation(self, lens: str, what: str = "kl") -> Float[Tensor, "layer"]:
+    def correlation(self, lens: str, what: str = "kl") -> Float[Tensor, " layer"]:
         """Spearman over tokens, per layer, of the lens's and the model's effect."""
         e = self.effects[lens]
         return torch.tensor([spearman(a, b) for a, b in
                              zip(e[f"lens_{what}"], e[f"model_{what}"])])
 
-    def means(self, lens: str) -> dict[str, Float[Tensor, "layer"]]:
+    def means(self, lens: str) -> dict[str, Float[Tensor, " layer"]]:
         """Mean over tokens of each effect, per layer."""
         return {name: value.mean(-1) for name, value in self.effects[lens].items()}
 
@@ -94,6 +101,7 @@ def causal_fidelity(
         intervention: ``"top-token"`` or ``"resample"`` (see the module docstring).
         rank: dimension of the resampled subspace (``"resample"`` only).
         layers: block indices whose ``resid_pre`` is intervened on (default all).
+        batch_size: rows per forward pass.
         seed: seeds the sampled positions.
         progress: a tqdm bar.
 

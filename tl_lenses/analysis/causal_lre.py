@@ -20,8 +20,14 @@ from typing import Sequence
 import torch
 
 from tl_lenses.lenses.attribute.lre import LRE, estimate_lre
-from tl_lenses.lenses.attribute.metrics import causal_pairs, causality, choose_rank, \
-    collect_states, faithfulness, least_squares_lre
+from tl_lenses.lenses.attribute.metrics import (
+    causal_pairs,
+    causality,
+    choose_rank,
+    collect_states,
+    faithfulness,
+    least_squares_lre,
+)
 from tl_lenses.lenses.attribute.relations import Relation
 
 DEFAULT_RANKS = (2, 4, 8, 16, 32, 64, 128, 256)

@@ -19,8 +19,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from tl_lenses.analysis._stream import batches, cached, check_positive, check_tokens, \
-    frozen_unembed
+from tl_lenses.analysis._stream import batches, cached, check_positive, check_tokens, frozen_unembed
 from tl_lenses.hooks import resid_names, short_label
 from tl_lenses.lenses.logit import LogitLens
 from tl_lenses.readout.lens import Lens
@@ -40,11 +39,12 @@ class CurrentNextResult:
     """
 
     hook_names: list[str]
-    stats: dict[str, dict[str, Float[Tensor, "layer"]]]
+    stats: dict[str, dict[str, Float[Tensor, " layer"]]]
     counts: dict[str, int]
 
     @property
     def labels(self) -> list[str]:
+        """Short row labels (``3 pre``)."""
         return [short_label(n) for n in self.hook_names]
 
     def crossover(self, lens: str) -> str | None:
@@ -78,7 +78,8 @@ def current_vs_next(
         lenses: name -> lens; default the logit lens only. A lens must cover every
             ``resid_pre`` (a tuned lens does; the final ``resid_post`` passes through).
         common: how many of the text's most frequent ids count as common (not rare).
-        batch_size, chunk: rows per forward pass; positions per unembedding matmul.
+        batch_size: rows of ``tokens`` per forward pass.
+        chunk: positions per unembedding matmul (bounds the ``[chunk, d_vocab]`` buffers).
         progress: a tqdm bar.
 
     Returns:
@@ -119,7 +120,7 @@ def current_vs_next(
 
 
 def common_ids(tokens: Int[Tensor, "batch pos"], common: int, d_vocab: int
-               ) -> Bool[Tensor, "d_vocab"]:
+               ) -> Bool[Tensor, " d_vocab"]:
     """Which ids are among the ``common`` most frequent in ``tokens``."""
     counts = torch.bincount(tokens.reshape(-1).cpu(), minlength=d_vocab)
     out = torch.zeros(d_vocab, dtype=torch.bool)
@@ -129,7 +130,10 @@ def common_ids(tokens: Int[Tensor, "batch pos"], common: int, d_vocab: int
 
 
 def seen_before(tokens: Int[Tensor, "batch pos"]) -> Bool[Tensor, "batch pos"]:
-    """``[b, p]``: whether ``tokens[b, p + 1]`` occurs in ``tokens[b, :p + 1]`` (False at the end)."""
+    """``[b, p]``: whether ``tokens[b, p + 1]`` occurs in ``tokens[b, :p + 1]``.
+
+    False at the last position (there is no next token).
+    """
     same = tokens[:, None, :] == tokens[:, :, None]             # [b, i, j]: t_i == t_j
     earlier = torch.tril(torch.ones_like(same[0]), diagonal=-1)  # j < i
     out = torch.zeros_like(tokens, dtype=torch.bool)

@@ -25,8 +25,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from tl_lenses.analysis._stream import batches, cached, check_positive, check_tokens, \
-    frozen_unembed
+from tl_lenses.analysis._stream import batches, cached, check_positive, check_tokens, frozen_unembed
 from tl_lenses.hooks import resid_names, short_label
 from tl_lenses.lenses.tuned.lens import TunedLens
 
@@ -45,13 +44,14 @@ class DriftResult:
     cka: Float[Tensor, "layer layer"]
     covariance: Float[Tensor, "layer layer"]
     transfer_kl: Float[Tensor, "layer layer"] | None = None
-    logit_kl: Float[Tensor, "layer"] | None = None
+    logit_kl: Float[Tensor, " layer"] | None = None
     translator_cosine: Float[Tensor, "layer layer"] | None = None
     n_tokens: int = 0
     transfer_names: list[str] = field(default_factory=list)
 
     @property
     def labels(self) -> list[str]:
+        """Short row labels (``3 pre``)."""
         return [short_label(n) for n in self.hook_names]
 
     def to_html(self) -> str:

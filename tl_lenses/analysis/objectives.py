@@ -38,7 +38,7 @@ class ObjectivesResult:
     """
 
     hook_names: list[str]
-    metrics: dict[str, dict[str, Float[Tensor, "layer"]]]
+    metrics: dict[str, dict[str, Float[Tensor, " layer"]]]
     rank_correlation: dict[str, Float[Tensor, "metric metric"]]
     losses: dict[str, list[float]] = field(default_factory=dict)
     n_train_tokens: int = 0
@@ -47,6 +47,7 @@ class ObjectivesResult:
 
     @property
     def labels(self) -> list[str]:
+        """Short row labels (``3 pre``)."""
         return [short_label(n) for n in self.hook_names]
 
     def summary(self) -> tuple[list[str], list[list]]:
@@ -94,7 +95,10 @@ def compare_objectives(
         objectives: names from ``("kl", "mse_logits", "mse_resid", "cosine", "ce")``.
         kinds: ``"bias"`` (``h + b``) and/or ``"affine"`` (``h + A h + b``) translators.
         layers: block indices whose ``resid_pre`` get a translator (default: all).
-        steps, lr, batch_size, seed: the budget, the same for every lens (Adam, linear decay).
+        steps: Adam steps per lens (the learning rate decays linearly to 0 over them).
+        lr: Adam's initial learning rate.
+        batch_size: token rows per step (and per evaluation forward pass).
+        seed: the shuffle of the training rows (the same for every lens).
         progress: tqdm bars.
 
     Returns:

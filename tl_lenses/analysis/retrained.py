@@ -35,7 +35,7 @@ class RetrainedResult:
     """
 
     hook_names: list[str]
-    metrics: dict[str, dict[str, Float[Tensor, "layer"]]]
+    metrics: dict[str, dict[str, Float[Tensor, " layer"]]]
     losses: list[float] = field(default_factory=list)
     decoder: Translators | None = field(default=None, repr=False)
     tuned: TunedLens | None = field(default=None, repr=False)
@@ -43,6 +43,7 @@ class RetrainedResult:
 
     @property
     def labels(self) -> list[str]:
+        """Short row labels (``3 pre``)."""
         return [short_label(n) for n in self.hook_names]
 
     def table(self) -> tuple[list[str], list[list]]:
@@ -85,7 +86,10 @@ def retrained_decoders(
         layers: residual-stream rows (0 = embedding, ``n_layers`` = final ``resid_post``);
             default all of them.
         decoder: a :class:`Translators` to start from (default: zero, i.e. the logit lens).
-        steps, lr, batch_size, seed: Adam steps (linear decay), rows per step, shuffle seed.
+        steps: Adam steps (the learning rate decays linearly to 0 over them).
+        lr: Adam's initial learning rate.
+        batch_size: token rows per step (and per evaluation forward pass).
+        seed: the shuffle of the training rows.
         progress: tqdm bars.
 
     Returns:

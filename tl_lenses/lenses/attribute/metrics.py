@@ -14,6 +14,12 @@ Baselines (also :class:`LRE` objects, so the same code scores them): the logit l
 ``s`` (``W = I``, ``b = 0``; its causal edit is ``s' - s``, i.e. patching the subject
 token) and a least-squares affine map fitted on the same n ``(s_i, z_i)`` pairs
 (minimum-norm, since n < d_model).
+
+Every operator is scored with the same rank of the inverse. At full rank an invertible map's
+edit is ``pinv(W) beta W (s' - s) = s' - s`` whatever the map, so the identity scores like
+the LRE; at a low rank ``r`` the edit is ``s' - s`` projected onto the map's top-``r`` input
+directions, which only a fitted map chooses well. :func:`choose_rank` picks ``r`` on
+held-out pairs (Hernandez et al. 2024, sec. 4.2; see :mod:`tl_lenses.analysis.causal_lre`).
 """
 
 from __future__ import annotations
@@ -169,9 +175,41 @@ def causality(model, lre: LRE, states: SubjectStates, pairs: Sequence[tuple[int,
     return (answers == states.object_ids[dst]).float().mean().item()
 
 
+def choose_rank(model, lre: LRE, states: SubjectStates, pairs: Sequence[tuple[int, int]],
+                ranks: Sequence[int]) -> tuple[int, list[float]]:
+    """The rank of the inverse maximising ``lre``'s causality on held-out ``pairs``.
+
+    Args:
+        model: the model the LRE was estimated on.
+        lre: the map whose inverse is truncated.
+        states: held-out subjects (:func:`collect_states`) the pairs index.
+        pairs: (source, target) rows of ``states`` kept apart from the final scoring.
+        ranks: candidate ranks, each in [1, d_model].
+
+    Returns:
+        (the best rank, causality at each of ``ranks``); ties go to the smallest rank, so
+        the edit stays as narrow as the data allow.
+
+    Raises:
+        ValueError: when ``ranks`` is empty or holds a rank outside [1, d_model].
+
+    Source: Hernandez et al. 2024, sec. 4.2 (a low-rank pseudoinverse for the causal edit).
+    """
+    ranks = list(ranks)
+    if not ranks:
+        raise ValueError("ranks must name at least one rank")
+    scores = [causality(model, lre, states, pairs, rank) for rank in ranks]
+    best = max(range(len(ranks)), key=lambda i: (scores[i], -ranks[i]))
+    return ranks[best], scores
+
+
 def score(model, lre: LRE, train_states: SubjectStates, test_states: SubjectStates,
           rank: int | None = None, *, baselines: bool = True) -> list[Score]:
-    """Faithfulness and causality of ``lre`` (and both baselines) at ``lre.layer``."""
+    """Faithfulness and causality of ``lre`` (and both baselines) at ``lre.layer``.
+
+    Every operator's causal edit uses the same ``rank`` of its inverse (see the module
+    docstring: at full rank the identity would score like any invertible map).
+    """
     keep = test_states.correct
     pairs = causal_pairs(test_states, keep)
     s_test = test_states.at_layer(lre.layer)[keep]
@@ -182,9 +220,9 @@ def score(model, lre: LRE, train_states: SubjectStates, test_states: SubjectStat
                      template=lre.template, train=lre.train),
         least_squares_lre(lre, train_states.at_layer(lre.layer), train_states.z),
     ][:3 if baselines else 1]
-    return [Score(lre.relation, op.method, lre.layer, lre.n, op.beta,
-                  rank if op is lre else None, faithfulness(model, op, s_test, ids),
-                  causality(model, op, test_states, pairs, rank if op is lre else None),
+    return [Score(lre.relation, op.method, lre.layer, lre.n, op.beta, rank,
+                  faithfulness(model, op, s_test, ids),
+                  causality(model, op, test_states, pairs, rank),
                   int(keep.sum()), len(pairs)) for op in operators]
 
 
@@ -216,12 +254,12 @@ def sweep(model, relation: Relation, layers: Sequence[int], *, n: int = 8,
     for layer in layers:
         lre = estimate_lre(model, relation, layer, train=train, progress=progress)
         result.lres.append(lre)
-        baselines_done = False
+        scored = set()        # the baselines ignore beta but not the rank of the inverse
         for beta in betas:
             for rank in ranks:
                 rows = score(model, lre.with_beta(beta), train_states, test_states, rank,
-                             baselines=not baselines_done)
-                baselines_done = True
+                             baselines=rank not in scored)
+                scored.add(rank)
                 result.rows += rows
     return result
 
