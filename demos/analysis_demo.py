@@ -59,7 +59,8 @@ def run(model, out_dir: Path, context: dict | None = None, size: str = "demo"):
     layers = list(range(0, n, cfg["every"]))
     fit = dict(steps=cfg["steps"], lr=cfg["lr"], batch_size=cfg["batch_size"])
     jobs = {
-        "current_next": lambda: analysis.current_vs_next(model, held, lenses,
+        # "rare" = outside the text's `common` most frequent ids: few ids on little text
+        "current_next": lambda: analysis.current_vs_next(model, held, lenses, common=20,
                                                          batch_size=cfg["batch_size"]),
         "drift": lambda: analysis.residual_drift(model, held, tuned=tuned, max_offset=2,
                                                  batch_size=cfg["batch_size"]),

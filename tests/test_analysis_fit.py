@@ -117,7 +117,7 @@ def test_decoder_retrained_at_the_final_layer_recovers_the_unembedding(backend):
     model = (tiny_hooked if backend == "hooked" else tiny_bridge)("llama-gqa")
     # Greedy samples: every next token is the model's own top-1, so the data's best
     # decoder of the final residual is the model's unembedding itself.
-    tokens = generated_tokens(model, 24, 12, temperature=0, seed=3)
+    tokens = generated_tokens(model, 24, 12, temperature=0.0, seed=3)
     n, d = model.cfg.n_layers, model.cfg.d_model
     decoder = Translators([resid_names(model)[-1]], d, name="retrained")
     rotation, _ = torch.linalg.qr(torch.randn(d, d, generator=torch.Generator().manual_seed(0)))
