@@ -166,7 +166,7 @@ class KLEvaluator:
         with torch.no_grad():
             for start in range(0, tokens.shape[0], batch_size):
                 batch = tokens[start:start + batch_size].to(model.cfg.device)
-                cache = run_cache(model, batch, wanted)
+                cache = run_cache(model, batch, sorted(wanted))
                 resids.append(torch.stack([cache[n].reshape(-1, cache[n].shape[-1]).float()
                                            for n in self.hook_names]))
                 finals.append(cache[self.final].reshape(-1, cache[self.final].shape[-1]))
