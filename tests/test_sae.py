@@ -304,3 +304,53 @@ def test_head_path_dla_refuses_spliced_saes(model):
     model.add_sae(random_sae("blocks.1.hook_resid_pre"))
     with pytest.raises(NotImplementedError, match="SAE"):
         head_path_dla(model, _tokens(), PAIR, heads=["L1H0"])
+
+
+def test_patchscope_on_a_spliced_model_patches_what_flows_on(model):
+    from tl_lenses.patchscopes.core import patchscope
+
+    model.add_sae(random_sae("blocks.1.hook_resid_pre"))
+    prompt = "abcdefg"
+    # Source = target, same layer and position: an identity patch changes nothing.
+    result = patchscope(model, prompt, prompt, source_layer=1, source_position=-1)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(model.to_tokens(prompt))
+    torch.testing.assert_close(result.hidden,
+                               cache["blocks.1.hook_resid_pre.hook_sae_output"][0, -1])
+    with torch.no_grad():
+        torch.testing.assert_close(result.logits, model(prompt)[0, -1], atol=1e-5, rtol=1e-5)
+    # A different value patched in at the SAE's output does change the logits.
+    other = patchscope(model, "zzzzzzz", prompt, source_layer=1, target_layer=1)
+    assert not torch.allclose(other.logits, result.logits)
+
+
+def test_tuned_lens_trains_on_a_spliced_model(model):
+    from tl_lenses.lenses.tuned import train_tuned_lens
+
+    model.add_sae(random_sae("blocks.1.hook_resid_pre"))
+    tokens = torch.randint(0, 256, (16, 12), generator=torch.Generator().manual_seed(3))
+    lens = train_tuned_lens(model, tokens, steps=2, ls_tokens=128, progress=False).lens
+    assert "blocks.1.hook_resid_pre" in lens.hook_names
+    assert lens.weight is None or lens.weight.abs().sum() > 0
+    assert model.acts_to_saes  # still attached
+
+
+def test_attribute_lens_on_a_spliced_model(model):
+    from tl_lenses.lenses.attribute.lens import attribute_lens
+    from tl_lenses.lenses.attribute.lre import estimate_lre, subject_position
+    from tl_lenses.lenses.attribute.metrics import collect_states, score
+    from tl_lenses.lenses.attribute.relations import Relation, Sample
+
+    toy = Relation("toy", ("{} =",), tuple(Sample(s, o) for s, o in zip("abcdef", "mnopqr")))
+    model.add_sae(random_sae("blocks.1.hook_resid_pre"))
+    lre = estimate_lre(model, toy, 1, train=list(toy.samples[:3]))
+    states = collect_states(model, lre, list(toy.samples), [1])
+    with torch.no_grad():
+        _, cache = model.run_with_cache(states.tokens)
+    # The subject states are what flows on at layer 1: the SAE's output.
+    pos = subject_position(model, lre.prompt(toy.samples[0].subject), "a")[1]
+    torch.testing.assert_close(states.at_layer(1)[0],
+                               cache["blocks.1.hook_resid_pre.hook_sae_output"][0, pos])
+    result = attribute_lens(model, "a =", lre)
+    assert result.hook_names[1] == "blocks.1.hook_resid_pre"
+    assert score(model, lre, states, states, baselines=False)

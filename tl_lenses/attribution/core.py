@@ -286,8 +286,11 @@ def _component_parts(model, cache, pos, u, heads, neurons, sites=None):
             parts.append((bias.detach().float() @ u).expand(shape))
 
     def split(name: str, *, stream: bool) -> bool:
-        """SAE terms for the value at ``name``; on the residual stream they replace what
-        was written before (that reached the logit only through the SAE)."""
+        """SAE terms for the value at ``name`` (True if an SAE sits there).
+
+        On the residual stream they replace what was written before, which reached the
+        logit only through the SAE.
+        """
         if name not in sites:
             return False
         if stream:

@@ -114,7 +114,9 @@ def _check_latents(latents, d_sae: int) -> list[int]:
     index = [latents] if isinstance(latents, int) else list(latents)
     bad = [i for i in index if not isinstance(i, int) or not 0 <= i < d_sae]
     if bad or not index:
-        raise ValueError(f"latents must be non-empty ints in [0, d_sae={d_sae}), got {bad or index}")
+        raise ValueError(
+            f"latents must be non-empty ints in [0, d_sae={d_sae}), got {bad or index}"
+        )
     return index
 
 

@@ -89,7 +89,7 @@ def decoder_rows(sae) -> Float[Tensor, "d_sae d_out"]:
     return rows
 
 
-def decoder_bias(sae) -> Float[Tensor, "d_out"]:
+def decoder_bias(sae) -> Float[Tensor, " d_out"]:
     """The decoder bias as decoded (a tied matching-pursuit SAE may skip it)."""
     skips = "MatchingPursuit" in type(sae).__name__ and not sae.cfg.apply_b_dec_to_input
     b_dec = sae.b_dec.detach().float()
