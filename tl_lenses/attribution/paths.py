@@ -40,7 +40,7 @@ from tl_lenses.attribution.core import (
     parse_head_label,
     residual_readout,
 )
-from tl_lenses.hooks import final_resid_name, resolve_positions, run_cache
+from tl_lenses.hooks import final_resid_name, resolve_positions, run_cache, spliced_sites
 from tl_lenses.inputs import str_tokens, to_tokens
 from tl_lenses.models import check_model, is_bridge
 from tl_lenses.readout.unembed import Unembed
@@ -128,6 +128,18 @@ class HeadPathResult:
             absolute: bool = True) -> DLAResult:
         """The ``k`` largest paths at one (batch, direction)."""
         return self.flat().top(k, batch=batch, pos=0, direction=direction, absolute=absolute)
+
+
+def _refuse_saes(model, cache) -> None:
+    """Head paths split resid_pre into earlier writers; a spliced SAE breaks that sum."""
+    sites = spliced_sites(model.hook_dict)
+    if cache is not None:
+        sites += spliced_sites(getattr(cache, "cache_dict", cache))
+    if sites:
+        raise NotImplementedError(
+            f"head_path_dla does not support SAEs spliced in (sae-lens) at {sorted(set(sites))}; "
+            "use dla(..., saes=[...]) for a latent split, or reset_saes() first"
+        )
 
 
 def _check_folded(model) -> None:
@@ -219,6 +231,7 @@ def head_path_dla(
     chosen = parse_heads(model, heads)
     last = max(layer for layer, _ in chosen)
     names = path_hooks(model, last)
+    _refuse_saes(model, cache)
     cache = run_cache(model, tokens, names) if cache is None else cache
     check_cache(cache, tokens, names)
     u, _ = residual_readout(model, dirs)

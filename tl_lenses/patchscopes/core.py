@@ -28,7 +28,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from tl_lenses.hooks import resolve_layer, resolve_position, run_cache
+from tl_lenses.hooks import flowing_name, resolve_layer, resolve_position, run_cache
 from tl_lenses.inputs import decode_each, to_tokens
 from tl_lenses.models import check_model, is_bridge
 
@@ -188,8 +188,10 @@ def run_patched(
     if len(hook_names) != tokens.shape[0] or len(positions) != tokens.shape[0]:
         raise ValueError("need one hook name and one position per row of tokens")
     groups: dict[str, list[int]] = {}
+    hook_dict = model.hook_dict
     for row, name in enumerate(hook_names):
-        groups.setdefault(name, []).append(row)
+        # Where sae-lens spliced an SAE in, patch what flows on: its hook_sae_output.
+        groups.setdefault(flowing_name(hook_dict, name), []).append(row)
     if not is_bridge(model):
         return _run_cached(model, tokens, groups, list(positions), values, max_new_tokens,
                            reuse_prefix)

@@ -10,6 +10,7 @@ from torch import Tensor
 from tl_lenses.hooks import (
     check_hook_names,
     final_resid_name,
+    flowing_name,
     resid_names,
     resolve_layer,
     resolve_positions,
@@ -113,15 +114,17 @@ def apply_lens_to_cache(
     tokens = to_tokens(model, tokens, argument="tokens")
     names = select_hook_names(model, hook_names, layers, incl_mid)
     final = final_resid_name(model)
-    missing = [name for name in [*names, final] if name not in cache]
+    # Where sae-lens spliced an SAE in, the row reads what flows on: its hook_sae_output.
+    keys = {name: flowing_name(cache, name) for name in [*names, final]}
+    missing = [name for name, key in keys.items() if key not in cache]
     if missing:
         raise ValueError(
             f"cache lacks hook points the lens needs: {sorted(set(missing))}; run "
             "run_with_cache without a names_filter that drops them"
         )
     pos = resolve_positions(tokens.shape[1], positions)
-    resids = [_at_positions(cache[name], pos, tokens, name) for name in names]
-    final_resid = _at_positions(cache[final], pos, tokens, final)
+    resids = [_at_positions(cache[keys[name]], pos, tokens, name) for name in names]
+    final_resid = _at_positions(cache[keys[final]], pos, tokens, final)
     return read_lens(model, lens, resids, final_resid, names, tokens,
                      positions=pos, **readout)
 
@@ -172,7 +175,8 @@ class LensCollector:
 
     def fwd_hooks(self) -> list[tuple[str, object]]:
         """``(name, hook)`` pairs for ``run_with_hooks``: the chosen points and the final."""
-        return [(name, self.hook_for(name))
+        hook_dict = self.model.hook_dict
+        return [(flowing_name(hook_dict, name), self.hook_for(name))
                 for name in dict.fromkeys([*self.hook_names, self.final])]
 
     def result(self, tokens, **readout) -> LensResult:

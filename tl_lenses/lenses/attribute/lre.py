@@ -29,7 +29,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from tl_lenses.hooks import final_resid_name, resid_names, resolve_layer
+from tl_lenses.hooks import final_resid_name, flowing_name, resid_names, resolve_layer
 from tl_lenses.inputs import to_tokens
 from tl_lenses.lenses.attribute.relations import Relation, Sample, check_template, few_shot_prompt
 from tl_lenses.models import check_model, is_bridge
@@ -210,7 +210,8 @@ def _jacobian_hooks(model, tokens: Tensor, layer: int, pos: int, n_rows: int | N
     def keep_final(resid, hook):
         seen["z"] = resid[0, -1]
 
-    hooks = [(resid_names(model)[layer], swap_in_leaf), (final_resid_name(model), keep_final)]
+    hooks = [(flowing_name(model.hook_dict, name), fn) for name, fn in
+             [(resid_names(model)[layer], swap_in_leaf), (final_resid_name(model), keep_final)]]
     with torch.enable_grad():
         model.run_with_hooks(tokens, fwd_hooks=hooks, return_type=None)
         s, z = seen["s"], seen["z"]

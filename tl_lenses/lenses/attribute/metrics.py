@@ -31,7 +31,13 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from tl_lenses.hooks import final_resid_name, resid_names, resolve_layer, run_cache
+from tl_lenses.hooks import (
+    final_resid_name,
+    flowing_name,
+    resid_names,
+    resolve_layer,
+    run_cache,
+)
 from tl_lenses.inputs import to_tokens
 from tl_lenses.lenses.attribute.lre import LRE, estimate_lre, subject_position
 from tl_lenses.lenses.attribute.relations import Relation, Sample, object_token
@@ -168,7 +174,8 @@ def causality(model, lre: LRE, states: SubjectStates, pairs: Sequence[tuple[int,
         seen["z"] = resid[rows, last]
 
     last = torch.tensor(states.last_positions)[src]
-    hooks = [(resid_names(model)[lre.layer], add_delta), (final_resid_name(model), keep_final)]
+    hooks = [(flowing_name(model.hook_dict, name), fn) for name, fn in
+             [(resid_names(model)[lre.layer], add_delta), (final_resid_name(model), keep_final)]]
     with torch.no_grad():
         model.run_with_hooks(states.tokens[src], fwd_hooks=hooks, return_type=None)
     answers = _answers(model, seen["z"])
