@@ -15,6 +15,8 @@ from typing import Protocol, Sequence, runtime_checkable
 import torch
 from torch import Tensor
 
+from tl_lenses.inputs import Batch
+
 RESID_KINDS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
 _BLOCK_HOOK = re.compile(r"^blocks\.(\d+)\.hook_(\w+)$")
 
@@ -107,16 +109,20 @@ def resolve_positions(n_pos: int, positions, *, argument: str = "positions") -> 
     return [p % n_pos for p in positions]
 
 
-def run_cache(model, tokens: Tensor, names: Sequence[str], *, logits: bool = False):
+def run_cache(model, tokens: Tensor | Batch, names: Sequence[str], *, logits: bool = False):
     """``run_with_cache`` keeping only ``names``, without gradients.
 
-    Returns the cache, or ``(logits, cache)`` with ``logits=True``. TL removes its caching
-    hooks even when the forward pass raises.
+    ``tokens``: token ids, or a :class:`~tl_lenses.inputs.Batch` whose attention mask goes
+    to the model (so padded prompts run as they would alone). Returns the cache, or
+    ``(logits, cache)`` with ``logits=True``. TL removes its caching hooks even when the
+    forward pass raises.
     """
+    kwargs = tokens.forward_kwargs(model) if isinstance(tokens, Batch) else {}
+    ids = tokens.tokens if isinstance(tokens, Batch) else tokens
     wanted = set(names)
     with torch.no_grad():
-        out, cache = model.run_with_cache(tokens, names_filter=lambda name: name in wanted,
-                                          return_type="logits" if logits else None)
+        out, cache = model.run_with_cache(ids, names_filter=lambda name: name in wanted,
+                                          return_type="logits" if logits else None, **kwargs)
     return (out, cache) if logits else cache
 
 
