@@ -10,8 +10,10 @@ from torch import Tensor
 
 
 def decode_each(tokenizer, ids) -> list[str]:
-    """Each token id (a list or 1-d tensor) as its own string; the id itself without a
-    tokenizer; "" for -1 (no token: a pad cell, a non-finite one)."""
+    """Each token id (a list or 1-d tensor) as its own string.
+
+    The id itself without a tokenizer; "" for -1 (no token: a pad cell, a non-finite one).
+    """
     ids = ids.tolist() if isinstance(ids, Tensor) else list(ids)
     if tokenizer is None:
         return [str(i) if i >= 0 else "" for i in ids]
@@ -38,8 +40,11 @@ def to_tokens(model, input, *, argument: str = "input") -> Int[Tensor, "batch po
 
 
 def one_prompt(model, input, *, argument: str = "prompt") -> Int[Tensor, "1 pos"]:
-    """Tokens ``[1, pos]`` of one prompt (text or ids); several prompts are an error, not
-    silently cut to the first."""
+    """Tokens ``[1, pos]`` of one prompt (text or ids).
+
+    Raises:
+        ValueError: naming ``argument``, for several prompts (never silently cut to one).
+    """
     tokens = to_tokens(model, input, argument=argument)
     if tokens.shape[0] != 1:
         raise ValueError(f"{argument} must be one prompt, got {tokens.shape[0]}; run "
@@ -235,12 +240,12 @@ class Batch:
     padding_side: str = "right"
 
     @property
-    def lengths(self) -> Int[Tensor, "batch"]:
+    def lengths(self) -> Int[Tensor, " batch"]:
         """Each prompt's number of real tokens."""
         return self.mask.sum(1)
 
     @property
-    def offsets(self) -> Int[Tensor, "batch"]:
+    def offsets(self) -> Int[Tensor, " batch"]:
         """The column of each prompt's first real token (0 unless left-padded)."""
         if self.padding_side == "left":
             return self.tokens.shape[1] - self.lengths
@@ -251,7 +256,7 @@ class Batch:
         """Whether any cell is padding."""
         return not bool(self.mask.all())
 
-    def last(self) -> Int[Tensor, "batch"]:
+    def last(self) -> Int[Tensor, " batch"]:
         """The column of each prompt's last real token."""
         return self.offsets + self.lengths - 1
 
@@ -295,8 +300,12 @@ class Batch:
 
 @dataclass(frozen=True)
 class Selection:
-    """Positions read from a batch: ``columns[b, i]`` is the token prompt ``b`` read for
-    ``positions[i]``; ``mask[b, i]`` is False where prompt ``b`` has no such token."""
+    """Positions read from a batch, per prompt.
+
+    ``columns[b, i]`` is the token (column of the padded tokens) prompt ``b`` reads for
+    ``positions[i]``; ``mask[b, i]`` is False where prompt ``b`` has no such token (it is
+    shorter), and ``columns`` then points at one of its tokens so gathers stay in range.
+    """
 
     positions: list[int]
     columns: Int[Tensor, "batch pos"]

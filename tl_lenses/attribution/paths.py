@@ -112,7 +112,7 @@ class HeadPathResult:
     scale: Float[Tensor, " batch"]
     str_tokens: list[list[str]] | None = None
     mask: Bool[Tensor, "batch src_pos"] | None = None
-    destinations: Int[Tensor, "batch"] | None = None
+    destinations: Int[Tensor, " batch"] | None = None
 
     def head_totals(self) -> Float[Tensor, "head_index batch direction"]:
         """Each head's DLA, rebuilt from its paths."""

@@ -285,8 +285,10 @@ class PatchscopeResult:
     tokenizer: Any = None
 
     def top_tokens(self, k: int = 5) -> list[str]:
-        """The target's ``k`` most likely next tokens as strings; none when the logits are
-        not finite."""
+        """The target's ``k`` most likely next tokens as strings.
+
+        None when the logits are not finite (they have no order then).
+        """
         if not bool(self.logits.isfinite().all()):
             return []
         return decode_each(self.tokenizer, self.logits.topk(k).indices)

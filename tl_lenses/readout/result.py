@@ -52,7 +52,7 @@ class LensResult:
     tokenizer: Any = field(default=None, repr=False, compare=False)
     mask: Bool[Tensor, "batch pos"] | None = None
     columns: Int[Tensor, "batch pos"] | None = None
-    lengths: Int[Tensor, "batch"] | None = None
+    lengths: Int[Tensor, " batch"] | None = None
 
     def __post_init__(self):
         # Results built without padding information: every prompt reads every position.
