@@ -320,3 +320,16 @@ def test_dla_arguments_are_checked(model, kwargs, argument):
     kwargs = {"directions": "a", **kwargs}
     with pytest.raises((ValueError, TypeError), match=argument):
         dla(model, torch.tensor([[1, 2, 3, 4]]), kwargs.pop("directions"), **kwargs)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_lens_evaluation_of_unequal_rows_weighs_each_row_alone(model, side):
+    batch = to_batch(model, PROMPTS, padding_side=side)
+    together = tll.evaluate_lenses(model, batch.tokens, attention_mask=batch.mask,
+                                   batch_size=2).metrics["logit"]
+    alone = [tll.evaluate_lenses(model, to_batch(model, p).tokens).metrics["logit"]
+             for p in PROMPTS]
+    assert together.n_tokens == sum(m.n_tokens for m in alone)
+    for field in ("kl", "cross_entropy", "entropy", "top1_agreement"):
+        expected = sum(getattr(m, field) * m.n_tokens for m in alone) / together.n_tokens
+        torch.testing.assert_close(getattr(together, field), expected, atol=1e-5, rtol=1e-4)
