@@ -146,8 +146,9 @@ def tokens_view(result: LensResult, batch: int = 0) -> str:
     """Circuitsvis colored_tokens: each token coloured by the row its target settles at."""
     from circuitsvis.tokens import colored_tokens  # heavy: imported only when drawn
 
-    values = settle_layer(result, batch)
-    tokens = [result.str_tokens[batch][p] for p in result.positions]
+    real = result.mask[batch].cpu()  # a prompt's own tokens only, never its padding
+    values = settle_layer(result, batch)[real]
+    tokens = [t for t, keep in zip(result.str_tokens_at(batch), real.tolist()) if keep]
     note = (f"<p class='note'>Each token coloured by the first row (0 = embedding) from which "
             f"the {esc(result.target)} stays the lens's top-1. Hover for the value.</p>")
     return note + circuitsvis_html(colored_tokens(tokens=tokens, values=values.tolist()))
