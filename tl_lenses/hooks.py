@@ -15,6 +15,8 @@ from typing import Protocol, Sequence, runtime_checkable
 import torch
 from torch import Tensor
 
+from tl_lenses.inputs import Batch
+
 RESID_KINDS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
 _BLOCK_HOOK = re.compile(r"^blocks\.(\d+)\.hook_(\w+)$")
 # sae-lens's HookedSAETransformer puts an SAE in place of the hook point it sits at; what
@@ -127,19 +129,23 @@ def resolve_positions(n_pos: int, positions, *, argument: str = "positions") -> 
     return [p % n_pos for p in positions]
 
 
-def run_cache(model, tokens: Tensor, names: Sequence[str], *, logits: bool = False):
+def run_cache(model, tokens: Tensor | Batch, names: Sequence[str], *, logits: bool = False):
     """``run_with_cache`` keeping only ``names``, without gradients.
 
-    Returns the cache, or ``(logits, cache)`` with ``logits=True``. TL removes its caching
-    hooks even when the forward pass raises. Where sae-lens has spliced an SAE in at a
-    name, the cache holds what flows on (its ``hook_sae_output``) under that name as well.
+    ``tokens``: token ids, or a :class:`~tl_lenses.inputs.Batch` whose attention mask goes
+    to the model (so padded prompts run as they would alone). Returns the cache, or
+    ``(logits, cache)`` with ``logits=True``. TL removes its caching hooks even when the
+    forward pass raises. Where sae-lens has spliced an SAE in at a name, the cache holds
+    what flows on (its ``hook_sae_output``) under that name as well.
     """
+    kwargs = tokens.forward_kwargs(model) if isinstance(tokens, Batch) else {}
+    ids = tokens.tokens if isinstance(tokens, Batch) else tokens
     hook_dict = model.hook_dict  # a property that builds a dict on some backends
     resolved = {name: flowing_name(hook_dict, name) for name in names}
     wanted = set(resolved.values())
     with torch.no_grad():
-        out, cache = model.run_with_cache(tokens, names_filter=lambda name: name in wanted,
-                                          return_type="logits" if logits else None)
+        out, cache = model.run_with_cache(ids, names_filter=lambda name: name in wanted,
+                                          return_type="logits" if logits else None, **kwargs)
     store = getattr(cache, "cache_dict", cache)
     for name, key in resolved.items():
         if key != name and key in store:

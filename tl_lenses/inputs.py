@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
-from jaxtyping import Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from tl_lenses.devices import model_device
 
 
 def decode_each(tokenizer, ids) -> list[str]:
-    """Each token id (a list or 1-d tensor) as its own string; the id itself without a tokenizer."""
+    """Each token id (a list or 1-d tensor) as its own string.
+
+    The id itself without a tokenizer; "" for -1 (no token: a pad cell, a non-finite one).
+    """
     ids = ids.tolist() if isinstance(ids, Tensor) else list(ids)
     if tokenizer is None:
-        return [str(i) for i in ids]
-    return [tokenizer.decode([i]) for i in ids]
+        return [str(i) if i >= 0 else "" for i in ids]
+    return [tokenizer.decode([i]) if i >= 0 else "" for i in ids]
 
 
 def require_tokenizer(model, *, argument: str = "model") -> None:
@@ -31,33 +36,155 @@ def to_tokens(model, input, *, argument: str = "input") -> Int[Tensor, "batch po
 
     Prompts are tokenized as the model's config says (``default_prepend_bos``), so a lens
     sees the same tokens as ``model(input)``. The tokens come back on the model's device,
-    wherever a given tensor was.
+    wherever a given tensor was. For unequal prompts use :func:`to_batch`, which also says
+    which cells are padding.
     """
+    return to_batch(model, input, padding_side="right", argument=argument).tokens
+
+
+def one_prompt(model, input, *, argument: str = "prompt") -> Int[Tensor, "1 pos"]:
+    """Tokens ``[1, pos]`` of one prompt (text or ids).
+
+    Raises:
+        ValueError: naming ``argument``, for several prompts (never silently cut to one).
+    """
+    tokens = to_tokens(model, input, argument=argument)
+    if tokens.shape[0] != 1:
+        raise ValueError(f"{argument} must be one prompt, got {tokens.shape[0]}; run "
+                         "several one at a time (or use the sweep)")
+    return tokens
+
+
+def to_batch(
+    model, input, *, padding_side: str | None = None,
+    attention_mask: Int[Tensor, "batch pos"] | Bool[Tensor, "batch pos"] | None = None,
+    argument: str = "input",
+) -> "Batch":
+    """A checked :class:`Batch` (tokens + attention mask) for what a user passes.
+
+    Args:
+        model: a HookedTransformer or TransformerBridge.
+        input: a string, a list of strings, an int tensor ``[pos]`` or ``[batch, pos]``
+            of token ids, or a :class:`Batch` (returned as it is).
+        padding_side: ``"right"`` or ``"left"`` for a list of strings; None takes the
+            tokenizer's setting (TL's ``padding_side``), else right. With token ids and a
+            mask, the side is read off the mask (and must agree when given).
+        attention_mask: for token ids only: 1 (or True) marks a prompt's tokens, 0 its
+            padding; each row one contiguous run of real tokens at one side. None: every
+            cell is a token.
+        argument: the name used in error messages.
+
+    Returns:
+        The batch; every prompt tokenized alone (so its tokens equal the prompt's own),
+        then padded with the pad id on ``padding_side``.
+
+    Raises:
+        ValueError: empty text, ids outside the vocabulary, a prompt longer than n_ctx, a
+            mask with the wrong shape, gaps or an empty row, a mask with text, or a
+            ``padding_side`` that is neither side or contradicts the mask.
+        TypeError: an input of another type.
+    """
+    if isinstance(input, Batch):
+        if attention_mask is not None or padding_side not in (None, input.padding_side):
+            raise ValueError(f"{argument} is a Batch, which has its own attention_mask and "
+                             "padding_side: pass neither")
+        return input
+    if padding_side is not None and padding_side not in PADDING_SIDES:
+        raise ValueError(f"padding_side must be one of {PADDING_SIDES} or None, got "
+                         f"{padding_side!r}")
     if isinstance(input, str) or (
         isinstance(input, (list, tuple)) and all(isinstance(x, str) for x in input)
     ):
-        texts = [input] if isinstance(input, str) else list(input)
-        if not texts or any(text == "" for text in texts):
-            raise ValueError(f"{argument} must be non-empty text, got {input!r}")
-        require_tokenizer(model)
-        # truncate=False: TL would silently cut a prompt longer than n_ctx.
-        tokens = model.to_tokens(texts, padding_side="right", truncate=False)
-    elif isinstance(input, Tensor):
+        if attention_mask is not None:
+            raise ValueError(f"attention_mask is only for token ids: {argument} is text, "
+                             "whose padding tl_lenses makes itself (choose padding_side=)")
+        return _text_batch(model, [input] if isinstance(input, str) else list(input),
+                           padding_side or _tokenizer_side(model), argument)
+    if isinstance(input, Tensor):
         tokens = input.unsqueeze(0) if input.dim() == 1 else input
         if tokens.dim() != 2 or tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
             raise ValueError(
                 f"{argument} as a tensor must hold int token ids shaped [pos] or [batch, pos], "
                 f"got dtype {input.dtype} and shape {tuple(input.shape)}"
             )
-        d_vocab = model.cfg.d_vocab
-        if tokens.numel() and (tokens.min() < 0 or tokens.max() >= d_vocab):
-            raise ValueError(f"{argument} has token ids outside [0, {d_vocab})")
-    else:
-        raise TypeError(
-            f"{argument} must be a string, a list of strings or a tensor of token ids, "
-            f"got {type(input).__name__}"
+        check_ids(model, tokens, argument)
+        tokens = _check_length(model, tokens, argument)
+        if attention_mask is None:
+            mask = torch.ones_like(tokens, dtype=torch.bool)
+            return Batch(tokens, mask, padding_side or _tokenizer_side(model))
+        return Batch(tokens, *_check_mask(tokens, attention_mask, padding_side))
+    raise TypeError(
+        f"{argument} must be a string, a list of strings, a tensor of token ids or a Batch, "
+        f"got {type(input).__name__}"
+    )
+
+
+def check_ids(model, ids: Tensor, argument: str, *, allow_none: bool = False) -> None:
+    """Fail unless every id is in ``[0, d_vocab)`` (or -1, "none", with ``allow_none``)."""
+    d_vocab, low = model.cfg.d_vocab, -1 if allow_none else 0
+    if ids.numel() and (ids.min() < low or ids.max() >= d_vocab):
+        bad = ids[(ids < low) | (ids >= d_vocab)].flatten()[:5].tolist()
+        none = " (or -1 for none)" if allow_none else ""
+        raise ValueError(f"{argument} has token ids outside [0, {d_vocab}){none}: {bad}")
+
+
+def _tokenizer_side(model) -> str:
+    side = getattr(getattr(model, "tokenizer", None), "padding_side", None)
+    return side if side in PADDING_SIDES else "right"
+
+
+def _text_batch(model, texts: list[str], side: str, argument: str) -> "Batch":
+    if not texts or any(text == "" for text in texts):
+        raise ValueError(f"{argument} must be non-empty text, got {texts!r}")
+    require_tokenizer(model)
+    # Each prompt alone: its tokens are exactly those of the prompt run by itself.
+    # truncate=False: TL would silently cut a prompt longer than n_ctx.
+    rows = [_check_length(model, model.to_tokens(text, truncate=False), argument)[0]
+            for text in texts]
+    width = max(len(row) for row in rows)
+    tokens = torch.full((len(rows), width), _pad_id(model), dtype=torch.long,
+                        device=rows[0].device)
+    mask = torch.zeros(len(rows), width, dtype=torch.bool, device=rows[0].device)
+    for i, row in enumerate(rows):
+        span = slice(0, len(row)) if side == "right" else slice(width - len(row), width)
+        tokens[i, span], mask[i, span] = row, True
+    return Batch(tokens, mask, side)
+
+
+def _pad_id(model) -> int:
+    tokenizer = model.tokenizer
+    for pad in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+        if pad is not None:
+            return int(pad)
+    return 0
+
+
+def _check_mask(tokens: Tensor, mask, side: str | None) -> tuple[Tensor, str]:
+    """(a bool mask, the padding side it shows, which must agree with ``side`` if given)."""
+    if not isinstance(mask, Tensor) or mask.shape != tokens.shape or mask.is_floating_point():
+        raise ValueError(
+            f"attention_mask must be an int or bool tensor shaped like the tokens "
+            f"{tuple(tokens.shape)}, got "
+            f"{tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__}"
         )
-    return _check_length(model, tokens, argument)
+    if ((mask != 0) & (mask != 1)).any():
+        raise ValueError("attention_mask must hold only 0 and 1")
+    mask = mask.to(tokens.device).bool()
+    if not mask.any(1).all():
+        raise ValueError("attention_mask has a row without any token")
+    as_int = mask.int()
+    right = bool((as_int[:, 1:] <= as_int[:, :-1]).all())   # 1...1 0...0 in every row
+    left = bool((as_int[:, 1:] >= as_int[:, :-1]).all())    # 0...0 1...1
+    if not (right or left):
+        raise ValueError("attention_mask must mark each prompt's tokens as one contiguous "
+                         "run at the same side of every row (right or left padding)")
+    if right and left:  # no padding at all: either side
+        return mask, side or "right"
+    shown = "right" if right else "left"
+    if side not in (None, shown):
+        raise ValueError(f"padding_side={side!r} contradicts attention_mask, which pads on "
+                         f"the {shown}")
+    return mask, shown
 
 
 def _check_length(model, tokens: Tensor, argument: str) -> Tensor:
@@ -113,3 +240,98 @@ def str_tokens(model, tokens: Tensor) -> list[list[str]]:
                                         clean_up_tokenization_spaces=False)
     table = dict(zip(unique, pieces))
     return [[table[i] for i in row] for row in rows]
+
+
+PADDING_SIDES = ("right", "left")
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Token ids with their attention mask: which cells hold a prompt's tokens, which padding.
+
+    Each prompt's real tokens are one contiguous run: from column 0 (right padding) or up to
+    the last column (left padding). Methods index positions *within each prompt*, so a
+    prompt reads the same tokens, and gets the same numbers, in a batch as alone.
+    """
+
+    tokens: Int[Tensor, "batch pos"]
+    mask: Bool[Tensor, "batch pos"]
+    padding_side: str = "right"
+
+    @property
+    def lengths(self) -> Int[Tensor, " batch"]:
+        """Each prompt's number of real tokens."""
+        return self.mask.sum(1)
+
+    @property
+    def offsets(self) -> Int[Tensor, " batch"]:
+        """The column of each prompt's first real token (0 unless left-padded)."""
+        if self.padding_side == "left":
+            return self.tokens.shape[1] - self.lengths
+        return torch.zeros_like(self.lengths)
+
+    @property
+    def padded(self) -> bool:
+        """Whether any cell is padding."""
+        return not bool(self.mask.all())
+
+    def last(self) -> Int[Tensor, " batch"]:
+        """The column of each prompt's last real token."""
+        return self.offsets + self.lengths - 1
+
+    def forward_kwargs(self, model) -> dict:
+        """Keyword arguments for ``model(...)``/``run_with_cache``/``run_with_hooks``.
+
+        The attention mask goes to the model whenever there is padding (TL then also
+        derives each prompt's positions from it, for learned and rotary positions alike),
+        and whenever the tokenizer pads on the left: TL would otherwise rebuild a mask from
+        the pad id, which may also be a real token (BOS = EOS = pad in many vocabularies).
+        """
+        tokenizer = getattr(model, "tokenizer", None)
+        if self.padded or getattr(tokenizer, "padding_side", "right") == "left":
+            return {"attention_mask": self.mask.long()}
+        return {}
+
+    def select(self, positions) -> Selection:
+        """Per-prompt columns for ``positions`` counted within each prompt.
+
+        ``None``: every position of the longest prompt; an int or a list of ints, where a
+        negative one counts back from each prompt's own last token (-1 is every prompt's
+        last real token). A position a shorter prompt lacks is a masked cell.
+        """
+        longest = int(self.lengths.max())
+        if positions is None:
+            wanted = list(range(longest))
+        else:
+            wanted = [positions] if isinstance(positions, int) else list(positions)
+            bad = [p for p in wanted
+                   if isinstance(p, bool) or not isinstance(p, int) or not -longest <= p < longest]
+            if bad or not wanted:
+                raise ValueError(f"positions must be non-empty ints in [-{longest}, {longest}) "
+                                 f"(the longest prompt's length), got {bad or wanted}")
+        requested = torch.tensor(wanted, device=self.tokens.device)
+        lengths = self.lengths[:, None]
+        within = torch.where(requested < 0, requested + lengths, requested)   # [batch, n]
+        mask = (within >= 0) & (within < lengths)
+        columns = self.offsets[:, None] + within.clamp(min=0).minimum(lengths - 1)
+        return Selection([p % longest for p in wanted], columns, mask)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Positions read from a batch, per prompt.
+
+    ``columns[b, i]`` is the token (column of the padded tokens) prompt ``b`` reads for
+    ``positions[i]``; ``mask[b, i]`` is False where prompt ``b`` has no such token (it is
+    shorter), and ``columns`` then points at one of its tokens so gathers stay in range.
+    """
+
+    positions: list[int]
+    columns: Int[Tensor, "batch pos"]
+    mask: Bool[Tensor, "batch pos"]
+
+    def gather(self, values: Float[Tensor, "batch full *rest"]) -> Float[Tensor, "batch pos *rest"]:
+        """``values`` at the selected columns of each prompt."""
+        index = self.columns.to(values.device)
+        index = index.view(*index.shape, *([1] * (values.dim() - 2)))
+        return values.gather(1, index.expand(-1, -1, *values.shape[2:]))

@@ -24,6 +24,7 @@ multiplying by the activations, so no per-neuron (or per-head) residual vector i
 from __future__ import annotations
 
 import functools
+import logging
 from dataclasses import dataclass
 from typing import Sequence, Union
 
@@ -33,12 +34,13 @@ from jaxtyping import Float
 from torch import Tensor
 
 from tl_lenses.attribution.result import DLAResult, parse_head_label
-from tl_lenses.hooks import final_resid_name, flowing_name, resolve_positions, run_cache
-from tl_lenses.inputs import single_token, str_tokens, to_tokens
+from tl_lenses.hooks import final_resid_name, flowing_name, run_cache
+from tl_lenses.inputs import Selection, single_token, str_tokens, to_batch
 from tl_lenses.models import check_model
 from tl_lenses.readout.unembed import Unembed
 from tl_lenses.sae.latents import site_terms, split_hooks, split_sites
 
+logger = logging.getLogger("tl_lenses")
 
 @dataclass(frozen=True)
 class LogitDirections:
@@ -178,16 +180,28 @@ def check_cache(cache, tokens: Tensor, names: Sequence[str]) -> None:
         raise ValueError(f"cache is for [batch, pos]={shape}, but tokens are {tuple(tokens.shape)}")
 
 
-def _final_scale(model, cache, positions: list[int]) -> Float[Tensor, "batch pos"]:
+def _final_scale(
+    model, cache, positions: list[int] | Selection
+) -> Float[Tensor, "batch pos"]:
     """The final norm's scale at ``positions`` (ones for a model without a final norm)."""
+    at = _gather(positions)
     if model.cfg.normalization_type is None:
-        return torch.ones(cache["hook_embed"].shape[:2])[:, positions]
-    return cache["ln_final.hook_scale"][:, positions, 0].float()
+        return at(torch.ones(cache["hook_embed"].shape[:2]))
+    return at(cache["ln_final.hook_scale"][..., 0]).float()
+
+
+def _gather(positions: list[int] | Selection):
+    """A function taking a [batch, pos, ...] tensor to the selected cells of each prompt."""
+    if isinstance(positions, Selection):
+        return positions.gather
+    index = _position_index(positions)
+    return lambda values: values[:, index]
 
 
 def dla(
     model, input, directions: DirectionSpec, *, positions=-1, heads: bool = True,
-    neurons: bool = False, cache=None, saes=(),
+    neurons: bool = False, cache=None, saes=(), padding_side: str | None = None,
+    attention_mask: Tensor | None = None,
 ) -> DLAResult:
     """Direct logit attribution: the logit along each direction split over every writer.
 
@@ -209,16 +223,23 @@ def dla(
 
     Args:
         model: a ``HookedTransformer`` or ``TransformerBridge``.
-        input: a string, strings, or int tokens ``[batch, pos]``.
+        input: a string, strings (padded on ``padding_side``), int tokens ``[batch, pos]``
+            (with ``attention_mask`` when padded), or a :class:`~tl_lenses.inputs.Batch`;
+            the mask goes to the model, so each prompt's values equal the prompt's alone.
         directions: a token (string or id), a ``(correct, wrong)`` pair (the logit
             difference), a ``[d_model]`` vector, or a list of these.
-        positions: an int (default -1, the last token), ints, or None for all.
+        positions: an int (default -1: each prompt's own last token), ints, or None for
+            all, counted within each prompt; cells a prompt lacks (pads) are NaN and
+            ``result.mask`` False.
         heads: split attention into heads (else one ``L3 attn`` per layer).
         neurons: split MLPs into neurons.
         cache: an ``ActivationCache`` of ``input`` (then ``input`` must be its tokens and
             the model is not run).
         saes: sae-lens SAEs (d_model-wide hook points) to split into latents, spliced in or
             not.
+        padding_side: ``"right"`` or ``"left"`` for a list of strings (None: the
+            tokenizer's ``padding_side``).
+        attention_mask: for int tokens: 1 marks a token, 0 padding.
 
     Returns:
         A :class:`~tl_lenses.attribution.result.DLAResult`: ``values [component, batch, pos,
@@ -236,37 +257,55 @@ def dla(
     True
     """
     check_model(model)
-    tokens = to_tokens(model, input)
+    batch = to_batch(model, input, padding_side=padding_side, attention_mask=attention_mask)
     dirs = logit_directions(model, directions)
-    pos = resolve_positions(tokens.shape[1], positions)
+    selection = batch.select(positions)
     names = needed_hooks(model, heads=heads, neurons=neurons)
     if cache is None:
-        cache = run_cache(model, tokens, [*names, *split_hooks(model, saes)])
-    check_cache(cache, tokens, names)
+        cache = run_cache(model, batch, [*names, *split_hooks(model, saes)])
+    check_cache(cache, batch.tokens, names)
     u, const = residual_readout(model, dirs)
     sites = split_sites(model, getattr(cache, "cache_dict", cache), saes)
-    labels, parts = _component_parts(model, cache, pos, u, heads, neurons, sites)
-    scale = _final_scale(model, cache, pos).to(u.device)
+    labels, parts = _component_parts(model, cache, selection, u, heads, neurons, sites)
+    scale = _final_scale(model, cache, selection).to(u.device)
     values = torch.cat(parts).div_(scale[None, :, :, None])
     bias = const[None, None, None, :].expand(1, *values.shape[1:])
+    values = torch.cat([values, bias])
+    values = _missing_as_nan(values, selection.mask.to(values.device), labels + ["b_U"])
     return DLAResult(
-        values=torch.cat([values, bias]), labels=[*labels, "b_U"], directions=dirs.labels,
-        positions=pos, tokens=tokens, logits=_model_logits(model, cache, pos, dirs),
-        scale=scale, str_tokens=str_tokens(model, tokens),
+        values=values, labels=[*labels, "b_U"], directions=dirs.labels,
+        positions=selection.positions, tokens=batch.tokens,
+        logits=_model_logits(model, cache, selection, dirs), scale=scale,
+        str_tokens=str_tokens(model, batch.tokens), mask=selection.mask,
+        columns=selection.columns,
     )
 
 
-def _component_parts(model, cache, pos, u, heads, neurons, sites=None):
+def _missing_as_nan(values: Tensor, mask: Tensor, labels: list[str]) -> Tensor:
+    """Pad cells as NaN; warn once naming the components whose parts are not finite."""
+    real = values[:, mask]                                            # [component, n, dir]
+    bad = ~real.isfinite().flatten(1).all(1)
+    if bool(bad.any()):
+        named = [label for label, b in zip(labels, bad.tolist()) if b]
+        logger.warning("non-finite DLA parts (NaN or inf activations) for %s; shown as "
+                       "missing", ", ".join(named[:10]) + (" ..." if len(named) > 10 else ""))
+        values = values.nan_to_num(nan=float("nan"), posinf=float("nan"), neginf=float("nan"))
+    if bool(mask.all()):
+        return values
+    return values.masked_fill(~mask[None, :, :, None], float("nan"))
+
+
+def _component_parts(model, cache, positions, u, heads, neurons, sites=None):
     """(labels, [n, batch, pos, direction] tensors) for every writer, not yet divided by s.
 
     ``sites``: ``{hook point: SAE or None}`` whose value is split into SAE terms instead.
     """
-    index = _position_index(pos)
+    gather = _gather(positions)
     keys = getattr(cache, "cache_dict", cache)
     sites = sites or {}
 
     def at(name: str) -> Tensor:
-        return cache[flowing_name(keys, name)][:, index].float()
+        return gather(cache[flowing_name(keys, name)]).float()
 
     def project(name: str) -> Tensor:
         return (at(name) @ u)[None]
@@ -296,7 +335,7 @@ def _component_parts(model, cache, pos, u, heads, neurons, sites=None):
         if stream:
             labels.clear()
             parts.clear()
-        sae_labels, terms = site_terms(name, cache, index, u, sites[name])
+        sae_labels, terms = site_terms(name, cache, gather, u, sites[name])
         labels.extend(sae_labels)
         parts.append(terms)
         return True
@@ -372,7 +411,7 @@ def _model_logits(
     model, cache, pos, dirs: LogitDirections
 ) -> Float[Tensor, "batch pos direction"]:
     """The model's own value along each direction, from the final residual (own statistics)."""
-    resid = cache[flowing_name(cache, final_resid_name(model))][:, pos].float()
+    resid = _gather(pos)(cache[flowing_name(cache, final_resid_name(model))]).float()
     normalized = Unembed.from_model(model).normalize(resid)
     return (normalized @ dirs.vectors.T.to(normalized.device)
             + dirs.offset.to(normalized.device)).detach()

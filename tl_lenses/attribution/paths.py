@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import einops
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from tl_lenses.attribution.core import (
@@ -40,8 +40,8 @@ from tl_lenses.attribution.core import (
     parse_head_label,
     residual_readout,
 )
-from tl_lenses.hooks import final_resid_name, resolve_positions, run_cache, spliced_sites
-from tl_lenses.inputs import str_tokens, to_tokens
+from tl_lenses.hooks import final_resid_name, run_cache, spliced_sites
+from tl_lenses.inputs import str_tokens, to_batch
 from tl_lenses.models import check_model, is_bridge
 from tl_lenses.readout.unembed import Unembed
 
@@ -96,7 +96,10 @@ class HeadPathResult:
 
     ``heads`` label the destination heads (``L2H1``), ``sources`` the earlier components
     plus ``b_V`` (a source that is not earlier than the head contributes exactly 0).
-    ``values.sum((1, 3))`` is each head's DLA at ``position``.
+    ``values.sum((1, 3))`` is each head's DLA at ``position``, which counts within each
+    prompt: ``destinations[b]`` is the token of ``tokens`` prompt ``b`` read (for -1 its own
+    last token). ``src_pos`` runs over the columns of ``tokens``; ``mask`` marks which are
+    tokens (pads are attended by nothing, so their paths are exactly 0).
     """
 
     values: Float[Tensor, "head_index source batch src_pos direction"]
@@ -108,6 +111,8 @@ class HeadPathResult:
     logits: Float[Tensor, "batch direction"]
     scale: Float[Tensor, " batch"]
     str_tokens: list[list[str]] | None = None
+    mask: Bool[Tensor, "batch src_pos"] | None = None
+    destinations: Int[Tensor, " batch"] | None = None
 
     def head_totals(self) -> Float[Tensor, "head_index batch direction"]:
         """Each head's DLA, rebuilt from its paths."""
@@ -122,6 +127,7 @@ class HeadPathResult:
             directions=self.directions, positions=[self.position], tokens=self.tokens,
             logits=self.logits[:, None], scale=self.scale[:, None],
             str_tokens=self.str_tokens,
+            columns=None if self.destinations is None else self.destinations[:, None],
         )
 
     def top(self, k: int = 10, *, batch: int = 0, direction: int = 0,
@@ -193,6 +199,7 @@ def path_hooks(model, last_layer: int) -> list[str]:
 
 def head_path_dla(
     model, input, directions: DirectionSpec, *, position: int = -1, heads=None, cache=None,
+    padding_side: str | None = None, attention_mask: Tensor | None = None,
 ) -> HeadPathResult:
     """DLA of every (earlier component, source position) through each head's OV circuit.
 
@@ -202,11 +209,17 @@ def head_path_dla(
 
     Args:
         model: a ``HookedTransformer`` or ``TransformerBridge``.
-        input: a string or int tokens ``[batch, pos]``.
+        input: a string, strings (padded on ``padding_side``), int tokens ``[batch, pos]``
+            (with ``attention_mask`` when padded), or a :class:`~tl_lenses.inputs.Batch`;
+            the mask goes to the model.
         directions: as in :func:`~tl_lenses.attribution.core.dla`.
-        position: the destination token (negatives count back).
+        position: the destination token, counted within each prompt (negatives count back
+            from each prompt's own end; every prompt must have it).
         heads: None for all, or ``(layer, head)`` pairs / ``"L3H5"`` labels.
         cache: an ``ActivationCache`` of ``input``.
+        padding_side: ``"right"`` or ``"left"`` for a list of strings (None: the
+            tokenizer's ``padding_side``).
+        attention_mask: for int tokens: 1 marks a token, 0 padding.
 
     Returns:
         A :class:`HeadPathResult`: ``values [head_index, source, batch, src_pos,
@@ -223,27 +236,32 @@ def head_path_dla(
     """
     check_model(model)
     _check_folded(model)
-    tokens = to_tokens(model, input)
+    batch = to_batch(model, input, padding_side=padding_side, attention_mask=attention_mask)
+    tokens = batch.tokens
     dirs = logit_directions(model, directions)
     if not isinstance(position, int) or isinstance(position, bool):
         raise ValueError(f"position must be one int (the destination token), got {position!r}")
-    dest = resolve_positions(tokens.shape[1], position)[0]
+    selection = batch.select(position)
+    if not bool(selection.mask.all()):
+        raise ValueError(f"position {position} is beyond the end of prompts "
+                         f"{(~selection.mask[:, 0]).nonzero()[:, 0].tolist()}")
+    dest = selection.columns[:, 0]
     chosen = parse_heads(model, heads)
     last = max(layer for layer, _ in chosen)
     names = path_hooks(model, last)
     _refuse_saes(model, cache)
-    cache = run_cache(model, tokens, names) if cache is None else cache
+    cache = run_cache(model, batch, names) if cache is None else cache
     check_cache(cache, tokens, names)
     u, _ = residual_readout(model, dirs)
-    s_f = _final_scale(model, cache, [dest])[:, 0].to(u.device)
+    s_f = _final_scale(model, cache, selection)[:, 0].to(u.device)
     sources, values = _all_paths(model, cache, chosen, dest, u, s_f, last)
     unembed = Unembed.from_model(model)
-    resid = cache[final_resid_name(model)][:, dest].float()
+    resid = selection.gather(cache[final_resid_name(model)])[:, 0].float()
     logits = unembed.normalize(resid) @ dirs.vectors.T.to(resid.device) + dirs.offset
     return HeadPathResult(
-        values=values, heads=[f"L{l}H{h}" for l, h in chosen], sources=sources, position=dest,
-        directions=dirs.labels, tokens=tokens, logits=logits, scale=s_f,
-        str_tokens=str_tokens(model, tokens),
+        values=values, heads=[f"L{l}H{h}" for l, h in chosen], sources=sources,
+        position=selection.positions[0], directions=dirs.labels, tokens=tokens, logits=logits,
+        scale=s_f, str_tokens=str_tokens(model, tokens), mask=batch.mask, destinations=dest,
     )
 
 
@@ -287,8 +305,9 @@ def _all_paths(model, cache, chosen, dest, u, s_f, last) -> tuple[list[str], Ten
     cfg = model.cfg
     w, bias_term = _ov_readout(model, chosen, u)
     layers = torch.tensor([l for l, _ in chosen])
-    pattern = torch.stack([cache[f"blocks.{l}.attn.hook_pattern"][:, h, dest].float()
-                           for l, h in chosen], 1)  # b n s
+    rows = torch.arange(len(dest))
+    pattern = torch.stack([cache[f"blocks.{l}.attn.hook_pattern"][rows, h, dest].float()
+                           for l, h in chosen], 1)  # b n s; dest: each prompt's own column
     if cfg.normalization_type is None:
         s1 = torch.ones_like(pattern)
     else:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from tl_lenses.attribution import view as _views
@@ -18,8 +18,9 @@ from tl_lenses.attribution import view as _views
 class DLAResult:
     """Attributions ``values[component, batch, pos, direction]`` with one label per component.
 
-    ``pos`` runs over ``positions`` (token indices); ``tokens`` holds the whole prompts
-    (``_``: every token position). ``logits`` is the model's own value along each
+    ``pos`` runs over ``positions``, counted within each prompt: ``columns[b, i]`` is the
+    token of ``tokens`` (the whole prompts, padded) that prompt ``b`` read, and ``mask[b, i]``
+    is False where it has none (a pad: NaN values). ``logits`` is the model's own value along each
     direction and ``values.sum(0)`` equals it to float rounding (while every component is
     kept); ``scale`` is the frozen final-norm scale. Indexing (``result["L3H5"]``,
     ``result[["L3H5", "L7 MLP"]]``, ``result[:10]``) selects components; ``top`` and
@@ -34,6 +35,17 @@ class DLAResult:
     logits: Float[Tensor, "batch pos direction"]
     scale: Float[Tensor, "batch pos"]
     str_tokens: list[list[str]] | None = None
+    mask: Bool[Tensor, "batch pos"] | None = None
+    columns: Int[Tensor, "batch pos"] | None = None
+
+    def __post_init__(self):
+        # Built without padding information: every prompt reads every position.
+        batch, n_pos = self.values.shape[1:3]
+        if self.mask is None:
+            object.__setattr__(self, "mask", torch.ones(batch, n_pos, dtype=torch.bool))
+        if self.columns is None:
+            object.__setattr__(self, "columns",
+                               torch.tensor(self.positions).expand(batch, n_pos))
 
     def __len__(self) -> int:
         return self.values.shape[0]
@@ -111,16 +123,15 @@ class DLAResult:
     def sort(self, *, batch: int = 0, pos: int = -1, direction: int = 0,
              absolute: bool = True) -> "DLAResult":
         """Components ordered by value (largest first; by magnitude when ``absolute``)."""
-        column = self.cell(batch, pos, direction)
-        order = (column.abs() if absolute else column).argsort(descending=True, stable=True)
+        order = _key(self.cell(batch, pos, direction), absolute).argsort(descending=True,
+                                                                          stable=True)
         return self[order]
 
     def top(self, k: int = 10, *, batch: int = 0, pos: int = -1, direction: int = 0,
             absolute: bool = True) -> "DLAResult":
         """The ``k`` largest components (by magnitude when ``absolute``), largest first."""
-        column = self.cell(batch, pos, direction)
         k = min(k, len(self))
-        order = (column.abs() if absolute else column).topk(k).indices
+        order = _key(self.cell(batch, pos, direction), absolute).topk(k).indices
         return self[order]
 
     def items(self, batch: int = 0, pos: int = -1, direction: int = 0) -> list[tuple[str, float]]:
@@ -169,6 +180,11 @@ class DLAResult:
         return (f"DLAResult({len(self)} components x batch {self.values.shape[1]} x "
                 f"{len(self.positions)} positions x directions {self.directions}: {shown}"
                 f"{' ...' if len(self) > 8 else ''})")
+
+
+def _key(column: Tensor, absolute: bool) -> Tensor:
+    """The ordering key: NaN (a pad, a non-finite part) sorts last, not first."""
+    return (column.abs() if absolute else column).nan_to_num(nan=-torch.inf)
 
 
 def parse_head_label(label: str) -> tuple[int, int] | None:

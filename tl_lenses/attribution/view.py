@@ -59,12 +59,14 @@ def tokens_html(result: DLAResult, labels: Sequence[str] | None = None, *,
     n_tokens = result.tokens.shape[1]
     if result.positions != list(range(n_tokens)):
         raise ValueError("tokens_html needs a result over every position (positions=None)")
-    tokens = (result.str_tokens[batch] if result.str_tokens
-              else [str(t) for t in result.tokens[batch].tolist()])
+    real = result.mask[batch].cpu()  # the prompt's own tokens, never its padding
+    columns = result.columns[batch][real].tolist()
+    tokens = [result.str_tokens[batch][c] if result.str_tokens
+              else str(int(result.tokens[batch, c])) for c in columns]
     if labels is None:
-        values = result.total()[batch, :, direction]
+        values = result.total()[batch, real, direction]
         return circuitsvis_html(circuitsvis.tokens.colored_tokens(tokens, values))
-    values = result[list(labels)].values[:, batch, :, direction].T.contiguous()
+    values = result[list(labels)].values[:, batch, real, direction].T.contiguous()
     return circuitsvis_html(
         circuitsvis.tokens.colored_tokens_multi(tokens, values, labels=list(labels)))
 
@@ -83,7 +85,7 @@ def report_html(result: DLAResult, *, title: str = "Direct logit attribution",
                 direction: int = 0) -> str:
     """A full page: summary, head heatmap, top-k bars, optional token view and path table."""
     pos = len(result.positions) - 1
-    where = result.positions[pos]
+    where = int(result.columns[batch, pos])  # the token this prompt read there
     shown = (result.str_tokens[batch][where] if result.str_tokens
              else int(result.tokens[batch, where]))
     summary = (f"<p class='note'>direction {esc(result.directions[direction])} at position "

@@ -21,6 +21,7 @@ patch (the same result, without the speed-up).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -29,10 +30,12 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from tl_lenses.hooks import flowing_name, resolve_layer, resolve_position, run_cache
-from tl_lenses.inputs import decode_each, to_tokens
+from tl_lenses.inputs import decode_each, one_prompt
 from tl_lenses.models import check_model, is_bridge
 
 Transform = Callable[[Tensor], Tensor]
+
+logger = logging.getLogger("tl_lenses")
 
 
 @dataclass(frozen=True)
@@ -167,8 +170,8 @@ def source_states(
 def source_state(model, prompt, layer: int, position: int = -1) -> Float[Tensor, " d_model"]:
     """``h``: the residual of ``model`` on ``prompt`` at ``layer``, ``position``."""
     check_model(model)
-    tokens = to_tokens(model, prompt, argument="source_prompt")
-    return source_states(model, tokens[:1], [layer], [position])[0, 0]
+    tokens = one_prompt(model, prompt, argument="source_prompt")
+    return source_states(model, tokens, [layer], [position])[0, 0]
 
 
 def run_patched(
@@ -193,9 +196,16 @@ def run_patched(
         # Where sae-lens spliced an SAE in, patch what flows on: its hook_sae_output.
         groups.setdefault(flowing_name(hook_dict, name), []).append(row)
     if not is_bridge(model):
-        return _run_cached(model, tokens, groups, list(positions), values, max_new_tokens,
-                           reuse_prefix)
-    return _run_rerun(model, tokens, groups, list(positions), values, max_new_tokens)
+        logits, new = _run_cached(model, tokens, groups, list(positions), values,
+                                  max_new_tokens, reuse_prefix)
+    else:
+        logits, new = _run_rerun(model, tokens, groups, list(positions), values, max_new_tokens)
+    bad = ~logits.isfinite().all(-1)
+    if bool(bad.any()):
+        named = sorted({hook_names[row] for row in bad.nonzero()[:, 0].tolist()})
+        logger.warning("non-finite patched logits (a NaN or inf patched in at %s): those "
+                       "runs have no top tokens (-1)", ", ".join(named))
+    return logits, new
 
 
 def _hooks(groups: dict[str, list[int]], positions: list[int], values: Tensor, offset: int):
@@ -277,7 +287,12 @@ class PatchscopeResult:
     tokenizer: Any = None
 
     def top_tokens(self, k: int = 5) -> list[str]:
-        """The target's ``k`` most likely next tokens as strings."""
+        """The target's ``k`` most likely next tokens as strings.
+
+        None when the logits are not finite (they have no order then).
+        """
+        if not bool(self.logits.isfinite().all()):
+            return []
         return decode_each(self.tokenizer, self.logits.topk(k).indices)
 
     @property
@@ -331,8 +346,8 @@ def patchscope(
     target_model = model if target_model is None else target_model
     check_model(target_model, argument="target_model")
     check_generation(max_new_tokens, allow_zero=True)
-    s_tokens = to_tokens(model, source_prompt, argument="source_prompt")[:1]
-    t_tokens = to_tokens(target_model, target_prompt, argument="target_prompt")[:1]
+    s_tokens = one_prompt(model, source_prompt, argument="source_prompt")
+    t_tokens = one_prompt(target_model, target_prompt, argument="target_prompt")
     s_layer, s_hook = resolve_layer(model, source_layer, argument="source_layer")
     t_layer, t_hook = resolve_layer(target_model, source_layer if target_layer is None
                                   else target_layer, argument="target_layer")

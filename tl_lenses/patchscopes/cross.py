@@ -23,7 +23,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from tl_lenses.hooks import resolve_layer, run_cache
-from tl_lenses.inputs import to_tokens
+from tl_lenses.inputs import one_prompt
 from tl_lenses.models import check_model, is_bridge
 from tl_lenses.patchscopes.core import AffineMap
 
@@ -45,8 +45,8 @@ def paired_states(
     _, t_name = resolve_layer(target_model, target_layer, argument="target_layer")
     xs, ys = [], []
     for prompt in prompts:
-        s_tok = to_tokens(source_model, prompt, argument="prompts")[:1]
-        t_tok = to_tokens(target_model, prompt, argument="prompts")[:1]
+        s_tok = one_prompt(source_model, prompt, argument="prompts")
+        t_tok = one_prompt(target_model, prompt, argument="prompts")
         n = min(s_tok.shape[1], t_tok.shape[1])
         same = (s_tok[0, :n].cpu() == t_tok[0, :n].cpu()).long().cumprod(0).sum().item()
         if same == 0:

@@ -21,7 +21,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from tl_lenses.hooks import resolve_layer, resolve_position
-from tl_lenses.inputs import decode_each, str_tokens, to_tokens
+from tl_lenses.inputs import decode_each, one_prompt, str_tokens, to_tokens
 from tl_lenses.lenses.logit import LogitLens
 from tl_lenses.models import check_model
 from tl_lenses.patchscopes.core import check_generation, source_states
@@ -107,7 +107,7 @@ def token_identity(
     >>> r.precision_at_1                                                   # doctest: +SKIP
     """
     check_model(model)
-    tokens = to_tokens(model, prompt, argument="prompt")[:1]
+    tokens = one_prompt(model, prompt, argument="prompt")
     n_pos = tokens.shape[1]
     pos = [resolve_position(p, n_pos, argument="positions")
            for p in (range(n_pos) if positions is None else positions)]
@@ -171,7 +171,7 @@ def entity_description(
     """
     check_model(model)
     check_generation(max_new_tokens)
-    tokens = to_tokens(model, prompt, argument="prompt")[:1]
+    tokens = one_prompt(model, prompt, argument="prompt")
     i_star = placeholder_position(model, target_prompt, placeholder)
     sweep = patchscope_sweep(model, tokens, target_prompt, source_layers=layers,
                              source_positions=position, target_position=i_star, pairs="same",
@@ -242,7 +242,7 @@ def chain_of_thought(
     """
     check_model(model)
     check_generation(max_new_tokens)
-    outer_tokens = to_tokens(model, outer, argument="outer")[:1]
+    outer_tokens = one_prompt(model, outer, argument="outer")
     if not composed:
         source, hooks = inner, []
     else:

@@ -21,7 +21,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from tl_lenses.hooks import resolve_layer, resolve_position
-from tl_lenses.inputs import to_tokens
+from tl_lenses.inputs import one_prompt
 from tl_lenses.models import check_model
 from tl_lenses.patchscopes.core import (
     AffineMap,
@@ -65,7 +65,7 @@ class SweepResult:
 
     def top_tokens(self) -> list[str]:
         """The top-1 next token of every case, as text."""
-        return [self.decode([i]) for i in self.top_ids[:, 0].tolist()]
+        return [self.decode([i]) if i >= 0 else "" for i in self.top_ids[:, 0].tolist()]
 
     def generations(self) -> list[str]:
         """Each case's greedy continuation, decoded."""
@@ -158,7 +158,7 @@ def patchscope_sweep(
     if pairs == "same" and target_layers is not None and target_layers != source_layers:
         raise ValueError("with pairs='same' give source_layers only (l* = l)")
     positions = [source_positions] if isinstance(source_positions, int) else list(source_positions)
-    t_tokens = [to_tokens(target_model, t, argument="target_prompts")[:1] for t in targets]
+    t_tokens = [one_prompt(target_model, t, argument="target_prompts") for t in targets]
     wanted = [target_position] * len(t_tokens) if isinstance(target_position, int) \
         else list(target_position)
     if len(wanted) != len(t_tokens):
@@ -198,7 +198,7 @@ def _source_cases(model, sources, s_layers, positions, t_layers, pairs):
     """Cases ``(source_index, source_layer, source_position, target_layer)`` and their h."""
     cases, values = [], []
     for index, prompt in enumerate(sources):
-        tokens = to_tokens(model, prompt, argument="source_prompts")[:1]
+        tokens = one_prompt(model, prompt, argument="source_prompts")
         pos = [resolve_position(p, tokens.shape[1], argument="source_positions")
                for p in positions]
         states = source_states(model, tokens, s_layers, pos)
@@ -228,5 +228,7 @@ def _run_cases(model, cases, patched, target_of, t_tokens, t_pos, max_new_tokens
                 reuse_prefix=reuse_prefix,
             )
             probs, ids = logits.float().softmax(-1).topk(k, dim=-1)
+            bad = ~logits.isfinite().all(-1, keepdim=True)  # no order: missing, not top-1
+            probs, ids = probs.masked_fill(bad, float("nan")), ids.masked_fill(bad, -1)
             top_ids[rows], top_probs[rows], generated[rows] = ids.cpu(), probs.cpu(), new.cpu()
     return top_ids, top_probs, generated

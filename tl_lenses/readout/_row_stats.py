@@ -40,6 +40,9 @@ class RowStats(NamedTuple):
 
     ``sum_exp = sum exp(z - row_max)``, ``e_z = sum exp(z - row_max) * z``,
     ``n_above = count(z > chosen)``.
+
+    ``finite`` is False for a row holding a NaN or an infinite logit; such a row has top-k
+    ids -1 and NaN top-k values (its order and sums mean nothing).
     """
 
     top_values: Tensor
@@ -48,6 +51,7 @@ class RowStats(NamedTuple):
     sum_exp: Tensor
     e_z: Tensor
     n_above: Tensor
+    finite: Tensor
 
     @property
     def lse(self) -> Tensor:
@@ -78,8 +82,15 @@ def row_stats(
         top_values, top_ids = topk(flat, k)
         row_max = top_values.view(n_layers, n_rows, k)[..., 0]
         sum_exp, e_z, n_above = eager_sums(logits, row_max[..., None], chosen, scratch)
-    return RowStats(top_values.view(n_layers, n_rows, k), top_ids.view(n_layers, n_rows, k),
-                    row_max, sum_exp, e_z, n_above)
+    # Any NaN or +-inf logit reaches the row's maximum or its sums in both paths: NaN
+    # propagates through exp and the sums; +inf is the maximum; -inf gives e_z = -inf
+    # (the kernel clamps exp's argument, so exp * z = tiny * -inf) or NaN (eager: 0 * -inf).
+    finite = row_max.isfinite() & sum_exp.isfinite() & e_z.isfinite()
+    top_values, top_ids = top_values.view(n_layers, n_rows, k), top_ids.view(n_layers, n_rows, k)
+    if not bool(finite.all()):
+        top_values = top_values.masked_fill(~finite[..., None], float("nan"))
+        top_ids = top_ids.masked_fill(~finite[..., None], -1)
+    return RowStats(top_values, top_ids, row_max, sum_exp, e_z, n_above, finite)
 
 
 def native_sums(

@@ -13,10 +13,9 @@ from tl_lenses.hooks import (
     flowing_name,
     resid_names,
     resolve_layer,
-    resolve_positions,
     run_cache,
 )
-from tl_lenses.inputs import to_tokens
+from tl_lenses.inputs import Batch, Selection, to_batch
 from tl_lenses.models import check_model
 from tl_lenses.readout.engine import read_lens
 from tl_lenses.readout.lens import Lens
@@ -31,6 +30,11 @@ def select_hook_names(model, hook_names=None, layers=None, incl_mid: bool = Fals
     """
     if hook_names is not None and layers is not None:
         raise ValueError("pass hook_names or layers, not both")
+    if not isinstance(incl_mid, bool):
+        raise ValueError(f"incl_mid must be a bool, got {incl_mid!r}")
+    if hook_names is not None and incl_mid:
+        raise ValueError("incl_mid adds resid_mid rows to the residual stream; with "
+                         "hook_names, name the resid_mid hook points instead")
     if hook_names is not None:
         return check_hook_names(model, hook_names)
     if layers is None:
@@ -42,45 +46,58 @@ def select_hook_names(model, hook_names=None, layers=None, incl_mid: bool = Fals
 
 def apply_lens(
     model, input, lens: Lens | None = None, *, hook_names: Sequence[str] | None = None,
-    layers: Sequence[int] | None = None, incl_mid: bool = False, positions=None, **readout,
+    layers: Sequence[int] | None = None, incl_mid: bool = False, positions=None,
+    padding_side: str | None = None, attention_mask: Tensor | None = None, **readout,
 ) -> LensResult:
     """Run ``model`` on ``input`` and read every chosen hook point through ``lens``.
 
+    Prompts of unequal lengths are padded and the attention mask goes to the model, so
+    each prompt's numbers equal those of the prompt alone; pad cells are left out.
+
     Args:
         model: a ``HookedTransformer`` or ``TransformerBridge``.
-        input: a string, a list of strings, or int tokens ``[batch, pos]``.
+        input: a string, a list of strings (padded on ``padding_side``), int tokens
+            ``[batch, pos]`` (with ``attention_mask`` when padded), or a
+            :class:`~tl_lenses.inputs.Batch`.
         lens: a :class:`~tl_lenses.readout.lens.Lens` (``None``: the logit lens).
         hook_names: residual-width hook points to read (default: the residual stream).
         layers: residual-stream rows (0 = embedding, ``n_layers`` = final ``resid_post``).
         incl_mid: with the default rows, add each block's ``resid_mid``.
-        positions: columns to read (an int, ints, or None for all; negatives count back).
+        positions: positions to read, counted within each prompt (an int, ints, or None
+            for all; negatives count back from each prompt's own end: -1 is its last token).
+        padding_side: ``"right"`` or ``"left"`` for a list of strings (None: the
+            tokenizer's ``padding_side``).
+        attention_mask: for int tokens: 1 marks a token, 0 padding (``[batch, pos]``).
         **readout: :func:`~tl_lenses.readout.engine.read_lens`'s ``k``, ``target``,
             ``chunk_size``, ``keep_logits``, ``progress``, ``fused``.
 
     Returns:
         A :class:`~tl_lenses.readout.result.LensResult`: ``[layer, batch, pos]`` grids of the
         top-k ids, logits and probabilities, entropy and KL(final || lens) in nats, and the
-        target's rank, logit and probability.
+        target's rank, logit and probability; ``mask``/``lengths`` mark the pad cells.
 
     Raises:
         ValueError: naming the argument: unknown or non-residual hook points, ``hook_names``
-            with ``layers``, out-of-range layers or positions, a bad ``k``/``target``.
+            with ``layers`` or ``incl_mid``, out-of-range layers or positions, a bad
+            ``k``/``target``/``padding_side``/``attention_mask``.
 
     >>> result = apply_lens(model, "hello world", k=3)
     >>> result.top_ids.shape == (model.cfg.n_layers + 1, 1, 11, 3)
     True
     """
     check_model(model)
-    tokens = to_tokens(model, input)
+    batch = to_batch(model, input, padding_side=padding_side, attention_mask=attention_mask)
     names = select_hook_names(model, hook_names, layers, incl_mid)
-    cache = run_cache(model, tokens, [*names, final_resid_name(model)])
-    return apply_lens_to_cache(model, cache, tokens, lens, hook_names=names,
+    batch.select(positions)  # fail on bad positions before the forward pass
+    cache = run_cache(model, batch, [*names, final_resid_name(model)])
+    return apply_lens_to_cache(model, cache, batch, lens, hook_names=names,
                                positions=positions, **readout)
 
 
 def apply_lens_to_cache(
     model, cache, tokens, lens: Lens | None = None, *, hook_names: Sequence[str] | None = None,
-    layers: Sequence[int] | None = None, incl_mid: bool = False, positions=None, **readout,
+    layers: Sequence[int] | None = None, incl_mid: bool = False, positions=None,
+    attention_mask: Tensor | None = None, **readout,
 ) -> LensResult:
     """Read hook points out of an existing ``ActivationCache`` (or dict) through ``lens``.
 
@@ -88,12 +105,14 @@ def apply_lens_to_cache(
         model: the model the cache came from.
         cache: an ``ActivationCache`` or a dict holding every read hook point and the final
             ``resid_post``, each ``[batch, pos, d_model]``.
-        tokens: the int tokens ``[batch, pos]`` the cache was computed on.
+        tokens: the int tokens ``[batch, pos]`` the cache was computed on, or their
+            :class:`~tl_lenses.inputs.Batch`.
         lens: as in :func:`apply_lens`.
         hook_names: as in :func:`apply_lens`.
         layers: as in :func:`apply_lens`.
         incl_mid: as in :func:`apply_lens`.
         positions: as in :func:`apply_lens`.
+        attention_mask: the mask the cached run had, if it was padded (1 token, 0 pad).
         **readout: as in :func:`apply_lens`.
 
     Returns:
@@ -111,7 +130,7 @@ def apply_lens_to_cache(
     True
     """
     check_model(model)
-    tokens = to_tokens(model, tokens, argument="tokens")
+    batch = to_batch(model, tokens, attention_mask=attention_mask, argument="tokens")
     names = select_hook_names(model, hook_names, layers, incl_mid)
     final = final_resid_name(model)
     # Where sae-lens spliced an SAE in, the row reads what flows on: its hook_sae_output.
@@ -122,22 +141,25 @@ def apply_lens_to_cache(
             f"cache lacks hook points the lens needs: {sorted(set(missing))}; run "
             "run_with_cache without a names_filter that drops them"
         )
-    pos = resolve_positions(tokens.shape[1], positions)
-    resids = [_at_positions(cache[keys[name]], pos, tokens, name) for name in names]
-    final_resid = _at_positions(cache[keys[final]], pos, tokens, final)
-    return read_lens(model, lens, resids, final_resid, names, tokens,
-                     positions=pos, **readout)
+    selection = batch.select(positions)
+    # One gather per hook point: the final residual read as a row stays the same tensor,
+    # so the readout reuses its logits. (The readout moves residuals to the model's device.)
+    read = {name: _at_positions(cache[keys[name]], selection, batch, name)
+            for name in {*names, final}}
+    resids, final_resid = [read[name] for name in names], read[final]
+    return read_lens(model, lens, resids, final_resid, names, batch,
+                     positions=selection, **readout)
 
 
-def _at_positions(resid: Tensor, positions: list[int], tokens: Tensor, name: str) -> Tensor:
-    if resid.shape[:2] != tokens.shape:
+def _at_positions(resid: Tensor, selection: Selection, batch: Batch, name: str) -> Tensor:
+    if resid.shape[:2] != batch.tokens.shape:
         raise ValueError(
             f"cache[{name!r}] has shape {tuple(resid.shape)}, which does not match tokens "
-            f"{tuple(tokens.shape)}"
+            f"{tuple(batch.tokens.shape)}"
         )
-    # A cache may sit on another device (run_with_cache(device=...)): read on the model's.
-    resid = resid.to(tokens.device)
-    return resid if len(positions) == tokens.shape[1] else resid[:, positions]
+    if selection.positions == list(range(batch.tokens.shape[1])) and not batch.padded:
+        return resid  # every column as it is: no copy
+    return selection.gather(resid)
 
 
 class LensCollector:

@@ -15,6 +15,7 @@ residuals (the model's), in float32, and the result's tensors are there too.
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Sequence, Union
 
@@ -22,7 +23,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from tl_lenses.inputs import single_token, str_tokens
+from tl_lenses.inputs import Batch, Selection, check_ids, single_token, str_tokens, to_batch
 from tl_lenses.readout._row_stats import row_stats, stats_backend
 from tl_lenses.readout.lens import Lens
 from tl_lenses.readout.result import LensResult, empty_like_cells
@@ -48,31 +49,45 @@ def auto_chunk_size(device: torch.device, d_vocab: int, *, compiled: bool) -> in
     return max(64, min(16384, rows // 64 * 64))
 
 
-def resolve_target(model, target: Target, tokens: Tensor) -> tuple[str | None, Tensor | None]:
-    """(description, ids[batch, pos] or None) for a target spec.
+logger = logging.getLogger("tl_lenses")
+
+
+def resolve_target(model, target: Target, tokens: Tensor | Batch,
+                   selection: Selection | None = None) -> tuple[str | None, Tensor | None]:
+    """(description, ids[batch, pos] or None) for a target spec, at ``selection``'s cells.
 
     ``"final"``: the model's own final top-1 at each position (filled in by the readout);
-    ``"next"``: the true next token (-1 at the last position); a one-token string or an id:
-    that token everywhere; an int tensor ``[batch, pos]``: per-cell ids (-1 for none).
+    ``"next"``: the prompt's own next token (-1 at its last token: a pad is never a
+    target); a one-token string or an id: that token everywhere; an int tensor shaped like
+    the tokens: per-token ids (-1 for none). Pad cells get -1 in every case.
     """
+    batch = tokens if isinstance(tokens, Batch) else to_batch(model, tokens, argument="tokens")
+    selection = selection or batch.select(None)
     if target is None:
         return None, None
     if isinstance(target, Tensor):
-        if target.shape != tokens.shape or target.dtype.is_floating_point:
+        if target.shape != batch.tokens.shape or target.dtype.is_floating_point \
+                or target.dtype == torch.bool:
             raise ValueError(
                 f"target as a tensor must hold int ids shaped like the tokens "
-                f"{tuple(tokens.shape)}, got {target.dtype} {tuple(target.shape)}"
+                f"{tuple(batch.tokens.shape)}, got {target.dtype} {tuple(target.shape)}"
             )
-        return "given ids", target.to(tokens.device).long()
-    if target == "final":
-        return "final top-1", torch.full_like(tokens, -1)
-    if target == "next":
-        ids = torch.full_like(tokens, -1)
-        ids[:, :-1] = tokens[:, 1:]
-        return "next token", ids
-    token_id = single_token(model, target, argument="target")
-    return repr(model.to_string([token_id]) if model.tokenizer else token_id), \
-        torch.full_like(tokens, token_id)
+        check_ids(model, target, "target", allow_none=True)
+        description, ids = "given ids", target.to(batch.tokens.device).long()
+    elif isinstance(target, str) and target == "final":
+        description, ids = "final top-1", torch.full_like(batch.tokens, -1)
+    elif isinstance(target, str) and target == "next":
+        ids = torch.full_like(batch.tokens, -1)
+        ids[:, :-1] = batch.tokens[:, 1:]
+        ids[~torch.roll(batch.mask, -1, 1) | ~batch.mask] = -1   # the next cell is a pad
+        ids[:, -1] = -1
+        description = "next token"
+    else:
+        token_id = single_token(model, target, argument="target")
+        description = repr(model.to_string([token_id]) if model.tokenizer else token_id)
+        ids = torch.full_like(batch.tokens, token_id)
+    ids = ids.gather(1, selection.columns.to(ids.device))
+    return description, ids.masked_fill_(~selection.mask.to(ids.device), -1)
 
 
 def read_lens(
@@ -81,9 +96,9 @@ def read_lens(
     resids: Sequence[Float[Tensor, "batch pos d_model"]],
     final_resid: Float[Tensor, "batch pos d_model"],
     hook_names: Sequence[str],
-    tokens: Int[Tensor, "batch _"],
+    tokens: Int[Tensor, "batch _"] | Batch,
     *,
-    positions: Sequence[int] | None = None,
+    positions: Sequence[int] | Selection | None = None,
     k: int = 5,
     target: Target = "final",
     chunk_size: int | None = None,
@@ -104,23 +119,34 @@ def read_lens(
     The residuals may sit anywhere: they are read on the model's device (that of its
     unembedding), and the result's tensors are there too.
 
-    ``resids`` and ``final_resid`` cover the positions listed in ``positions`` (all, when
-    None) of the prompts in ``tokens``. KL is measured against the model's own final
-    distribution (the logit lens of ``final_resid``).
+    ``resids`` and ``final_resid`` cover the positions ``positions`` selects (a
+    :class:`~tl_lenses.inputs.Selection` of ``tokens``, a list of positions, or all when
+    None) of the prompts in ``tokens`` (token ids, or a :class:`~tl_lenses.inputs.Batch`
+    with its padding). KL is measured against the model's own final distribution (the
+    logit lens of ``final_resid``). Pad cells cost nothing: only real cells are decoded,
+    and pads read as missing (ids and ranks -1, statistics NaN). A cell whose logits are
+    not finite reads the same way, and the readout warns once naming its hook points.
     """
     if len(resids) != len(hook_names):
         raise ValueError(f"got {len(resids)} residuals for {len(hook_names)} hook_names")
-    if not isinstance(k, int) or not 1 <= k <= model.cfg.d_vocab:
+    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= model.cfg.d_vocab:
         raise ValueError(f"k must be an int in [1, d_vocab={model.cfg.d_vocab}], got {k!r}")
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+    if chunk_size is not None and (not isinstance(chunk_size, int)
+                                   or isinstance(chunk_size, bool) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    positions = list(range(tokens.shape[1])) if positions is None else list(positions)
-    description, target_ids = resolve_target(model, target, tokens)
-    if target_ids is not None:
-        target_ids = target_ids[:, positions].clone()
+    if not isinstance(keep_logits, bool) or not isinstance(progress, bool):
+        raise ValueError(f"keep_logits and progress must be bools, got {keep_logits!r}, "
+                         f"{progress!r}")
+    batch = tokens if isinstance(tokens, Batch) else to_batch(model, tokens, argument="tokens")
+    selection = positions if isinstance(positions, Selection) else batch.select(positions)
+    if selection.columns.shape != final_resid.shape[:2]:
+        raise ValueError(f"the residuals cover {tuple(final_resid.shape[:2])} [batch, pos] "
+                         f"cells, but the positions select {tuple(selection.columns.shape)}")
+    description, target_ids = resolve_target(model, target, batch, selection)
     unembed = Unembed.from_model(model).at_least_float32()
     translate = _identity if lens is None else lens.translate
     device = unembed.W_U.device
+    final_like = [_same_view(r, final_resid) for r in resids]  # before any copy
     resids = [r.to(device) for r in resids]
     final_resid = final_resid.to(device)
     if target_ids is not None:
@@ -128,34 +154,42 @@ def read_lens(
     backend = stats_backend(fused, device, unembed.W_U.dtype)
     if chunk_size is None:
         chunk_size = auto_chunk_size(device, unembed.d_vocab, compiled=backend != "eager")
-    batch, n_pos = final_resid.shape[:2]
+    n_batch, n_pos = final_resid.shape[:2]
+    real = selection.mask.reshape(-1).to(device)
+    every = bool(real.all())
+    index = None if every else real.nonzero()[:, 0]
+    n_real = n_batch * n_pos if every else len(index)
     cells = empty_like_cells(
-        len(resids), batch, n_pos, k=k, target=target_ids is not None,
+        len(resids), 1, n_real, k=k, target=target_ids is not None,
         d_vocab=unembed.d_vocab if keep_logits else None, device=final_resid.device,
     )
-    flat_targets = None if target_ids is None else target_ids.reshape(-1)
+    flat_targets = None if target_ids is None else _real(target_ids.reshape(-1), index).clone()
     with torch.inference_mode():
-        rows = [r.reshape(-1, r.shape[-1]) for r in resids]
-        final_rows = final_resid.reshape(-1, final_resid.shape[-1])
-        n_rows = final_rows.shape[0]
+        rows = [_real(r.reshape(-1, r.shape[-1]), index) for r in resids]
+        final_rows = _real(final_resid.reshape(-1, final_resid.shape[-1]), index)
         # A matmul never exceeds chunk_size rows (rows x stacked layers), nor all the rows.
-        size = min(chunk_size, n_rows * len(rows))
-        work = _Workspace(size, min(chunk_size, n_rows), unembed.d_vocab, final_rows.shape[-1],
+        size = min(chunk_size, n_real * len(rows))
+        work = _Workspace(size, min(chunk_size, n_real), unembed.d_vocab, final_rows.shape[-1],
                           device, backend)
-        work.final_like = [_same_view(r, final_rows) for r in rows]
-        for start in _chunks(n_rows, chunk_size, progress):
-            stop = min(start + chunk_size, n_rows)
+        work.final_like = final_like
+        for start in _chunks(n_real, chunk_size, progress):
+            stop = min(start + chunk_size, n_real)
             _read_chunk(translate, unembed, rows, final_rows, hook_names, slice(start, stop),
                         flat_targets, isinstance(target, str) and target == "final", cells, k,
                         chunk_size, work)
-    shaped = {name: (None if value is None else value.reshape(len(resids), batch, n_pos,
-                                                              *value.shape[2:]))
+    _warn_non_finite(cells["top_ids"][..., 0] < 0, hook_names)
+    if target_ids is not None and flat_targets is not None:
+        target_ids.view(-1)[slice(None) if every else index] = flat_targets
+    shaped = {name: (None if value is None else
+                     _scatter(value, index, n_batch * n_pos).reshape(
+                         len(resids), n_batch, n_pos, *value.shape[2:]))
               for name, value in cells.items()}
     return LensResult(
         lens=_lens_name(lens), hook_names=list(hook_names),
-        tokens=tokens, positions=positions, str_tokens=str_tokens(model, tokens),
-        target=description, target_ids=target_ids, tokenizer=getattr(model, "tokenizer", None),
-        **shaped,
+        tokens=batch.tokens, positions=selection.positions,
+        str_tokens=str_tokens(model, batch.tokens), target=description,
+        target_ids=target_ids, tokenizer=getattr(model, "tokenizer", None),
+        mask=selection.mask, columns=selection.columns, lengths=batch.lengths, **shaped,
     )
 
 
@@ -165,6 +199,30 @@ def _identity(resid: Tensor, hook_name: str) -> Tensor:
 
 def _lens_name(lens: Lens | None) -> str:
     return "logit lens" if lens is None else getattr(lens, "name", type(lens).__name__)
+
+
+def _real(values: Tensor, index: Tensor | None) -> Tensor:
+    """The rows of real cells (all rows, as they are, when there is no padding)."""
+    return values if index is None else values[index.to(values.device)]
+
+
+def _scatter(values: Tensor, index: Tensor | None, n_cells: int) -> Tensor:
+    """``[layer, n_real, ...]`` values back into ``[layer, n_cells, ...]``; pads missing."""
+    if index is None:
+        return values
+    fill = -1 if values.dtype == torch.long else float("nan")
+    full = values.new_full((values.shape[0], n_cells, *values.shape[2:]), fill)
+    full[:, index] = values
+    return full
+
+
+def _warn_non_finite(bad: Tensor, hook_names: Sequence[str]) -> None:
+    """One warning per readout naming the hook points with non-finite logits."""
+    per_layer = bad.reshape(bad.shape[0], -1).sum(1).tolist()
+    named = [f"{name} ({count} cells)" for name, count in zip(hook_names, per_layer) if count]
+    if named:
+        logger.warning("non-finite logits (NaN or inf residuals) at %s: those cells have "
+                       "rank -1, NaN statistics and no top-k ids (-1)", ", ".join(named))
 
 
 def _chunks(n_rows: int, chunk_size: int, progress: bool):
@@ -283,18 +341,21 @@ def _cell_stats(logits, scratch, e_f, final_neg_entropy, targets, k, backend, ou
         index = targets.clamp_min(0)[None, :, None].expand(n_layers, -1, 1)
         chosen = logits.gather(-1, index)                               # [layers, rows, 1]
     stats = row_stats(logits, chosen, k, scratch, backend)
-    lse = stats.lse
+    lse, finite = stats.lse, stats.finite
     out["top_ids"].copy_(stats.top_ids)
     out["top_logits"].copy_(stats.top_values)
     out["top_probs"].copy_(torch.exp(stats.top_values - lse[..., None]))
-    out["entropy"].copy_(lse - stats.e_z / stats.sum_exp)          # H = lse - E_p[z]
+    # H = lse - E_p[z]
+    out["entropy"].copy_(torch.where(finite, lse - stats.e_z / stats.sum_exp, torch.nan))
     # KL(f || l) = E_f[log p_f] - E_f[z_l] + lse_l. The two expectations are ~|z| in size,
-    # so float32 leaves ~1e-5 nats of rounding (clamped: KL is never negative).
-    out["kl_to_final"].copy_((final_neg_entropy - e_f + lse).clamp_min_(0.0))
+    # so float32 leaves ~1e-5 nats of rounding (clamped: KL is never negative). A NaN in
+    # the final distribution's terms stays NaN.
+    out["kl_to_final"].copy_(torch.where(finite, (final_neg_entropy - e_f + lse).clamp_min_(0.0),
+                                         torch.nan))
     if out["logits"] is not None:
         out["logits"].copy_(logits)
     if targets is not None:
-        valid = targets >= 0
+        valid = (targets >= 0) & finite
         out["target_rank"].copy_(torch.where(valid, stats.n_above.long() + 1, -1))
         # A scalar NaN: torch.tensor(nan, device=cuda) would wait for the GPU every chunk.
         out["target_logit"].copy_(torch.where(valid, chosen[..., 0], torch.nan))

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from tl_lenses.hooks import short_label
@@ -25,6 +25,12 @@ class LensResult:
     where ``target_ids`` is -1 for positions without a target (ranks -1, values NaN there).
     ``kl_to_final`` is KL(model's final distribution || lens distribution), in nats.
     ``logits`` is kept only when asked for (it is ``layer x batch x pos x d_vocab``).
+
+    Positions count within each prompt: ``columns[b, i]`` is the token of ``tokens`` that
+    prompt ``b`` read for ``positions[i]`` (for -1, each prompt's own last token), and
+    ``mask[b, i]`` is False where prompt ``b`` has no such token (padding). Masked cells,
+    and cells whose logits were not finite, have top-k ids and ranks -1 and NaN values.
+    ``lengths`` holds each prompt's number of tokens.
     """
 
     lens: str
@@ -44,6 +50,26 @@ class LensResult:
     target_prob: Float[Tensor, "layer batch pos"] | None = None
     logits: Float[Tensor, "layer batch pos d_vocab"] | None = None
     tokenizer: Any = field(default=None, repr=False, compare=False)
+    mask: Bool[Tensor, "batch pos"] | None = None
+    columns: Int[Tensor, "batch pos"] | None = None
+    lengths: Int[Tensor, " batch"] | None = None
+
+    def __post_init__(self):
+        # Results built without padding information: every prompt reads every position.
+        batch, n_pos = self.entropy.shape[1:]
+        device = self.entropy.device
+        if self.columns is None:
+            self.columns = torch.tensor(self.positions, device=device).expand(batch, n_pos)
+        if self.mask is None:
+            self.mask = torch.ones(batch, n_pos, dtype=torch.bool, device=device)
+        if self.lengths is None:
+            self.lengths = torch.full((batch,), self.tokens.shape[1], device=device)
+
+    def str_tokens_at(self, batch: int = 0) -> list[str]:
+        """The token each position read for prompt ``batch`` ("" where it has none)."""
+        tokens = self.str_tokens[batch]
+        return [tokens[c] if m else "" for c, m in
+                zip(self.columns[batch].tolist(), self.mask[batch].tolist())]
 
     @property
     def labels(self) -> list[str]:

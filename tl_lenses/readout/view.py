@@ -51,12 +51,17 @@ def grid_cells(result: LensResult, statistic: str, batch: int, text: str):
     values = result.statistic(statistic)[:, batch].cpu()
     tops = result.top_tokens(batch)
     order = list(range(values.shape[0]))[::-1]
-    cell_text = [[_cell_text(values[l, p].item(), tops[l][p][0], statistic, text)
+    # Pad cells (no token) and cells without finite logits (top-1 id -1) stay blank.
+    missing = (result.top_ids[:, batch, :, 0] < 0).cpu()
+    values = values.masked_fill(missing, float("nan"))
+    cell_text = [["" if missing[l, p] else
+                  _cell_text(values[l, p].item(), tops[l][p][0], statistic, text)
                   for p in range(values.shape[1])] for l in order]
-    tooltips = [[_tooltip(result, l, batch, p, tops[l][p]) for p in range(values.shape[1])]
+    tooltips = [[_missing_tooltip(result, l, batch, p) if missing[l, p] else
+                 _tooltip(result, l, batch, p, tops[l][p]) for p in range(values.shape[1])]
                 for l in order]
     shown = values.log10() if COLOURING[statistic][1] else values
-    col_labels = [show_token(result.str_tokens[batch][p]) for p in result.positions]
+    col_labels = [show_token(token) if token else "" for token in result.str_tokens_at(batch)]
     return ([shown[l].tolist() for l in order], cell_text, tooltips,
             [result.labels[l] for l in order], col_labels)
 
@@ -82,6 +87,13 @@ def _tooltip(result: LensResult, layer: int, batch: int, pos: int, top: list[str
                      f"{int(result.target_rank[layer, batch, pos])}, "
                      f"p={result.target_prob[layer, batch, pos]:.3g}")
     return "\n".join(lines)
+
+
+def _missing_tooltip(result: LensResult, layer: int, batch: int, pos: int) -> str:
+    if not result.mask[batch, pos]:
+        return ""  # padding: this prompt has no token here
+    return (f"{result.hook_names[layer]} @ pos {result.positions[pos]}\n"
+            "no finite logits here (a NaN or inf in the residual)")
 
 
 def grid_html(result: LensResult, statistic: str = "prob", batch: int = 0,
@@ -134,8 +146,9 @@ def tokens_view(result: LensResult, batch: int = 0) -> str:
     """Circuitsvis colored_tokens: each token coloured by the row its target settles at."""
     from circuitsvis.tokens import colored_tokens  # heavy: imported only when drawn
 
-    values = settle_layer(result, batch)
-    tokens = [result.str_tokens[batch][p] for p in result.positions]
+    real = result.mask[batch].cpu()  # a prompt's own tokens only, never its padding
+    values = settle_layer(result, batch)[real]
+    tokens = [t for t, keep in zip(result.str_tokens_at(batch), real.tolist()) if keep]
     note = (f"<p class='note'>Each token coloured by the first row (0 = embedding) from which "
             f"the {esc(result.target)} stays the lens's top-1. Hover for the value.</p>")
     return note + circuitsvis_html(colored_tokens(tokens=tokens, values=values.tolist()))

@@ -193,7 +193,7 @@ def saes_by_site(model, saes=()) -> dict:
     return found
 
 
-def site_terms(site: str, cache, index, u: Float[Tensor, "d_model direction"], sae=None
+def site_terms(site: str, cache, select, u: Float[Tensor, "d_model direction"], sae=None
                ) -> tuple[list[str], Float[Tensor, "n batch pos direction"]]:
     """The value at ``site`` along ``u`` as SAE terms: latents, ``b_dec``, error.
 
@@ -201,6 +201,8 @@ def site_terms(site: str, cache, index, u: Float[Tensor, "d_model direction"], s
     bias, and the error term when the SAE ran with ``use_error_term``; without the SAE
     object, one term for its whole output. Not spliced: ``sae`` encodes the cached value
     and ``error = value - reconstruction`` keeps the sum exact. Not divided by any norm scale.
+
+    ``select`` takes a cached ``[batch, pos, ...]`` tensor to the attributed cells.
 
     Raises:
         NotImplementedError: the SAE's output is not latents x W_dec + b_dec (+ error).
@@ -210,7 +212,7 @@ def site_terms(site: str, cache, index, u: Float[Tensor, "d_model direction"], s
     def at(name: str) -> Tensor:
         if name not in cache:
             raise ValueError(f"cache lacks {name!r}, which the SAE at {site!r} needs")
-        return cache[name][:, index]
+        return select(cache[name])
 
     if f"{site}.{SAE_OUTPUT}" in cache:
         out = at(f"{site}.{SAE_OUTPUT}").float()

@@ -38,7 +38,7 @@ from tl_lenses.hooks import (
     resolve_layer,
     run_cache,
 )
-from tl_lenses.inputs import to_tokens
+from tl_lenses.inputs import to_batch
 from tl_lenses.lenses.attribute.lre import LRE, estimate_lre, subject_position
 from tl_lenses.lenses.attribute.relations import Relation, Sample, object_token
 from tl_lenses.readout.unembed import Unembed
@@ -95,13 +95,15 @@ def collect_states(model, template_lre: LRE, samples: Sequence[Sample],
     layers = [resolve_layer(model, layer, negative=False)[0] for layer in layers]
     prompts = [template_lre.prompt(x.subject) for x in samples]
     positions = [subject_position(model, p, x.subject)[1] for p, x in zip(prompts, samples)]
-    lengths = [to_tokens(model, p).shape[1] for p in prompts]
-    tokens = to_tokens(model, prompts, argument="prompts")
+    # Right padding: each subject's position within its prompt is its column, and the
+    # causality runs (one padded row each) keep every real token where it was.
+    batch = to_batch(model, prompts, padding_side="right", argument="prompts")
+    tokens = batch.tokens
     names = [resid_names(model)[layer] for layer in layers]
     # No logits: only the last positions are decoded, not [batch, pos, d_vocab].
-    cache = run_cache(model, tokens, [*names, final_resid_name(model)])
+    cache = run_cache(model, batch, [*names, final_resid_name(model)])
     rows = torch.arange(len(samples))
-    last = torch.tensor(lengths) - 1
+    last = batch.last().cpu()
     subj = torch.tensor(positions)
     z = cache[final_resid_name(model)][rows, last]
     return SubjectStates(
@@ -176,8 +178,11 @@ def causality(model, lre: LRE, states: SubjectStates, pairs: Sequence[tuple[int,
     last = torch.tensor(states.last_positions)[src]
     hooks = [(flowing_name(model.hook_dict, name), fn) for name, fn in
              [(resid_names(model)[lre.layer], add_delta), (final_resid_name(model), keep_final)]]
+    tokens = states.tokens[src]
+    mask = torch.arange(tokens.shape[1])[None, :] <= last[:, None]  # right padding
     with torch.no_grad():
-        model.run_with_hooks(states.tokens[src], fwd_hooks=hooks, return_type=None)
+        model.run_with_hooks(tokens, fwd_hooks=hooks, return_type=None,
+                             attention_mask=mask.long().to(tokens.device))
     answers = _answers(model, seen["z"])
     return (answers == states.object_ids[dst]).float().mean().item()
 

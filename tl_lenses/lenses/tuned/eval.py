@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from tl_lenses.hooks import final_resid_name, resid_names, run_cache, short_label
+from tl_lenses.inputs import Batch, to_batch
 from tl_lenses.lenses.logit import LogitLens
 from tl_lenses.lenses.tuned import view
 from tl_lenses.lenses.tuned.lens import TunedLens
@@ -93,7 +94,9 @@ class LensEvaluation:
 
 def evaluate_lenses(model, tokens: Int[Tensor, "batch pos"],
                     lenses: Mapping[str, Lens] | None = None, *, batch_size: int = 8,
-                    progress: bool = False) -> LensEvaluation:
+                    progress: bool = False,
+                    attention_mask: Int[Tensor, "batch pos"] | Bool[Tensor, "batch pos"]
+                    | None = None) -> LensEvaluation:
     """Per-layer held-out metrics of each lens (default: just the logit lens).
 
     Rows are the hook points of the first tuned lens among ``lenses`` (else the residual
@@ -107,12 +110,15 @@ def evaluate_lenses(model, tokens: Int[Tensor, "batch pos"],
         lenses: ``{name: lens}``; default ``{"logit": LogitLens()}``.
         batch_size: rows per forward pass.
         progress: show a progress bar.
+        attention_mask: for rows of unequal lengths, 1 marks a token and 0 padding (each
+            row's tokens one run at one side); it goes to the model, and the metrics
+            average over the cells that have a next token (pads never count).
 
     Returns:
         A :class:`LensEvaluation` (``metrics[name]``: :class:`LayerMetrics` per row).
 
     Raises:
-        ValueError: a lens that does not cover a row, or bad tokens.
+        ValueError: a lens that does not cover a row, bad tokens or a bad mask.
 
     >>> rows = torch.randint(0, model.cfg.d_vocab, (4, 10), generator=torch.manual_seed(1))
     >>> evaluation = evaluate_lenses(model, rows)
@@ -125,22 +131,28 @@ def evaluate_lenses(model, tokens: Int[Tensor, "batch pos"],
         raise TypeError("lenses must map names to Lens objects (name + translate)")
     if not isinstance(tokens, Tensor) or tokens.dim() != 2 or tokens.shape[1] < 2:
         raise ValueError("tokens must be an int tensor [batch, pos] with pos >= 2")
+    full = to_batch(model, tokens, attention_mask=attention_mask, argument="tokens")
     names = _rows(model, lenses)
     sums = {key: _Sums.zeros(len(names)) for key in lenses}
-    n_bytes, starts = 0, range(0, tokens.shape[0], batch_size)
+    n_bytes, n_tokens, starts = 0, 0, range(0, tokens.shape[0], batch_size)
     if progress:
         from tqdm.auto import tqdm
 
         starts = tqdm(starts, desc="evaluating lenses")
     for start in starts:
-        batch = tokens[start:start + batch_size].to(model.cfg.device)
+        rows = slice(start, start + batch_size)
+        batch = Batch(full.tokens[rows], full.mask[rows], full.padding_side)
+        longest = int(batch.lengths.max())
+        if longest < 2:  # no row here has a next token
+            continue
         cache = run_cache(model, batch, names)
         for key, lens in lenses.items():
             result = apply_lens_to_cache(model, cache, batch, lens, hook_names=names, k=1,
-                                         target="next", positions=list(range(batch.shape[1] - 1)))
+                                         target="next", positions=list(range(longest - 1)))
             sums[key].add(result)
-        n_bytes += _n_bytes(model, batch[:, 1:])
-    n_tokens = tokens.shape[0] * (tokens.shape[1] - 1)
+        n_tokens += int((result.target_ids >= 0).sum())
+        predicted = batch.mask[:, 1:] & batch.mask[:, :-1]  # a real token after a real one
+        n_bytes += _n_bytes(model, batch.tokens[:, 1:], predicted)
     metrics = {key: s.metrics(getattr(lenses[key], "name", key), names, n_tokens, n_bytes)
                for key, s in sums.items()}
     return LensEvaluation(metrics, [short_label(n) for n in names])
@@ -206,13 +218,19 @@ class _Sums:
         return cls(*(torch.zeros(n, dtype=torch.float64) for _ in range(4)))
 
     def add(self, result) -> None:
+        # Only cells with a next token count (pads and each row's last token have none).
+        valid = result.target_ids >= 0
+
+        def total(values: Tensor) -> Tensor:
+            return torch.where(valid, values.double(), 0.0).sum((1, 2)).cpu()
+
         final_top = result.top_ids[-1, ..., 0]
-        self.kl += result.kl_to_final.double().sum((1, 2)).cpu()
+        self.kl += total(result.kl_to_final)
         # CE = lse - z_target, with lse = z_top - log p_top (p_top >= 1/d_vocab: no underflow)
         lse = result.top_logits[..., 0].double() - result.top_probs[..., 0].double().log()
-        self.ce += (lse - result.target_logit.double()).sum((1, 2)).cpu()
-        self.entropy += result.entropy.double().sum((1, 2)).cpu()
-        self.agree += (result.top_ids[..., 0] == final_top).double().sum((1, 2)).cpu()
+        self.ce += total(lse - result.target_logit.double())
+        self.entropy += total(result.entropy)
+        self.agree += total((result.top_ids[..., 0] == final_top).double())
 
     def metrics(self, lens, names, n_tokens, n_bytes) -> LayerMetrics:
         mean = lambda t: (t / n_tokens).float()  # noqa: E731
@@ -220,9 +238,10 @@ class _Sums:
                             mean(self.agree), n_tokens, max(1, n_bytes))
 
 
-def _n_bytes(model, tokens: Tensor) -> int:
+def _n_bytes(model, tokens: Tensor, mask: Tensor) -> int:
     """UTF-8 bytes of the predicted text (tokens as a count when there is no tokenizer)."""
     tokenizer = getattr(model, "tokenizer", None)
     if tokenizer is None:
-        return tokens.numel()
-    return sum(len(tokenizer.decode(row.tolist()).encode("utf-8")) for row in tokens.cpu())
+        return int(mask.sum())
+    return sum(len(tokenizer.decode(row[keep].tolist()).encode("utf-8"))
+               for row, keep in zip(tokens.cpu(), mask.cpu()))
