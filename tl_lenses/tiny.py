@@ -13,6 +13,7 @@ from typing import Literal
 
 import torch
 
+from tl_lenses._compat import hooked_classes
 from tl_lenses.models import PROCESSING, bridge_from_hf, hooked_from_hf, llama_config
 
 Arch = Literal["llama", "llama-gqa", "gpt2"]
@@ -84,8 +85,8 @@ def tiny_hf_model(
 
 
 def gpt2_config(hf_config):
-    """A HookedTransformerConfig matching a HF GPT-2 config."""
-    from transformer_lens import HookedTransformerConfig
+    """A HookedTransformerConfig matching a HF GPT-2 config (TL 3.x only)."""
+    HookedTransformerConfig = hooked_classes()[1]
 
     return HookedTransformerConfig(
         d_model=hf_config.n_embd, d_head=hf_config.n_embd // hf_config.n_head,
@@ -103,7 +104,7 @@ def _architecture(arch: Arch) -> str:
 
 
 def tiny_hooked(arch: Arch = "llama-gqa", **kwargs):
-    """A tiny random HookedTransformer with the byte tokenizer."""
+    """A tiny random HookedTransformer with the byte tokenizer (TL 3.x only)."""
     hf_model = tiny_hf_model(arch, **kwargs)
     cfg = gpt2_config(hf_model.config) if arch == "gpt2" else llama_config(hf_model.config)
     return hooked_from_hf(hf_model, byte_tokenizer(), cfg)
@@ -115,7 +116,7 @@ def tiny_bridge(arch: Arch = "llama-gqa", **kwargs):
 
 
 def tiny_pair(arch: Arch = "llama-gqa", **kwargs):
-    """The same tiny random weights as ``(HookedTransformer, TransformerBridge)``."""
+    """The same tiny random weights as ``(HookedTransformer, TransformerBridge)`` (TL 3.x only)."""
     return tiny_hooked(arch, **kwargs), tiny_bridge(arch, **kwargs)
 
 
