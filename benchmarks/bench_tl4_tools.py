@@ -30,7 +30,7 @@ import time
 import torch
 
 import tl_lenses as tll
-from tl_lenses.dla import needed_hooks
+from tl_lenses.attribution.core import needed_hooks
 from tl_lenses.hooks import resid_names
 
 MiB = 2**20

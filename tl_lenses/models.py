@@ -26,7 +26,10 @@ from typing import Literal
 import torch
 
 from tl_lenses._compat import (
-    DEFAULT_BACKEND, bridge_from_module, hooked_classes, is_hooked_transformer,
+    DEFAULT_BACKEND,
+    bridge_from_module,
+    hooked_classes,
+    is_hooked_transformer,
     weight_converter,
 )
 
