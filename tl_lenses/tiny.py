@@ -13,6 +13,7 @@ from typing import Literal
 
 import torch
 
+from tl_lenses._compat import hooked_classes
 from tl_lenses.models import (
     PROCESSING,
     bridge_from_hf,
@@ -90,8 +91,8 @@ def tiny_hf_model(
 
 
 def gpt2_config(hf_config):
-    """A HookedTransformerConfig matching a HF GPT-2 config."""
-    from transformer_lens import HookedTransformerConfig
+    """A HookedTransformerConfig matching a HF GPT-2 config (TL 3.x only)."""
+    HookedTransformerConfig = hooked_classes()[1]
 
     return HookedTransformerConfig(
         d_model=hf_config.n_embd, d_head=hf_config.n_embd // hf_config.n_head,
@@ -111,8 +112,8 @@ def _architecture(arch: Arch) -> str:
 def tiny_hooked(arch: Arch = "llama-gqa", *, device="cpu", dtype=torch.float32, **kwargs):
     """A tiny random HookedTransformer with the byte tokenizer, on ``device`` in ``dtype``.
 
-    The weights are drawn and processed on the CPU in float32, then moved, so every device
-    and dtype gets the same model (to rounding).
+    TL 3.x only. The weights are drawn and processed on the CPU in float32, then moved, so
+    every device and dtype gets the same model (to rounding).
     """
     hf_model = tiny_hf_model(arch, **kwargs)
     cfg = gpt2_config(hf_model.config) if arch == "gpt2" else llama_config(hf_model.config)
@@ -130,7 +131,7 @@ def tiny_bridge(arch: Arch = "llama-gqa", *, device="cpu", dtype=torch.float32, 
 
 
 def tiny_pair(arch: Arch = "llama-gqa", **kwargs):
-    """The same tiny random weights as ``(HookedTransformer, TransformerBridge)``.
+    """The same tiny random weights as ``(HookedTransformer, TransformerBridge)`` (TL 3.x only).
 
     ``device`` and ``dtype`` keywords go to both (default: the CPU, float32).
     """

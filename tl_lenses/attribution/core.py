@@ -61,7 +61,8 @@ class LogitDirections:
 DirectionSpec = Union[str, int, tuple, Tensor, LogitDirections, list]
 
 
-def logit_directions(model, directions: DirectionSpec) -> LogitDirections:
+def logit_directions(model, directions: DirectionSpec, *,
+                     unembed: Unembed | None = None) -> LogitDirections:
     """Parse ``directions`` into :class:`LogitDirections`.
 
     Accepted: a one-token string or a token id (that token's logit); a pair
@@ -69,6 +70,8 @@ def logit_directions(model, directions: DirectionSpec) -> LogitDirections:
     ``[n, d_model]`` (vectors multiplying the final norm's output, e.g. W_U columns); or a
     list of any of these for several directions at once. Note the list/tuple distinction:
     ``[" Mary", " John"]`` is two directions, ``(" Mary", " John")`` their difference.
+    ``unembed``: the model's :class:`Unembed` when the caller has read it already (reading
+    it checks ``b_U`` for zeros, a pass over the vocabulary).
     """
     check_model(model)
     if isinstance(directions, LogitDirections):
@@ -77,7 +80,7 @@ def logit_directions(model, directions: DirectionSpec) -> LogitDirections:
     items = directions if isinstance(directions, list) else [directions]
     if not items:
         raise ValueError("directions must name at least one direction")
-    unembed = Unembed.from_model(model)
+    unembed = unembed if unembed is not None else Unembed.from_model(model)
     parts = [_one_direction(model, unembed, item, i) for i, item in enumerate(items)]
     return LogitDirections(
         torch.cat([p[0] for p in parts]).float(),
@@ -127,14 +130,15 @@ def _check_width(model, vectors: Tensor) -> None:
 
 
 def residual_readout(
-    model, directions: LogitDirections
+    model, directions: LogitDirections, *, unembed: Unembed | None = None
 ) -> tuple[Float[Tensor, "d_model direction"], Float[Tensor, " direction"]]:
     """``(u, c)`` with ``logit = resid_final · u / s + c`` under the frozen-scale convention.
 
     Folds the final norm's weight into ``u``, its bias into ``c``, and LayerNorm's centering
-    into ``u`` (centering the direction equals centering every component).
+    into ``u`` (centering the direction equals centering every component). ``unembed``: as
+    in :func:`logit_directions`.
     """
-    unembed = Unembed.from_model(model)
+    unembed = unembed if unembed is not None else Unembed.from_model(model)
     vectors = directions.vectors.to(unembed.W_U.device, torch.float32)
     u = vectors.T.clone()
     if unembed.weight is not None:
@@ -258,13 +262,14 @@ def dla(
     """
     check_model(model)
     batch = to_batch(model, input, padding_side=padding_side, attention_mask=attention_mask)
-    dirs = logit_directions(model, directions)
+    unembed = Unembed.from_model(model)  # once: DLA is cheap enough for this to show
+    dirs = logit_directions(model, directions, unembed=unembed)
     selection = batch.select(positions)
     names = needed_hooks(model, heads=heads, neurons=neurons)
     if cache is None:
         cache = run_cache(model, batch, [*names, *split_hooks(model, saes)])
     check_cache(cache, batch.tokens, names)
-    u, const = residual_readout(model, dirs)
+    u, const = residual_readout(model, dirs, unembed=unembed)
     sites = split_sites(model, getattr(cache, "cache_dict", cache), saes)
     labels, parts = _component_parts(model, cache, selection, u, heads, neurons, sites)
     scale = _final_scale(model, cache, selection).to(u.device)
@@ -275,7 +280,7 @@ def dla(
     return DLAResult(
         values=values, labels=[*labels, "b_U"], directions=dirs.labels,
         positions=selection.positions, tokens=batch.tokens,
-        logits=_model_logits(model, cache, selection, dirs), scale=scale,
+        logits=_model_logits(model, unembed, cache, selection, dirs), scale=scale,
         str_tokens=str_tokens(model, batch.tokens), mask=selection.mask,
         columns=selection.columns,
     )
@@ -408,11 +413,11 @@ def neuron_terms(
 
 
 def _model_logits(
-    model, cache, pos, dirs: LogitDirections
+    model, unembed: Unembed, cache, pos, dirs: LogitDirections
 ) -> Float[Tensor, "batch pos direction"]:
     """The model's own value along each direction, from the final residual (own statistics)."""
     resid = _gather(pos)(cache[flowing_name(cache, final_resid_name(model))]).float()
-    normalized = Unembed.from_model(model).normalize(resid)
+    normalized = unembed.normalize(resid)
     return (normalized @ dirs.vectors.T.to(normalized.device)
             + dirs.offset.to(normalized.device)).detach()
 

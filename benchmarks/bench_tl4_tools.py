@@ -1,0 +1,162 @@
+"""tl_lenses against TransformerLens 4.x's own analysis tools, on the embedded model (Bridge).
+
+Needs ``transformer_lens>=4`` (its ``transformer_lens.tools.analysis``). Contenders, from the
+same cache of the same random tokens, in one run:
+
+- all-layer logit lens (31 rows: ``resid_pre`` of each block + final ``resid_post``, every
+  position): tl_lenses ``apply_lens_to_cache`` (top-5, entropy, KL to final, rank of the
+  final top-1; default path) vs TL's ``tools.analysis.logit_lens(cache, positions=None,
+  top_k=5, return_type="probs")`` (top-5 and entropy only: TL takes one selector per call,
+  so ranks would need a second pass). The top-5 ids must be identical and the
+  probabilities equal to 1e-4.
+- DLA of a logit difference at the last position: tl_lenses ``dla`` (every head, every
+  MLP, embeddings and biases) vs TL's ``direct_logit_attribution(unit="head")`` (heads +
+  one remainder), and tl_lenses ``dla(heads=False)`` vs TL's ``unit="component"``. The
+  head / per-layer values must agree to 1e-4.
+
+Peak memory is the process's resident-set high-water mark above its level before each
+contender (Linux ``VmHWM``, reset through ``/proc/self/clear_refs``), with glibc's dynamic
+mmap threshold pinned (``MALLOC_MMAP_THRESHOLD_``, set by re-executing) so that freed large
+tensors leave the resident set and the order of contenders does not matter; time is the
+best of ``--repeat`` runs. Ratios are TL / tl_lenses (above 1: tl_lenses is faster or smaller).
+
+    python benchmarks/bench_tl4_tools.py [--shapes 1x64,16x256] [--repeat 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+import tl_lenses as tll
+from tl_lenses.attribution.core import needed_hooks
+from tl_lenses.hooks import resid_names
+
+MiB = 2**20
+
+
+def _status(field: str) -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith(field))
+
+
+def measure(fn, repeat: int):
+    """(best seconds, peak RSS increase in bytes, last result)."""
+    best, peak, result = float("inf"), 0, None
+    for _ in range(repeat):
+        result = None
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current RSS
+        before = _status("VmRSS")
+        start = time.perf_counter()
+        result = fn()
+        best = min(best, time.perf_counter() - start)
+        peak = max(peak, _status("VmHWM") - before)
+    return best, peak, result
+
+
+def row(name: str, seconds: float, peak: int) -> str:
+    return f"  {name:<34} {seconds * 1e3:10.1f} ms  peak +{peak / MiB:7.0f} MiB"
+
+
+def ratio(ours, theirs) -> str:
+    # Peaks under 1 MiB are below the resident set's resolution here: compared as 1 MiB.
+    return (f"  TL / tl_lenses: time {theirs[0] / ours[0]:.2f}x, "
+            f"memory {max(theirs[1], MiB) / max(ours[1], MiB):.2f}x")
+
+
+def bench_logit_lens(model, tokens, repeat: int, k: int = 5) -> None:
+    from transformer_lens.tools.analysis import logit_lens as tl_logit_lens
+
+    names = set(resid_names(model))
+    with torch.inference_mode():
+        _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names)
+    t_ours, m_ours, ours = measure(
+        lambda: tll.apply_lens_to_cache(model, cache, tokens, k=k, target="final"), repeat)
+    t_tl, m_tl, theirs = measure(
+        lambda: tl_logit_lens(cache, positions=None, top_k=k, return_type="probs"), repeat)
+    assert torch.equal(theirs.readout.top_ids, ours.top_ids), "top-k ids differ"
+    torch.testing.assert_close(theirs.values, ours.top_probs, atol=1e-4, rtol=1e-3)
+    print(f" logit lens, {len(names)} rows x {tokens.numel()} positions, top-{k} "
+          "(identical top-k ids, probabilities within 1e-4)")
+    print(row("tl_lenses apply_lens_to_cache", t_ours, m_ours))
+    print(row("TL 4.x tools.analysis.logit_lens", t_tl, m_tl))
+    print(ratio((t_ours, m_ours), (t_tl, m_tl)))
+
+
+def bench_dla(model, tokens, repeat: int) -> None:
+    from transformer_lens.tools.analysis import direct_logit_attribution
+
+    good, bad = model.to_single_token(" Mary"), model.to_single_token(" John")
+    # Both read the same cache: the hook points either needs (a full cache at 16 x 256 would
+    # hold every attention pattern). no_grad, not inference_mode: TL's head results einsum
+    # cached tensors with weights.
+    names = set(needed_hooks(model, heads=True)) | set(needed_hooks(model, heads=False))
+    torch.set_grad_enabled(False)
+    _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names)
+    for ours_kw, unit in (({}, "head"), ({"heads": False}, "component")):
+        # A fresh cache object (same tensors) per call: TL's cache memoises the per-head
+        # results it computes, so a second call on one cache would skip TL's main work.
+        t_ours, m_ours, ours = measure(
+            lambda: tll.dla(model, tokens, (" Mary", " John"), cache=fresh(cache), **ours_kw),
+            repeat)
+        t_tl, m_tl, theirs = measure(
+            lambda: direct_logit_attribution(model, answer_tokens=good, incorrect_tokens=bad,
+                                             unit=unit, cache=fresh(cache)), repeat)
+        _check_dla(ours, theirs)
+        print(f" DLA ({unit}s), last position, batch {tokens.shape[0]} (values within 1e-4)")
+        print(row("tl_lenses dla" + (" heads=False" if ours_kw else ""), t_ours, m_ours))
+        print(row(f"TL 4.x direct_logit_attribution({unit})", t_tl, m_tl))
+        print(ratio((t_ours, m_ours), (t_tl, m_tl)))
+    torch.set_grad_enabled(True)
+
+
+def fresh(cache):
+    """A new ActivationCache over the same tensors (nothing memoised by earlier calls)."""
+    from transformer_lens import ActivationCache
+
+    return ActivationCache(dict(cache.cache_dict), cache.model,
+                           has_batch_dim=cache.has_batch_dim)
+
+
+def _check_dla(ours, theirs) -> None:
+    """TL's per-head / per-sublayer values equal ours under the matching labels."""
+    for label in theirs.labels:
+        if label == "remainder":
+            continue
+        torch.testing.assert_close(theirs.attribution[theirs.labels.index(label)],
+                                   ours[_our_label(label)].values[0, :, 0, 0], atol=1e-4, rtol=1e-4)
+
+
+def _our_label(tl_label: str) -> str:
+    if tl_label.startswith("L") or tl_label in ("embed", "pos_embed"):
+        return tl_label                                  # heads: "L3H5" on both sides
+    layer, kind = tl_label.split("_", 1)                 # "3_attn_out" / "3_mlp_out"
+    return f"L{layer} attn" if kind == "attn_out" else f"L{layer} MLP"
+
+
+def main() -> None:
+    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        os.execve(sys.executable, [sys.executable, *sys.argv],
+                  {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)})
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shapes", default="1x64,16x256")
+    parser.add_argument("--repeat", type=int, default=2)
+    args = parser.parse_args()
+    model = tll.load_default_model(backend="bridge")
+    print(f"torch threads: {torch.get_num_threads()}, cpu count: {os.cpu_count()}")
+    gen = torch.Generator().manual_seed(0)
+    for shape in args.shapes.split(","):
+        batch, pos = map(int, shape.split("x"))
+        tokens = torch.randint(0, model.cfg.d_vocab, (batch, pos), generator=gen)
+        print(f"\n== {batch} x {pos} tokens ==")
+        bench_logit_lens(model, tokens, args.repeat)
+        bench_dla(model, tokens, args.repeat)
+
+
+if __name__ == "__main__":
+    main()
