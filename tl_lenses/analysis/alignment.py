@@ -42,6 +42,11 @@ class AlignmentResult:
     n_tokens: int
 
     @property
+    def sublayers(self) -> tuple[str, ...]:
+        """The rows of ``mean``: :data:`SUBLAYERS`."""
+        return SUBLAYERS
+
+    @property
     def labels(self) -> list[str]:
         """Short row labels (``3 pre``)."""
         return [str(l) for l in range(self.mean.shape[1])]

@@ -158,16 +158,15 @@ def drift_png(path, result: "DriftResult") -> Path:
 
 def alignment_html(result: "AlignmentResult") -> str:
     """Mean and quartiles of cos(update, -gradient) per sublayer and block."""
-    from tl_lenses.analysis.alignment import SUBLAYERS
-
+    sublayers = result.sublayers
     q1, q2, q3 = (result.quantile(q) for q in (0.25, 0.5, 0.75))
     values = result.mean.T.tolist()
-    text = [[f"{values[l][s]:+.2f}" for s in range(len(SUBLAYERS))]
+    text = [[f"{values[l][s]:+.2f}" for s in range(len(sublayers))]
             for l in range(len(result.labels))]
     tips = [[f"mean {values[l][s]:+.3f}; quartiles {q1[s, l]:+.2f} {q2[s, l]:+.2f} "
-             f"{q3[s, l]:+.2f}" for s in range(len(SUBLAYERS))] for l in range(len(values))]
+             f"{q3[s, l]:+.2f}" for s in range(len(sublayers))] for l in range(len(values))]
     return (f"<p class='note'>{result.n_tokens} tokens per cell; hover for quartiles.</p>" +
-            heatmap_html(values, result.labels, list(SUBLAYERS), cell_text=text, tooltips=tips,
+            heatmap_html(values, result.labels, list(sublayers), cell_text=text, tooltips=tips,
                          cmap="RdBu", vmin=-max(abs(result.mean).max().item(), 1e-6),
                          vmax=max(abs(result.mean).max().item(), 1e-6),
                          caption="mean cos(update, -dL/dh)"))
@@ -175,13 +174,12 @@ def alignment_html(result: "AlignmentResult") -> str:
 
 def alignment_png(path, result: "AlignmentResult") -> Path:
     """Mean cosine with the 10-90 % band, per sublayer."""
-    from tl_lenses.analysis.alignment import SUBLAYERS
-
+    sublayers = result.sublayers
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.8))
     lo, hi = result.quantile(0.1), result.quantile(0.9)
     x = np.arange(result.mean.shape[1])
-    for s, name in enumerate(SUBLAYERS):
+    for s, name in enumerate(sublayers):
         ax.plot(x, result.mean[s].numpy(), marker=".", label=name)
         ax.fill_between(x, lo[s].numpy(), hi[s].numpy(), alpha=0.15)
     ax.axhline(0, color="k", lw=0.5)
