@@ -161,3 +161,12 @@ def test_with_attention_keeps_the_top_heads_and_changes_nothing_else(model, resu
     assert torch.equal(dla.values, plain.values) and dla.labels == plain.labels
     for label, pattern in dla.attention.items():
         assert pattern.shape == (1, dla.tokens.shape[1], dla.tokens.shape[1])
+
+
+@pytest.mark.parametrize("name,options", FIGURES)
+def test_no_figure_shows_raw_mathtext(results, tmp_path, name, options):
+    # Math parsing is off for token text, so axis formatters must not emit mathtext either.
+    from test_text_safety import svg_text
+
+    drawn = svg_text(results[name].save_png(tmp_path / "figure.svg", **options))
+    assert "\\mathdefault" not in drawn and "\\times" not in drawn

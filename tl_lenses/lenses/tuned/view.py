@@ -14,6 +14,7 @@ if TYPE_CHECKING:  # views import result types for type checkers only (no import
 
 def _figure(evaluation: LensEvaluation, title: str):
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
     with figure_style():
         fig, ax = plt.subplots(figsize=(6.5, 3.0))
@@ -26,6 +27,8 @@ def _figure(evaluation: LensEvaluation, title: str):
         ax.set_xlabel("layer (hook point)")
         ax.set_ylabel("KL(final || lens) (nats)")
         ax.set_yscale("symlog", linthresh=0.1)
+        # The log formatters write mathtext, which figure_style turns off: plain numbers.
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         ax.set_title(show_text(title))
         ax.grid(alpha=0.3)
         ax.legend()
