@@ -3,8 +3,8 @@ r"""Static figures with matplotlib (Agg backend: no display needed), sized for p
 Every figure is drawn inside :func:`figure_style`: math parsing and TeX are off, so token
 text (``$$x^2$$``, ``\``, ``_``, ``^``, ``{``) is drawn literally; SVG keeps text as text and
 PDF embeds TrueType fonts (editable in a vector editor). matplotlib's log-axis formatters
-write mathtext, so a log axis here needs a plain formatter (see the tuned lens's KL plot). :func:`save_figure` writes PNG, SVG
-or PDF by the path's suffix.
+write mathtext, so a log axis here needs a plain formatter (see the tuned lens's KL plot).
+:func:`save_figure` writes PNG, SVG or PDF by the path's suffix.
 """
 
 from __future__ import annotations
