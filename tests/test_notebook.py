@@ -30,7 +30,7 @@ def executed(tmp_path_factory):
     env = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = str(ROOT) + (os.pathsep + env if env else "")
     try:
-        client = nbclient.NotebookClient(notebook, timeout=900, kernel_name="python3",
+        client = nbclient.NotebookClient(notebook, timeout=1800, kernel_name="python3",
                                          resources={"metadata": {"path": str(ROOT)}})
         client.execute()  # raises CellExecutionError naming the failing cell
     finally:
