@@ -90,10 +90,12 @@ def run(model, out_dir: Path, context: dict | None = None) -> tuple[str, str]:
 
 def report(model, out: Path, args):
     """Estimate, score and draw; write ``out``. Returns (score rows, lens top-1 at Japan)."""
+    from tl_lenses.lenses.attribute.lens import attribute_lens
     from tl_lenses.lenses.attribute.lre import estimate_lre
     from tl_lenses.lenses.attribute.metrics import sweep
     from tl_lenses.lenses.attribute.relations import multi_token_objects, starter_relations
     from tl_lenses.lenses.attribute.view import attribute_lens_page, scores_table_html, sweep_png
+    from tl_lenses.lenses.logit import logit_lens
     from tl_lenses.readout.view import side_by_side
     from tl_lenses.viz.html import esc, page
 
@@ -129,7 +131,8 @@ def report(model, out: Path, args):
     knob_plots = [png_tag(sweep_png(tmp / f"capital_{x}.png", subset, x=x,
                                     title=f"country -> capital, layer {capital.layer}"))
                   for x, subset in (("beta", by_beta), ("rank", by_rank))]
-    lens_html, ours, _ = attribute_lens_page(model, PROMPT, capital)
+    ours = attribute_lens(model, PROMPT, capital)
+    lens_html = attribute_lens_page(ours, logit_lens(model, PROMPT), capital, prompt=PROMPT)
     body = lens_html.split("<body>", 1)[1].rsplit("</body>", 1)[0]
     sections = [
         "<p class='note'>Faithfulness: share of held-out subjects (that the model itself "

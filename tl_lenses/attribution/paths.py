@@ -22,13 +22,16 @@ every source is projected onto it (heads through ``W_O`` first).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import einops
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from tl_lenses.attribution import view as _view
+from tl_lenses.attribution.attention import head_patterns
 from tl_lenses.attribution.core import (
     DirectionSpec,
     DLAResult,
@@ -44,6 +47,7 @@ from tl_lenses.hooks import final_resid_name, run_cache, spliced_sites
 from tl_lenses.inputs import str_tokens, to_batch
 from tl_lenses.models import check_model, is_bridge
 from tl_lenses.readout.unembed import Unembed
+from tl_lenses.viz.notebook import NotebookView
 
 
 class PathLabels(Sequence):
@@ -91,7 +95,7 @@ class PathLabels(Sequence):
 
 
 @dataclass(frozen=True)
-class HeadPathResult:
+class HeadPathResult(NotebookView):
     """``values[head, source, batch, src_pos, direction]``: source → head → logit paths.
 
     ``heads`` label the destination heads (``L2H1``), ``sources`` the earlier components
@@ -113,6 +117,7 @@ class HeadPathResult:
     str_tokens: list[list[str]] | None = None
     mask: Bool[Tensor, "batch src_pos"] | None = None
     destinations: Int[Tensor, " batch"] | None = None
+    attention: dict | None = field(default=None, repr=False, compare=False)
 
     def head_totals(self) -> Float[Tensor, "head_index batch direction"]:
         """Each head's DLA, rebuilt from its paths."""
@@ -134,6 +139,31 @@ class HeadPathResult:
             absolute: bool = True) -> DLAResult:
         """The ``k`` largest paths at one (batch, direction)."""
         return self.flat().top(k, batch=batch, pos=0, direction=direction, absolute=absolute)
+
+    def with_attention(self, model) -> "HeadPathResult":
+        """This result with the attention patterns of its heads, for the views.
+
+        Args:
+            model: the model the paths were computed on (one more cached forward pass).
+
+        Returns:
+            A copy whose ``attention`` maps head labels to ``[batch, query_pos, key_pos]``.
+        """
+        pairs = [parse_head_label(label) for label in self.heads]
+        patterns = head_patterns(model, self.tokens.to(model.cfg.device), pairs)
+        return replace(self, attention=dict(zip(self.heads, patterns)))
+
+    def to_html(self, **view) -> str:
+        """Head totals, the top paths and (when present) the heads' attention, as HTML."""
+        return _view.paths_view(self, True, **view)
+
+    def save_png(self, path, k: int = 20, *, batch: int = 0, direction: int = 0) -> Path:
+        """The ``k`` largest paths as bars (PNG, SVG or PDF by the suffix of ``path``)."""
+        return _view.top_bars_png(self.flat(), path, k, batch=batch, pos=0,
+                                  direction=direction)
+
+    def _view_html(self, full: bool = False, **view) -> str:
+        return _view.paths_view(self, full, **view)
 
 
 def _refuse_saes(model, cache) -> None:

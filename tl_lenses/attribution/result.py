@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -12,10 +12,12 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from tl_lenses.attribution import view as _views
+from tl_lenses.attribution.attention import head_patterns
+from tl_lenses.viz.notebook import NotebookView
 
 
 @dataclass(frozen=True)
-class DLAResult:
+class DLAResult(NotebookView):
     """Attributions ``values[component, batch, pos, direction]`` with one label per component.
 
     ``pos`` runs over ``positions``, counted within each prompt: ``columns[b, i]`` is the
@@ -37,6 +39,7 @@ class DLAResult:
     str_tokens: list[list[str]] | None = None
     mask: Bool[Tensor, "batch pos"] | None = None
     columns: Int[Tensor, "batch pos"] | None = None
+    attention: dict | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
         # Built without padding information: every prompt reads every position.
@@ -154,6 +157,35 @@ class DLAResult:
         for i, (layer, head) in heads:
             matrix[layer, head] = column[i]
         return matrix
+
+    def with_attention(self, model, k: int = 6, *, batch: int = 0, pos: int = -1,
+                       direction: int = 0) -> DLAResult:
+        """This result with the attention patterns of its ``k`` top heads, for the views.
+
+        Args:
+            model: the model the result was computed on (one more cached forward pass).
+            k: how many heads, by |attribution| at ``(batch, pos, direction)``.
+            batch: the prompt whose cell ranks the heads.
+            pos: the position (index into ``positions``) whose cell ranks the heads.
+            direction: the direction whose cell ranks the heads.
+
+        Returns:
+            A copy whose ``attention`` maps head labels to ``[batch, query_pos, key_pos]``
+            patterns (``blocks.{l}.attn.hook_pattern``).
+
+        Raises:
+            ValueError: if the result has no per-head components.
+        """
+        heads = self.heads()
+        if not len(heads):
+            raise ValueError("with_attention needs per-head components (dla(..., heads=True))")
+        top = heads.top(k, batch=batch, pos=pos, direction=direction)
+        pairs = [parse_head_label(label) for label in top.labels]
+        patterns = head_patterns(model, self.tokens.to(model.cfg.device), pairs)
+        return replace(self, attention=dict(zip(top.labels, patterns)))
+
+    def _view_html(self, full: bool = False, **options) -> str:
+        return _views.notebook_view(self, full, **options)
 
     def to_html(self, path=None, **options) -> str:
         """The report page of :func:`~tl_lenses.attribution.view.report_html`.

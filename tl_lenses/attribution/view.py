@@ -1,7 +1,9 @@
-"""Views of a direct logit attribution: head heatmap, top-k bars, tokens coloured by attribution.
+"""Views of a direct logit attribution: head heatmap, top-k bars, attention, token colouring.
 
-HTML is self-contained (tl_lenses.viz.html; circuitsvis views inline their own JS); PNGs come
-from matplotlib. Every view reads one (batch, direction) cell of a :class:`DLAResult`.
+HTML is self-contained (tl_lenses.viz.html; circuitsvis views inline their own JS); figures
+come from matplotlib (PNG, SVG or PDF by suffix, text drawn literally). Every view reads one
+(batch, direction) cell of a DLA result; the attention patterns of the top heads show when
+the result carries them (``result.with_attention(model)``).
 """
 
 from __future__ import annotations
@@ -11,10 +13,19 @@ from typing import TYPE_CHECKING, Sequence
 
 import torch
 
-from tl_lenses.viz.html import bars_html, circuitsvis_html, esc, heatmap_html, page, table_html
-from tl_lenses.viz.static import heatmap_png
+from tl_lenses.viz.html import (
+    bars_html,
+    circuitsvis_html,
+    circuitsvis_tokens,
+    esc,
+    heatmap_html,
+    page,
+    show_text,
+    table_html,
+)
+from tl_lenses.viz.static import check_figure_path, figure_style, heatmap_png, save_figure
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # views import result types for type checkers only (no import cycle)
     from tl_lenses.attribution.paths import HeadPathResult
     from tl_lenses.attribution.result import DLAResult
 
@@ -31,14 +42,22 @@ def _head_labels(matrix: torch.Tensor) -> tuple[list[str], list[str], list[list[
     return rows, cols, text
 
 
+def _tokens(result, batch: int) -> list[str]:
+    return (result.str_tokens[batch] if result.str_tokens
+            else [str(t) for t in result.tokens[batch].tolist()])
+
+
 def head_heatmap_html(result: DLAResult, *, batch: int = 0, pos: int = -1,
                       direction: int = 0) -> str:
     """Layer × head table coloured red (against) to blue (for) the direction."""
     matrix = result.head_matrix(batch, pos, direction)
     rows, cols, text = _head_labels(matrix)
+    tips = [[f"{r}{c}: {v:+.4f}" for c, v in zip(cols, row)] for r, row in
+            zip(rows, matrix.tolist())]
     m = _symmetric(matrix)
-    return heatmap_html(matrix.tolist(), rows, cols, cell_text=text, cmap="RdBu", vmin=-m,
-                        vmax=m, caption=f"head DLA on {result.directions[direction]}:")
+    return heatmap_html(matrix.tolist(), rows, cols, cell_text=text, tooltips=tips,
+                        cmap="RdBu", vmin=-m, vmax=m,
+                        caption=f"head DLA on {show_text(result.directions[direction])}:")
 
 
 def top_bars_html(result: DLAResult, k: int = 20, *, batch: int = 0, pos: int = -1,
@@ -61,14 +80,41 @@ def tokens_html(result: DLAResult, labels: Sequence[str] | None = None, *,
         raise ValueError("tokens_html needs a result over every position (positions=None)")
     real = result.mask[batch].cpu()  # the prompt's own tokens, never its padding
     columns = result.columns[batch][real].tolist()
-    tokens = [result.str_tokens[batch][c] if result.str_tokens
-              else str(int(result.tokens[batch, c])) for c in columns]
+    tokens = circuitsvis_tokens([_tokens(result, batch)[c] for c in columns])
     if labels is None:
         values = result.total()[batch, real, direction]
         return circuitsvis_html(circuitsvis.tokens.colored_tokens(tokens, values))
     values = result[list(labels)].values[:, batch, real, direction].T.contiguous()
     return circuitsvis_html(
         circuitsvis.tokens.colored_tokens_multi(tokens, values, labels=list(labels)))
+
+
+def attention_html(attention: dict | None, tokens: Sequence[str], *, batch: int = 0,
+                   title: str = "Attention patterns of the top heads") -> str:
+    """Circuitsvis attention patterns of the heads in ``attention`` (label -> pattern).
+
+    Args:
+        attention: head label -> ``[batch, query_pos, key_pos]`` pattern, or None.
+        tokens: the prompt's tokens (shown literally).
+        batch: which prompt.
+        title: the section's heading.
+
+    Returns:
+        An HTML section, or "" when there are no patterns.
+    """
+    if not attention:
+        return ""
+    from circuitsvis.utils.render import render
+
+    labels = list(attention)
+    patterns = torch.stack([attention[label][batch] for label in labels])
+    # AttentionPatterns is what circuitsvis.attention.attention_patterns renders; called
+    # through render() to pass headLabels, so heads read "L12H3" instead of "Head 0".
+    view = render("AttentionPatterns", tokens=circuitsvis_tokens(tokens),
+                  attention=patterns.tolist(), headLabels=labels)
+    note = ("<p class='note'>Where each head reads from (destination row, source column); "
+            "hover a head to focus it, hover a token to see its attention.</p>")
+    return f"<h2>{esc(title)}</h2>{note}{circuitsvis_html(view)}"
 
 
 def paths_table_html(paths: HeadPathResult, k: int = 15, *, batch: int = 0,
@@ -79,41 +125,62 @@ def paths_table_html(paths: HeadPathResult, k: int = 15, *, batch: int = 0,
     return table_html(["path", "attribution"], rows)
 
 
+def _summary(result: DLAResult, batch: int, direction: int) -> str:
+    pos = len(result.positions) - 1
+    where = int(result.columns[batch, pos])  # the token this prompt read there
+    shown = _tokens(result, batch)[where]
+    return (f"<p class='note'>direction {esc(show_text(result.directions[direction]))} at "
+            f"position {result.positions[pos]} ({esc(repr(shown))}): model value "
+            f"{float(result.logits[batch, pos, direction]):+.4f}, sum of parts "
+            f"{float(result.total()[batch, pos, direction]):+.4f}, frozen final-norm scale "
+            f"{float(result.scale[batch, pos]):.4g}; {len(result)} components.</p>")
+
+
+def sections(result: DLAResult, *, k: int = 20, batch: int = 0, direction: int = 0,
+             by_position: DLAResult | None = None) -> list[str]:
+    """Summary, head heatmap, top-k bars, attention of the top heads, optional token view."""
+    pos = len(result.positions) - 1
+    out = [_summary(result, batch, direction)]
+    try:
+        out += ["<h2>Heads</h2>", head_heatmap_html(result, batch=batch, pos=pos,
+                                                    direction=direction)]
+    except ValueError:
+        pass  # a result without per-head components
+    out += [f"<h2>Top {k} components</h2>",
+            top_bars_html(result, k, batch=batch, pos=pos, direction=direction),
+            attention_html(result.attention, _tokens(result, batch), batch=batch)]
+    if by_position is not None:
+        known = set(by_position.labels)
+        top = [label for label in result.top(6, batch=batch, pos=pos, direction=direction).labels
+               if label != "b_U" and label in known][:5]
+        out += ["<h2>Attribution per position</h2>",
+                "<p class='note'>Each token coloured by the sum of all parts at that "
+                "position (the logit there), then by each of the top components.</p>",
+                tokens_html(by_position, batch=batch, direction=direction),
+                tokens_html(by_position, top or None, batch=batch, direction=direction)]
+    return out
+
+
+def notebook_view(result: DLAResult, full: bool = False, *, k: int | None = None,
+                  batch: int = 0, direction: int = 0) -> str:
+    """The inline view: summary, heads, top components (12 inline, 20 in full), attention."""
+    k = k or (20 if full else 12)
+    by_position = result if full and result.positions == list(range(result.tokens.shape[1])) \
+        and len(result.positions) > 1 else None
+    return "".join(sections(result, k=k, batch=batch, direction=direction,
+                            by_position=by_position))
+
+
 def report_html(result: DLAResult, *, title: str = "Direct logit attribution",
                 by_position: DLAResult | None = None,
                 paths: HeadPathResult | None = None, k: int = 20, batch: int = 0,
                 direction: int = 0) -> str:
     """A full page: summary, head heatmap, top-k bars, optional token view and path table."""
-    pos = len(result.positions) - 1
-    where = int(result.columns[batch, pos])  # the token this prompt read there
-    shown = (result.str_tokens[batch][where] if result.str_tokens
-             else int(result.tokens[batch, where]))
-    summary = (f"<p class='note'>direction {esc(result.directions[direction])} at position "
-               f"{result.positions[pos]} ({esc(repr(shown))}): model value "
-               f"{float(result.logits[batch, pos, direction]):+.4f}, sum of parts "
-               f"{float(result.total()[batch, pos, direction]):+.4f}, frozen final-norm scale "
-               f"{float(result.scale[batch, pos]):.4g}.</p>")
-    sections = [summary]
-    try:
-        sections += ["<h2>Heads</h2>", head_heatmap_html(result, batch=batch, pos=pos,
-                                                         direction=direction)]
-    except ValueError:
-        pass  # a result without per-head components
-    sections += [f"<h2>Top {k} components</h2>",
-                 top_bars_html(result, k, batch=batch, pos=pos, direction=direction)]
-    if by_position is not None:
-        known = set(by_position.labels)
-        top = [label for label in result.top(6, batch=batch, pos=pos, direction=direction).labels
-               if label != "b_U" and label in known][:5]
-        sections += ["<h2>Attribution per position</h2>",
-                     "<p class='note'>Each token coloured by the sum of all parts at that "
-                     "position (the logit there), then by each of the top components.</p>",
-                     tokens_html(by_position, batch=batch, direction=direction),
-                     tokens_html(by_position, top or None, batch=batch, direction=direction)]
+    body = sections(result, k=k, batch=batch, direction=direction, by_position=by_position)
     if paths is not None:
-        sections += [f"<h2>Top paths through heads (destination {paths.position})</h2>",
-                     paths_table_html(paths, k, batch=batch, direction=direction)]
-    return page(title, *sections)
+        body += [f"<h2>Top paths through heads (destination {paths.position})</h2>",
+                 paths_table_html(paths, k, batch=batch, direction=direction)]
+    return page(title, *body)
 
 
 def write_report(path, result: DLAResult, **kwargs) -> Path:
@@ -123,39 +190,53 @@ def write_report(path, result: DLAResult, **kwargs) -> Path:
     return path
 
 
+def paths_view(paths: HeadPathResult, full: bool = False, *, k: int | None = None,
+               batch: int = 0, direction: int = 0) -> str:
+    """Head paths inline: each head's total, the top paths, the heads' attention."""
+    k = k or (30 if full else 12)
+    totals = paths.head_totals()[:, batch, direction].tolist()
+    note = (f"<p class='note'>{len(paths.heads)} heads x {len(paths.sources)} sources x "
+            f"{paths.values.shape[3]} source positions, destination position "
+            f"{paths.position}, direction {esc(show_text(paths.directions[direction]))}."
+            f"{'' if full else ' <code>paths.show()</code> lists more paths.'}</p>")
+    return (note + "<h2>Head totals</h2>" + bars_html(list(paths.heads), totals)
+            + f"<h2>Top {k} paths</h2>"
+            + paths_table_html(paths, k, batch=batch, direction=direction)
+            + attention_html(paths.attention, _tokens(paths, batch), batch=batch,
+                             title="Attention patterns of these heads"))
+
+
 def head_heatmap_png(result: DLAResult, path, *, batch: int = 0, pos: int = -1,
                      direction: int = 0) -> Path:
-    """Layer × head heatmap as a PNG."""
+    """Layer × head heatmap as a figure (PNG, SVG or PDF by suffix)."""
     matrix = result.head_matrix(batch, pos, direction)
     rows, cols, text = _head_labels(matrix)
     m = _symmetric(matrix)
     return heatmap_png(path, matrix.tolist(), rows, cols, cell_text=text, cmap="RdBu",
-                       vmin=-m, vmax=m, colorbar_label="logit attribution",
-                       title=f"head DLA: {result.directions[direction]}")
+                       vmin=-m, vmax=m, colorbar_label="direct logit attribution (logits)",
+                       title=f"head DLA: {show_text(result.directions[direction])}",
+                       max_cols=max(16, len(cols)))
 
 
 def top_bars_png(result: DLAResult, path, k: int = 20, *, batch: int = 0, pos: int = -1,
                  direction: int = 0) -> Path:
-    """Top-k components as a horizontal bar chart PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+    """Top-k components as a horizontal bar chart (PNG, SVG or PDF by suffix)."""
     import matplotlib.pyplot as plt
 
+    check_figure_path(path)
     top = result.top(k, batch=batch, pos=pos, direction=direction)
     values = top.cell(batch, pos, direction).tolist()[::-1]
-    labels = list(top.labels)[::-1]
-    fig, ax = plt.subplots(figsize=(6, 0.28 * len(values) + 1.2))
-    ax.barh(range(len(values)), values,
-            color=["#3b6fb6" if v >= 0 else "#c0392b" for v in values])
-    ax.set_yticks(range(len(values)), labels, fontsize=8)
-    ax.axvline(0, color="#444", linewidth=0.6)
-    ax.set_xlabel(f"attribution to {result.directions[direction]}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    labels = [show_text(label) for label in top.labels][::-1]
+    with figure_style():
+        fig, ax = plt.subplots(figsize=(4.5, 0.18 * len(values) + 1.0))
+        ax.barh(range(len(values)), values,
+                color=["#3b6fb6" if v >= 0 else "#c0392b" for v in values])
+        ax.set_yticks(range(len(values)), labels)
+        ax.axvline(0, color="#444", linewidth=0.6)
+        ax.set_xlabel(f"attribution to {show_text(result.directions[direction])} (logits)")
+    return save_figure(fig, path)
 
 
-__all__ = ["head_heatmap_html", "top_bars_html", "tokens_html", "paths_table_html",
-           "report_html", "write_report", "head_heatmap_png", "top_bars_png"]
+__all__ = ["head_heatmap_html", "top_bars_html", "tokens_html", "attention_html",
+           "paths_table_html", "report_html", "write_report", "notebook_view", "paths_view",
+           "head_heatmap_png", "top_bars_png"]

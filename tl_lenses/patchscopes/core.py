@@ -32,6 +32,8 @@ from torch import Tensor
 from tl_lenses.hooks import flowing_name, resolve_layer, resolve_position, run_cache
 from tl_lenses.inputs import decode_each, one_prompt
 from tl_lenses.models import check_model, is_bridge
+from tl_lenses.patchscopes import view as _view
+from tl_lenses.viz.notebook import NotebookView
 
 Transform = Callable[[Tensor], Tensor]
 
@@ -266,7 +268,7 @@ def _stack(new: list[Tensor], batch: int, device) -> Tensor:
 
 
 @dataclass
-class PatchscopeResult:
+class PatchscopeResult(NotebookView):
     """One patched run: what was read, what was written, and what the target then said.
 
     ``logits`` are the target model's next-token logits after the last prompt token;
@@ -300,6 +302,13 @@ class PatchscopeResult:
         """The greedy continuation decoded (ids as text without a tokenizer)."""
         ids = self.generated_ids.tolist()
         return self.tokenizer.decode(ids) if self.tokenizer is not None else str(ids)
+
+    def to_html(self, k: int = 5) -> str:
+        """This run as HTML: layers, positions, the top-``k`` next tokens, the generation."""
+        return _view.patchscope_html(self, k)
+
+    def _view_html(self, full: bool = False, **view) -> str:
+        return _view.patchscope_html(self, **view)
 
 
 def patchscope(

@@ -14,6 +14,7 @@ Target prompts carry a placeholder (``?`` or ``x``) whose last token is the patc
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -24,10 +25,12 @@ from tl_lenses.hooks import resolve_layer, resolve_position
 from tl_lenses.inputs import decode_each, one_prompt, str_tokens, to_tokens
 from tl_lenses.lenses.logit import LogitLens
 from tl_lenses.models import check_model
+from tl_lenses.patchscopes import view as _view
 from tl_lenses.patchscopes.core import check_generation, source_states
 from tl_lenses.patchscopes.sweep import SweepResult, patchscope_sweep
 from tl_lenses.readout.lens import Lens
 from tl_lenses.readout.unembed import Unembed
+from tl_lenses.viz.notebook import NotebookView
 
 IDENTITY_PROMPT = "cat -> cat\n1135 -> 1135\nhello -> hello\n?"
 DESCRIPTION_PROMPT = (
@@ -56,7 +59,7 @@ def placeholder_position(model, prompt: str, placeholder: str, *,
 # --- token identity ----------------------------------------------------------------------
 
 @dataclass
-class TokenIdentityResult:
+class TokenIdentityResult(NotebookView):
     """Per source layer (rows ``layer``) and source position: patched vs lens decodings.
 
     ``precision_at_1[layer]``: share of positions whose patched top-1 equals the source
@@ -92,6 +95,17 @@ class TokenIdentityResult:
                         f"{self.lens_surprisal[name][i].mean():.2f}"]
             rows.append(row)
         return rows
+
+    def to_html(self, title: str = "Token identity") -> str:
+        """The Precision@1 / surprisal table and the patched top-1 grid, as HTML."""
+        return _view.token_identity_html(self, title)
+
+    def save_png(self, path, title: str = "Token identity") -> Path:
+        """The patched top-1 grid as a figure (PNG, SVG or PDF by the suffix of ``path``)."""
+        return _view.token_identity_png(self, path, title)
+
+    def _view_html(self, full: bool = False, **view) -> str:
+        return _view.token_identity_html(self, **view)
 
 
 def token_identity(
@@ -146,7 +160,7 @@ def _score(top1: Tensor, final_top1: Tensor, final_logprobs: Tensor):
 # --- generations: entity description, attribute extraction, chain of thought ------------
 
 @dataclass
-class GenerationTable:
+class GenerationTable(NotebookView):
     """One generation per source layer (the paper's "Diana, Princess of Wales" table)."""
 
     layers: list[int]
@@ -158,6 +172,13 @@ class GenerationTable:
     def rows(self) -> list[list]:
         """``[layer, generation]`` rows for a table."""
         return [[layer, text] for layer, text in zip(self.layers, self.generations)]
+
+    def to_html(self, title: str | None = None) -> str:
+        """The table of generations per layer, as HTML."""
+        return _view.generation_table_html(self, title)
+
+    def _view_html(self, full: bool = False, **view) -> str:
+        return _view.generation_table_html(self, **view)
 
 
 def entity_description(
@@ -183,7 +204,7 @@ def entity_description(
 
 
 @dataclass
-class AttributeResult:
+class AttributeResult(NotebookView):
     """Success rate over samples for each (source layer, target layer) pair."""
 
     source_layers: list[int]
@@ -191,6 +212,17 @@ class AttributeResult:
     success: Float[Tensor, "source_layer target_layer"]
     sweep: SweepResult
     objects: list[str]
+
+    def to_html(self, title: str = "Attribute extraction") -> str:
+        """The success-rate grid over (l, l*), as HTML."""
+        return _view.attribute_html(self, title)
+
+    def save_png(self, path, title: str = "Attribute extraction") -> Path:
+        """The success-rate grid as a figure (PNG, SVG or PDF by the suffix of ``path``)."""
+        return _view.attribute_png(self, path, title)
+
+    def _view_html(self, full: bool = False, **view) -> str:
+        return _view.attribute_html(self, **view)
 
 
 def attribute_extraction(

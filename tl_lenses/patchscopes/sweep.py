@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from itertools import product
+from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import numpy as np
@@ -23,6 +24,7 @@ from torch import Tensor
 from tl_lenses.hooks import resolve_layer, resolve_position
 from tl_lenses.inputs import one_prompt
 from tl_lenses.models import check_model
+from tl_lenses.patchscopes import view as _view
 from tl_lenses.patchscopes.core import (
     AffineMap,
     Transform,
@@ -31,10 +33,11 @@ from tl_lenses.patchscopes.core import (
     run_patched,
     source_states,
 )
+from tl_lenses.viz.notebook import NotebookView
 
 
 @dataclass
-class SweepResult:
+class SweepResult(NotebookView):
     """One row per case (axis ``case``): where h came from, where it went, what came out.
 
     ``top_ids``/``top_probs``: the target's top-k next tokens after its last prompt token;
@@ -95,6 +98,17 @@ class SweepResult:
             grid[rows.index(int(self.source_layer[case]))][
                 cols.index(int(self.target_layer[case]))] = values[case]
         return grid, rows, cols
+
+    def to_html(self, **view) -> str:
+        """Every (source, position) layer x layer grid as HTML (see ``sweep_view``)."""
+        return _view.sweep_view(self, True, **view)
+
+    def save_png(self, path, **view) -> Path:
+        """One layer x layer grid as a figure (PNG, SVG or PDF by the suffix of ``path``)."""
+        return _view.sweep_png(self, path, **view)
+
+    def _view_html(self, full: bool = False, **view) -> str:
+        return _view.sweep_view(self, full, **view)
 
 
 def patchscope_sweep(

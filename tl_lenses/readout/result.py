@@ -14,10 +14,11 @@ from tl_lenses.hooks import short_label
 from tl_lenses.inputs import decode_each
 from tl_lenses.readout import view
 from tl_lenses.readout.view import STATISTICS
+from tl_lenses.viz.notebook import NotebookView
 
 
 @dataclass
-class LensResult:
+class LensResult(NotebookView):
     """A lens readout over hook points (``layer``) and token positions.
 
     ``top_*`` hold the k best tokens of each decoded distribution; ``target_*`` the rank
@@ -120,6 +121,9 @@ class LensResult:
     def save_png(self, path, statistic: str = "prob", batch: int = 0, **kwargs) -> Path:
         """A static PNG of the same grid (matplotlib); returns ``Path(path)``."""
         return view.grid_png(self, path, statistic=statistic, batch=batch, **kwargs)
+
+    def _view_html(self, full: bool = False, **options) -> str:
+        return view.notebook_view(self, full, **options)
 
     def cpu(self) -> "LensResult":
         """A copy with every tensor on the CPU."""

@@ -1,10 +1,10 @@
-"""Views of a lens readout: the seed's grids (HTML and PNG) and the multi-lens report.
-
-Grids are layers x positions with the top-1 token (or a number) in each cell.
+"""The seed's lens grids: layers x positions, the top-1 token (or a number) in each cell.
 
 Rows run from the last layer at the top to the embedding at the bottom, as in the lecture
 figures; columns are the prompt's tokens. Hovering a cell shows its top-k tokens with their
-probabilities, the entropy, the KL to the final layer and the target's rank.
+probabilities, the entropy, the KL to the final layer and the target's rank. The same grid
+is an HTML table (:func:`grid_html`), a notebook view (:func:`notebook_view`), a report
+page (:func:`write_report`) and a static figure (:func:`grid_png`: PNG, SVG or PDF).
 """
 
 from __future__ import annotations
@@ -15,15 +15,21 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from tl_lenses.viz.html import circuitsvis_html, esc, heatmap_html, page, show_token
+from tl_lenses.viz.html import (
+    circuitsvis_html,
+    circuitsvis_tokens,
+    esc,
+    heatmap_html,
+    page,
+    show_text,
+    show_token,
+)
 from tl_lenses.viz.static import heatmap_png
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # views import result types for type checkers only (no import cycle)
     from tl_lenses.readout.result import LensResult
 
-# The per-cell statistics a grid can show (see LensResult.statistic).
 STATISTICS = ("logit", "prob", "rank", "entropy", "kl", "target_prob", "target_logit")
-
 # How each statistic is coloured: (colour map, log scale). Low ranks, entropies and
 # divergences are "good", so their maps run the other way.
 COLOURING = {
@@ -37,10 +43,29 @@ CAPTIONS = {
     "kl": "KL(final || layer) (nats)", "target_prob": "probability of the target",
     "target_logit": "logit of the target",
 }
+# Colour-bar labels with units, for figures.
+UNITS = {
+    "logit": "top-1 logit", "prob": "top-1 probability", "rank": "target rank (log10 scale)",
+    "entropy": "entropy (nats)", "kl": "KL(final || layer) (nats)",
+    "target_prob": "target probability", "target_logit": "target logit",
+}
+MAX_INLINE_POSITIONS = 40  # wider prompts show their last positions inline, all with show()
 
 
-def grid_cells(result: LensResult, statistic: str, batch: int, text: str):
-    """(values, cell_text, tooltips, row_labels, col_labels), rows top = last layer."""
+def _columns(result, columns) -> range:
+    n = len(result.positions)
+    if columns is None:
+        return range(n)
+    if not isinstance(columns, range) or not (0 <= columns.start <= columns.stop <= n):
+        raise ValueError(f"columns must be a range inside [0, {n}], got {columns!r}")
+    return columns
+
+
+def grid_cells(result: LensResult, statistic: str, batch: int, text: str, columns=None):
+    """(values, cell_text, tooltips, row_labels, col_labels), rows top = last layer.
+
+    ``columns``: a ``range`` of position indices to keep (default all).
+    """
     if statistic not in STATISTICS:
         raise ValueError(f"statistic must be one of {STATISTICS}, got {statistic!r}")
     if text not in ("top1", "value"):
@@ -48,6 +73,7 @@ def grid_cells(result: LensResult, statistic: str, batch: int, text: str):
     n_batch = result.tokens.shape[0]
     if not isinstance(batch, int) or not 0 <= batch < n_batch:
         raise ValueError(f"batch must be an int in [0, {n_batch}), got {batch!r}")
+    cols = _columns(result, columns)
     values = result.statistic(statistic)[:, batch].cpu()
     tops = result.top_tokens(batch)
     order = list(range(values.shape[0]))[::-1]
@@ -56,13 +82,13 @@ def grid_cells(result: LensResult, statistic: str, batch: int, text: str):
     values = values.masked_fill(missing, float("nan"))
     cell_text = [["" if missing[l, p] else
                   _cell_text(values[l, p].item(), tops[l][p][0], statistic, text)
-                  for p in range(values.shape[1])] for l in order]
+                  for p in cols] for l in order]
     tooltips = [[_missing_tooltip(result, l, batch, p) if missing[l, p] else
-                 _tooltip(result, l, batch, p, tops[l][p]) for p in range(values.shape[1])]
-                for l in order]
+                 _tooltip(result, l, batch, p, tops[l][p]) for p in cols] for l in order]
     shown = values.log10() if COLOURING[statistic][1] else values
-    col_labels = [show_token(token) if token else "" for token in result.str_tokens_at(batch)]
-    return ([shown[l].tolist() for l in order], cell_text, tooltips,
+    tokens = result.str_tokens_at(batch)
+    col_labels = [show_token(tokens[p]) if tokens[p] else "" for p in cols]
+    return ([[shown[l, p].item() for p in cols] for l in order], cell_text, tooltips,
             [result.labels[l] for l in order], col_labels)
 
 
@@ -97,9 +123,10 @@ def _missing_tooltip(result: LensResult, layer: int, batch: int, pos: int) -> st
 
 
 def grid_html(result: LensResult, statistic: str = "prob", batch: int = 0,
-              text: str = "top1", title: str | None = None) -> str:
+              text: str = "top1", title: str | None = None, columns=None) -> str:
     """An HTML section (no scripts) with the grid; wrap it with ``viz.html.page``."""
-    values, cell_text, tooltips, rows, cols = grid_cells(result, statistic, batch, text)
+    values, cell_text, tooltips, rows, cols = grid_cells(result, statistic, batch, text,
+                                                         columns)
     cmap, log_scale = COLOURING[statistic]
     caption = CAPTIONS[statistic] + (" (log10)" if log_scale else "")
     heading = title or f"{result.lens}: {CAPTIONS[statistic]}"
@@ -108,10 +135,10 @@ def grid_html(result: LensResult, statistic: str = "prob", batch: int = 0,
                            cmap=cmap, caption=caption))
 
 
-def rank_grid_html(result: LensResult, batch: int = 0) -> str:
+def rank_grid_html(result: LensResult, batch: int = 0, columns=None) -> str:
     """The seed's second figure: the rank of the target (default: final top-1) per cell."""
     return grid_html(result, "rank", batch, text="value",
-                     title=f"{result.lens}: rank of {result.target}")
+                     title=f"{result.lens}: rank of {result.target}", columns=columns)
 
 
 def side_by_side(*sections: str) -> str:
@@ -121,17 +148,17 @@ def side_by_side(*sections: str) -> str:
     return f"<div style='display:flex;gap:24px;align-items:flex-start'>{cells}</div>"
 
 
-
 def grid_png(result: LensResult, path, statistic: str = "prob", batch: int = 0,
-             text: str = "top1", title: str | None = None) -> Path:
-    """The lens grid of :func:`grid_html` as a PNG (matplotlib); returns ``Path(path)``."""
+             text: str = "top1", title: str | None = None, max_cols: int = 16) -> Path:
+    """The lens grid as a static figure (PNG, SVG or PDF by the path's suffix).
+
+    Long prompts wrap into panels of ``max_cols`` positions; text is drawn literally.
+    """
     values, cell_text, _, rows, cols = grid_cells(result, statistic, batch, text)
-    cmap, log_scale = COLOURING[statistic]
-    return heatmap_png(
-        path, values, rows, cols, cell_text=cell_text, cmap=cmap,
-        title=title or f"{result.lens}: {CAPTIONS[statistic]}",
-        colorbar_label=CAPTIONS[statistic] + (" (log10)" if log_scale else ""),
-    )
+    cmap, _ = COLOURING[statistic]
+    return heatmap_png(path, values, rows, cols, cell_text=cell_text, cmap=cmap,
+                       title=show_text(title or f"{result.lens}: {CAPTIONS[statistic]}"),
+                       colorbar_label=UNITS[statistic], max_cols=max_cols)
 
 
 def settle_layer(result: LensResult, batch: int = 0) -> torch.Tensor:
@@ -144,23 +171,49 @@ def settle_layer(result: LensResult, batch: int = 0) -> torch.Tensor:
 
 def tokens_view(result: LensResult, batch: int = 0) -> str:
     """Circuitsvis colored_tokens: each token coloured by the row its target settles at."""
-    from circuitsvis.tokens import colored_tokens  # heavy: imported only when drawn
+    from circuitsvis.tokens import colored_tokens
 
     real = result.mask[batch].cpu()  # a prompt's own tokens only, never its padding
     values = settle_layer(result, batch)[real]
-    tokens = [t for t, keep in zip(result.str_tokens_at(batch), real.tolist()) if keep]
+    tokens = circuitsvis_tokens([t for t, keep in zip(result.str_tokens_at(batch),
+                                                      real.tolist()) if keep])
     note = (f"<p class='note'>Each token coloured by the first row (0 = embedding) from which "
             f"the {esc(result.target)} stays the lens's top-1. Hover for the value.</p>")
     return note + circuitsvis_html(colored_tokens(tokens=tokens, values=values.tolist()))
 
 
-def lens_sections(result: LensResult, batch: int = 0) -> list[str]:
+def lens_sections(result: LensResult, batch: int = 0, columns=None) -> list[str]:
     """The standard views of one lens result."""
-    sections = [grid_html(result, "prob", batch)]
+    sections = [grid_html(result, "prob", batch, columns=columns)]
     if result.target_rank is not None:
-        sections.append(rank_grid_html(result, batch))
-    sections.append(grid_html(result, "kl", batch))
+        sections.append(rank_grid_html(result, batch, columns=columns))
+    sections.append(grid_html(result, "kl", batch, columns=columns))
     return sections
+
+
+def notebook_view(result: LensResult, full: bool = False, *, statistic: str | None = None,
+                  batch: int = 0) -> str:
+    """The inline view: probability and rank grids (and, in full, KL and the token view).
+
+    Inline (``full=False``), a prompt longer than ``MAX_INLINE_POSITIONS`` shows its last
+    positions with a note; ``result.show()`` shows every position and all grids.
+    """
+    n = len(result.positions)
+    columns = None if full or n <= MAX_INLINE_POSITIONS else range(n - MAX_INLINE_POSITIONS, n)
+    n_batch = result.tokens.shape[0]
+    which = "" if n_batch == 1 else f", prompt {batch} of {n_batch}"
+    head = (f"<p class='note'>{esc(result.lens)}: {len(result.labels)} rows x {n} positions"
+            f"{which}; hover a cell for its top-{result.top_ids.shape[-1]}.</p>")
+    if columns is not None:
+        head += (f"<p class='note'>Showing the last {MAX_INLINE_POSITIONS} of {n} positions; "
+                 f"<code>result.show()</code> shows all of them.</p>")
+    if statistic is not None:
+        return head + grid_html(result, statistic, batch, columns=columns)
+    sections = lens_sections(result, batch, columns)
+    if not full:
+        return head + side_by_side(*sections[:2])
+    extra = [tokens_view(result, batch)] if result.target_rank is not None else []
+    return head + side_by_side(*sections[:2]) + sections[2] + "".join(extra)
 
 
 def write_report(path, results: list[LensResult], *, title: str, batch: int = 0,

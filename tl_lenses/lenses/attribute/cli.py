@@ -34,10 +34,12 @@ def add_parser(subparsers) -> None:
 def run(args) -> int:
     from pathlib import Path
 
+    from tl_lenses.lenses.attribute.lens import attribute_lens
     from tl_lenses.lenses.attribute.lre import estimate_lre
     from tl_lenses.lenses.attribute.metrics import collect_states, score
     from tl_lenses.lenses.attribute.relations import get_relation
     from tl_lenses.lenses.attribute.view import attribute_lens_page, scores_table_html
+    from tl_lenses.lenses.logit import logit_lens
     from tl_lenses.models import load_default_model
 
     relation = get_relation(args.relation)
@@ -45,7 +47,9 @@ def run(args) -> int:
     model = load_default_model(backend=args.backend)
     lre = estimate_lre(model, relation, args.layer, n=args.n, beta=args.beta, rank=args.rank,
                        seed=args.seed, progress=True)
-    html, ours, _ = attribute_lens_page(model, args.text, lre, k=args.k)
+    ours = attribute_lens(model, args.text, lre, k=args.k)
+    html = attribute_lens_page(ours, logit_lens(model, args.text, k=args.k), lre,
+                               prompt=args.text)
     if args.metrics:
         logger.info("scoring held-out subjects ...")
         held_out = [x for x in relation.samples if x not in lre.train]

@@ -25,6 +25,7 @@ held-out pairs (Hernandez et al. 2024, sec. 4.2; see :mod:`tl_lenses.analysis.ca
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -39,9 +40,11 @@ from tl_lenses.hooks import (
     run_cache,
 )
 from tl_lenses.inputs import to_batch
+from tl_lenses.lenses.attribute import view as _view
 from tl_lenses.lenses.attribute.lre import LRE, estimate_lre, subject_position
 from tl_lenses.lenses.attribute.relations import Relation, Sample, object_token
 from tl_lenses.readout.unembed import Unembed
+from tl_lenses.viz.notebook import NotebookView
 
 
 @dataclass(frozen=True)
@@ -72,7 +75,7 @@ class SubjectStates:
 
 
 @dataclass
-class Score:
+class Score(NotebookView):
     """One row of a metrics table."""
 
     relation: str
@@ -85,6 +88,9 @@ class Score:
     causality: float
     n_test: int
     n_pairs: int
+
+    def _view_html(self, full: bool = False, **view) -> str:
+        return _view.scores_table_html([self])
 
 
 def collect_states(model, template_lre: LRE, samples: Sequence[Sample],
@@ -239,7 +245,7 @@ def score(model, lre: LRE, train_states: SubjectStates, test_states: SubjectStat
 
 
 @dataclass
-class Sweep:
+class Sweep(NotebookView):
     """Rows of :class:`Score` from a sweep (the LRE and its baselines)."""
 
     rows: list[Score] = field(default_factory=list)
@@ -247,11 +253,18 @@ class Sweep:
 
     def table(self) -> tuple[list[str], list[list]]:
         """(header, rows) for :func:`tl_lenses.viz.html.table_html`."""
-        header = ["relation", "method", "layer", "n", "beta", "rank", "faithfulness",
-                  "causality", "held-out correct", "pairs"]
-        return header, [[r.relation, r.method, r.layer, r.n, f"{r.beta:g}",
-                         "full" if r.rank is None else r.rank, f"{r.faithfulness:.2f}",
-                         f"{r.causality:.2f}", r.n_test, r.n_pairs] for r in self.rows]
+        return _view.score_table(self.rows)
+
+    def to_html(self) -> str:
+        """The plot against the swept knob (when one knob varies) and the table, as HTML."""
+        return _view.sweep_view(self.rows, True)
+
+    def save_png(self, path, x: str = "layer", title: str = "") -> Path:
+        """Faithfulness and causality against ``x`` (PNG, SVG or PDF by suffix)."""
+        return _view.sweep_png(path, self.rows, x=x, title=title)
+
+    def _view_html(self, full: bool = False, **view) -> str:
+        return _view.sweep_view(self.rows, full)
 
 
 def sweep(model, relation: Relation, layers: Sequence[int], *, n: int = 8,

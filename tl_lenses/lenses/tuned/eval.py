@@ -27,6 +27,7 @@ from tl_lenses.models import check_model
 from tl_lenses.readout.apply import apply_lens_to_cache
 from tl_lenses.readout.lens import Lens
 from tl_lenses.readout.unembed import Unembed
+from tl_lenses.viz.notebook import NotebookView
 
 
 @dataclass
@@ -59,7 +60,7 @@ class LayerMetrics:
 
 
 @dataclass
-class LensEvaluation:
+class LensEvaluation(NotebookView):
     """Per-layer metrics of several lenses on the same held-out tokens."""
 
     metrics: dict[str, LayerMetrics]
@@ -90,6 +91,9 @@ class LensEvaluation:
     def to_html(self, title: str = "Lens evaluation on held-out text") -> str:
         """A self-contained HTML page: the KL plot and the per-layer table."""
         return view.evaluation_html(self, title)
+
+    def _view_html(self, full: bool = False, **options) -> str:
+        return view.evaluation_fragment(self, full)
 
 
 def evaluate_lenses(model, tokens: Int[Tensor, "batch pos"],
