@@ -139,3 +139,28 @@ def test_tl_name_offline_is_a_clear_error(monkeypatch):
     with pytest.raises(OSError, match="name_or_path 'gpt2'.*HF_HUB_OFFLINE"):
         load_model("gpt2")
     assert os.environ["HF_HUB_OFFLINE"] == "1"
+
+
+@pytest.mark.parametrize("command", [
+    ["logit-lens", "ab cd"], ["dla", "ab cd", "--answer", "a", "--wrong", "b"],
+    ["attribute-lens", "ab cd"], ["patchscope", "identity", "ab cd"],
+    ["train-tuned", "--out", "x"], ["eval-lens", "x"],
+])
+def test_every_subcommand_takes_the_model_arguments(command):
+    from tl_lenses.cli import build_parser
+
+    args = build_parser().parse_args([*command, "--model", "some/folder", "--device", "cuda:1",
+                                      "--dtype", "bfloat16", "--backend", "bridge"])
+    assert (args.model, args.device, args.dtype, args.backend) == (
+        "some/folder", "cuda:1", "bfloat16", "bridge")
+
+
+def test_command_line_loads_a_saved_folder(tmp_path, capsys):
+    from tl_lenses.cli import main
+
+    folder = save_folder(tiny_family_hf("qwen2"), tmp_path / "qwen")
+    out = tmp_path / "lens.html"
+    assert main(["logit-lens", "ab cd", "--model", str(folder), "--out", str(out)]) == 0
+    assert out.exists()
+    assert main(["logit-lens", "ab cd", "--model", str(tmp_path / "nope.gguf")]) == 2
+    assert "name_or_path" in capsys.readouterr().err
