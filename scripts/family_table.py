@@ -33,8 +33,8 @@ def main(backends: list[str]) -> int:
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
     reasons: list[str] = []
-    rows = ["| family | backend | what it has | " + " | ".join(METHODS) + " |",
-            "|---|---|---|" + "---|" * len(METHODS)]
+    print("| family | backend | what it has | " + " | ".join(METHODS) + " |")
+    print("|---|---|---|" + "---|" * len(METHODS), flush=True)
     for family, backend in family_members():
         if backends and backend not in backends:
             continue
@@ -50,9 +50,9 @@ def main(backends: list[str]) -> int:
             else:
                 cells.append("exact" if outcome.status == "exact" else "**WRONG**")
         summary = family_summary(family, backend)
-        rows.append(f"| {family} | {backend} | {summary} | " + " | ".join(cells) + " |")
-        print(f"{family}/{backend} done", file=sys.stderr, flush=True)
-    print("\n".join(rows))
+        # One row at a time: a long run interrupted still leaves the rows it finished.
+        print(f"| {family} | {backend} | {summary} | " + " | ".join(cells) + " |", flush=True)
+        print(f"{family}/{backend} done; reasons so far: {reasons}", file=sys.stderr, flush=True)
     print()
     for i, reason in enumerate(reasons, 1):
         print(f"{i}. {reason}")

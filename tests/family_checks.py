@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import torch
 
 import tl_lenses as tll
-from tl_lenses.readout.apply import apply_lens
-from tl_lenses.lenses.tuned.lens import TunedLens
 from tl_lenses.lenses.attribute.lre import relation_jacobian, subject_position
+from tl_lenses.lenses.tuned.lens import TunedLens
+from tl_lenses.readout.apply import apply_lens
 
 # Byte-level prompt: every character is one token.
 PROMPT = "ab cd ef gh"

@@ -83,7 +83,8 @@ def write_llama_gguf(hf_model, path) -> None:
         p = f"model.layers.{i}."
         writer.add_tensor(f"blk.{i}.attn_q.weight",
                           _permute(sd[p + "self_attn.q_proj.weight"], n_head))
-        writer.add_tensor(f"blk.{i}.attn_k.weight", _permute(sd[p + "self_attn.k_proj.weight"], n_kv))
+        writer.add_tensor(f"blk.{i}.attn_k.weight",
+                          _permute(sd[p + "self_attn.k_proj.weight"], n_kv))
         for ours, theirs in names.items():
             writer.add_tensor(f"blk.{i}.{ours}.weight", sd[f"{p}{theirs}.weight"])
     writer.add_tensor("output_norm.weight", sd["model.norm.weight"])

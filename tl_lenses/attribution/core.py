@@ -374,9 +374,12 @@ def neuron_terms(
 
 
 def _model_logits(model, cache, pos, dirs: LogitDirections):
-    """The model's own (pre-cap) value along each direction, from the final residual (own
-    statistics); and, for a soft-capped model, the capped value of each token direction
-    (``cap(z_a) - cap(z_b)``; NaN for a free vector, which has no capped counterpart)."""
+    """The model's own (pre-cap) value along each direction, and the capped one.
+
+    The pre-cap value comes from the final residual (own statistics); for a soft-capped model
+    the capped value of each token direction is ``cap(z_a) - cap(z_b)`` (NaN for a free
+    vector, which has no capped counterpart), else None.
+    """
     resid = cache[final_resid_name(model)][:, pos].float()
     unembed = Unembed.from_model(model)
     normalized = unembed.normalize(resid)

@@ -29,6 +29,7 @@ class SublayerNorm:
 
     @property
     def scale_hook(self) -> str:
+        """The hook point caching the norm's forward scale."""
         return f"{self.name}.hook_scale"
 
     def direction(self, u: Float[Tensor, "d_model direction"]) -> Tensor:

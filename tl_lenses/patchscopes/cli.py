@@ -13,8 +13,6 @@ import logging
 from tl_lenses.model_args import add_model_arguments
 
 PRESETS = ("identity", "describe", "sweep", "cot")
-
-
 logger = logging.getLogger("tl_lenses")
 
 

@@ -110,8 +110,10 @@ class Unembed:
     def project(
         self, x: Float[Tensor, "*rows d_model"], out: Tensor | None = None
     ) -> Float[Tensor, "*rows d_vocab"]:
-        """``x @ W_U + b_U`` for already normalised ``x`` (into ``out`` when given), then the
-        model's soft cap ``cap * tanh(z / cap)`` when it has one."""
+        """``x @ W_U + b_U`` for normalised ``x`` (into ``out``), then the model's soft cap.
+
+        The cap (``cap * tanh(z / cap)``) is applied only when the model has one.
+        """
         W_U = self.W_U if self.W_U.dtype == x.dtype else self.W_U.to(x.dtype)
         if out is not None and torch.is_grad_enabled() and (x.requires_grad or W_U.requires_grad):
             out = None  # out= is not differentiable; keep the autograd path working

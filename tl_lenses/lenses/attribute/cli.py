@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import logging
 
-logger = logging.getLogger("tl_lenses")
-
 from tl_lenses.model_args import add_model_arguments
+
+logger = logging.getLogger("tl_lenses")
 
 
 def add_parser(subparsers) -> None:

@@ -10,7 +10,6 @@ import logging
 
 from tl_lenses.model_args import add_model_arguments
 
-
 logger = logging.getLogger("tl_lenses")
 
 
