@@ -15,7 +15,7 @@ from tl_lenses.lenses import attribute, tuned
 from tl_lenses.lenses.attribute import LRE, attribute_lens, estimate_lre
 from tl_lenses.lenses.logit import LogitLens, logit_lens
 from tl_lenses.lenses.tuned import TunedLens, evaluate_lenses, token_split, train_tuned_lens
-from tl_lenses.models import load_default_model
+from tl_lenses.models import load_default_model, load_model
 from tl_lenses.patchscopes import PatchscopeResult, SweepResult, patchscope, patchscope_sweep
 from tl_lenses.readout import Lens, LensCollector, LensResult, apply_lens, apply_lens_to_cache
 
@@ -24,7 +24,7 @@ SUBPACKAGES = (analysis, attribute, attribution, patchscopes, readout, tuned)
 
 __all__ = [
     # models and the shared readout
-    "load_default_model", "Lens", "LensResult", "LensCollector", "apply_lens",
+    "load_default_model", "load_model", "Lens", "LensResult", "LensCollector", "apply_lens",
     "apply_lens_to_cache",
     # lenses
     "LogitLens", "logit_lens", "TunedLens", "train_tuned_lens", "token_split", "evaluate_lenses",

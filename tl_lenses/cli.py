@@ -36,7 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(format="[tl_lenses] %(message)s", level=logging.INFO)
     try:
         return args.func(args) or 0
-    except (ValueError, FileNotFoundError, ModuleNotFoundError) as error:
+    # OSError: a --model name that cannot be downloaded; NotImplementedError: a method or
+    # backend that refuses the model's architecture.
+    except (ValueError, OSError, ModuleNotFoundError, NotImplementedError) as error:
         print(f"tl-lenses {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -289,3 +289,180 @@ def check_model(model, *, argument: str = "model") -> None:
             f"{type(model).__name__}"
         )
     model_device(model, argument=argument)
+
+
+# --- any model a user has: a HF folder, a GGUF file, or a TransformerLens model name -------
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
+          "float16": torch.float16}
+
+
+def parse_dtype(dtype: str | torch.dtype, *, argument: str = "dtype") -> torch.dtype:
+    """A torch floating dtype from itself or its name (``"bfloat16"``, ``"torch.float16"``)."""
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return dtype
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in DTYPES:
+        return DTYPES[dtype.removeprefix("torch.")]
+    raise ValueError(f"{argument} must be one of {sorted(DTYPES)} or a torch float dtype, "
+                     f"got {dtype!r}")
+
+
+def load_model(
+    name_or_path: str | os.PathLike | None = None,
+    *,
+    backend: str = DEFAULT_BACKEND,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype = torch.float32,
+):
+    """Load any model as a HookedTransformer or a Bridge, with tl_lenses' weight processing.
+
+    Args:
+        name_or_path: a Hugging Face model folder (``config.json`` + weights, as
+            ``save_pretrained`` writes it), a GGUF file (dequantized by ``transformers``),
+            or a TransformerLens model name (``"gpt2"``, ``"pythia-70m"``; downloaded from
+            the Hugging Face Hub). None (default) or ``"SmolLM2-135M-Instruct"``: the
+            embedded model (:func:`load_default_model`).
+        backend: ``"hooked"`` (HookedTransformer, built by TL's own converters; TL 3.x) or
+            ``"bridge"`` (TransformerBridge in compatibility mode around the HF model). The
+            default is ``"hooked"`` on TL 3.x and ``"bridge"`` on TL 4.x.
+        device: where the weights live.
+        dtype: ``torch.float32`` (default), ``bfloat16``, ``float16``, ``float64`` or
+            their names.
+
+    Returns:
+        The model in eval mode, processed with ``PROCESSING`` (norms folded, nothing
+        centred), so its logits are the HF model's.
+
+    Raises:
+        ValueError: ``backend`` or ``dtype`` is not one of the above; ``name_or_path`` is a
+            folder without ``config.json``, a file that is not GGUF, or a name TL does not
+            know.
+        FileNotFoundError: ``name_or_path`` looks like a path but does not exist.
+        OSError: a TL model name whose weights cannot be downloaded (offline, or the Hub
+            unreachable).
+        NotImplementedError: ``backend="hooked"`` for an architecture TL's HookedTransformer
+            cannot build from a local model (e.g. Gemma-2: use ``backend="bridge"``).
+
+    >>> model = load_model("path/to/saved_model", backend="bridge")   # doctest: +SKIP
+    """
+    if backend not in ("hooked", "bridge"):
+        raise ValueError(f"backend must be 'hooked' or 'bridge', got {backend!r}")
+    dtype = parse_dtype(dtype)
+    device = torch.device(device)
+    if name_or_path is None or name_or_path == MODEL_NAME:
+        return load_default_model(backend, device, dtype)
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise TypeError(f"name_or_path must be a str or a path, got {type(name_or_path).__name__}")
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        hf_model, tokenizer = _load_hf_files(path, dtype)
+        hf_model = hf_model.to(device)
+        if backend == "bridge":
+            return bridge_from_hf(hf_model, tokenizer, type(hf_model).__name__, path.stem)
+        return _hooked_from_any_hf(hf_model, tokenizer, path.stem, device, dtype)
+    text = str(name_or_path)
+    if not _is_tl_name(text) and (path.suffix.lower() == ".gguf" or os.sep in text
+                                  or text.startswith((".", "~"))):
+        raise FileNotFoundError(f"name_or_path {text!r} does not exist (neither a Hugging Face "
+                                "model folder nor a GGUF file)")
+    return _load_tl_name(text, backend, device, dtype)
+
+
+def _load_hf_files(path: Path, dtype: torch.dtype):
+    """(HF causal LM, tokenizer) from a model folder or a GGUF file; anything else refused."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ValueError(f"name_or_path {str(path)!r} is a folder without config.json, so "
+                             "not a Hugging Face model folder (save one with save_pretrained)")
+        where, extra = path, {}
+    else:
+        with open(path, "rb") as file:
+            magic = file.read(4)
+        if magic != b"GGUF":
+            raise ValueError(f"name_or_path {str(path)!r} is neither a Hugging Face model "
+                             "folder nor a GGUF file (it does not start with the GGUF magic)")
+        where, extra = path.parent, {"gguf_file": path.name}
+    tokenizer = AutoTokenizer.from_pretrained(where, **extra)
+    model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **extra)
+    return model.eval(), tokenizer
+
+
+def _hooked_from_any_hf(hf_model, tokenizer, name: str, device, dtype):
+    """TL's own config and weight converters for the HF model's architecture.
+
+    TL reads the config from a folder and guesses some architectures from the folder's name
+    ("llama" anywhere in a path means Llama), so the config is written to a neutral folder.
+    """
+    HookedTransformer = hooked_classes()[0]  # TL 3.x only: refuses clearly on 4.x
+    from transformer_lens import loading_from_pretrained as loading
+    from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
+
+    config = hf_model.config
+    config.architectures = [type(hf_model).__name__]  # GGUF-built configs leave it empty
+    # TL's GPT-2 converter reads n_ctx, which transformers 5 configs may lack.
+    if not hasattr(config, "n_ctx") and hasattr(config, "n_positions"):
+        config.n_ctx = config.n_positions
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = str(Path(tmp) / "model")
+        config.save_pretrained(folder)
+        try:
+            cfg = loading.get_pretrained_model_config(folder, fold_ln=True, device=device,
+                                                      dtype=dtype)
+        except (NotImplementedError, AttributeError) as error:
+            raise NotImplementedError(
+                f"backend='hooked': TransformerLens cannot build a HookedTransformer for "
+                f"{config.architectures[0]} from a local model ({error}); use "
+                "backend='bridge'") from None
+        state = loading.get_pretrained_state_dict(folder, cfg, hf_model, dtype=dtype)
+    # TL's fold_ln is wrong for these (it refuses them itself in from_pretrained).
+    fold = cfg.positional_embedding_type != "shortformer" \
+        and cfg.original_architecture not in POST_NORM_ARCHITECTURES
+    cfg.model_name = name
+    model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
+    model.load_and_process_state_dict(state, **{**PROCESSING, "fold_ln": fold})
+    return model.to(device).eval()
+
+
+def _is_tl_name(name: str) -> bool:
+    try:
+        from transformer_lens.loading_from_pretrained import get_official_model_name
+    except ImportError:  # TL 4.x has no table of official names
+        return False
+
+    try:
+        get_official_model_name(name)
+    except ValueError:
+        return False
+    return True
+
+
+def _load_tl_name(name: str, backend: Backend, device, dtype):
+    """A TransformerLens model name through TL's loaders; a clear error when offline."""
+    from transformer_lens.loading_from_pretrained import get_official_model_name
+
+    try:
+        official = get_official_model_name(name)
+    except ValueError:
+        raise ValueError(
+            f"name_or_path {name!r} is neither an existing path (a Hugging Face model folder "
+            "or a .gguf file) nor a TransformerLens model name"
+        ) from None
+    try:
+        if backend == "hooked":
+            return hooked_classes()[0].from_pretrained(official, device=device, dtype=dtype,
+                                                     **PROCESSING).eval()
+        from transformer_lens.model_bridge import TransformerBridge
+
+        bridge = TransformerBridge.boot_transformers(official, device=device, dtype=dtype)
+        bridge.enable_compatibility_mode(disable_warnings=True, **PROCESSING)
+        return bridge.eval()
+    except OSError as error:
+        state = ("HF_HUB_OFFLINE is set" if os.environ.get("HF_HUB_OFFLINE", "0") not in
+                 ("", "0", "false") else "the Hugging Face Hub could not be reached")
+        raise OSError(
+            f"name_or_path {name!r} is the TransformerLens model {official!r}, whose weights "
+            f"are not in the local Hugging Face cache and cannot be downloaded ({state}). "
+            "Download it where the Hub is reachable and pass the saved folder instead."
+        ) from error

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 
+from tl_lenses.model_args import add_model_arguments
+
 logger = logging.getLogger("tl_lenses")
 
 
@@ -24,7 +26,7 @@ def add_parser(subparsers) -> None:
                         help="split MLPs into single neurons (L7N1203)")
     parser.add_argument("--paths", type=int, default=3,
                         help="trace source -> head paths for this many top heads (0: none)")
-    parser.add_argument("--backend", default="hooked", choices=["hooked", "bridge"])
+    add_model_arguments(parser)
     parser.set_defaults(func=run)
 
 
@@ -34,12 +36,11 @@ def run(args) -> int:
     from tl_lenses.attribution.view import write_report
     from tl_lenses.hooks import run_cache
     from tl_lenses.inputs import to_tokens
-    from tl_lenses.models import load_default_model
+    from tl_lenses.model_args import model_from_args
 
     if args.k < 1 or args.paths < 0:
         raise ValueError("--k must be >= 1 and --paths >= 0")
-    logger.info("loading SmolLM2-135M-Instruct ...")
-    model = load_default_model(backend=args.backend)
+    model = model_from_args(args)
     direction = (args.answer, args.wrong) if args.wrong is not None else args.answer
     tokens = to_tokens(model, args.text, argument="text")
     names = {*needed_hooks(model, heads=True, neurons=args.neurons),

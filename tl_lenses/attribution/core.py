@@ -16,6 +16,15 @@ to float rounding. What the convention leaves out is the norm's own dependence o
 component: an attribution is a component's share *given* ``s``, not the effect of removing
 it (that would change ``s`` and every later layer).
 
+Soft-capped models (Gemma-2's ``final_logit_softcapping``): the parts add up to the logit
+*before* the cap, ``result.logits``; the model's own capped value is reported beside it as
+``result.capped_logits`` (a tanh of a sum does not split into parts).
+
+Norms after a sublayer (Gemma-2's norms before and after attention and MLP, OLMo-2's
+post-norm blocks) are handled like the final norm: their scale is frozen at its forward
+value (``blocks.{l}.ln1_post.hook_scale``), so each head's and neuron's share passes
+through the norm's weight and that scale.
+
 Centering is applied to the direction, not to each component (``(x - mean x) · u ==
 x · (u - mean u)``), and neuron attributions project ``W_out`` onto the direction before
 multiplying by the activations, so no per-neuron (or per-head) residual vector is ever built.
@@ -33,6 +42,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from tl_lenses.attribution.norms import SublayerNorm, sublayer_norm
 from tl_lenses.attribution.result import DLAResult, parse_head_label
 from tl_lenses.hooks import final_resid_name, flowing_name, run_cache
 from tl_lenses.inputs import Selection, single_token, str_tokens, to_batch
@@ -53,6 +63,9 @@ class LogitDirections:
     vectors: Float[Tensor, "direction d_model"]
     offset: Float[Tensor, " direction"]
     labels: list[str]
+    # (answer, wrong) token ids per direction (wrong = -1 for one token's logit; None for a
+    # free vector): what a soft-capped model's own capped value is computed from.
+    token_pairs: tuple[tuple[int, int] | None, ...] | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -86,6 +99,7 @@ def logit_directions(model, directions: DirectionSpec, *,
         torch.cat([p[0] for p in parts]).float(),
         torch.cat([p[1] for p in parts]).float(),
         [label for p in parts for label in p[2]],
+        tuple(pair for p in parts for pair in p[3]),
     )
 
 
@@ -103,21 +117,31 @@ def _one_direction(model, unembed: Unembed, item, i: int):
         _check_width(model, vectors)
         vectors = vectors.detach().to(W_U.device, W_U.dtype)
         labels = [f"v{i}"] if item.dim() == 1 else [f"v{i}.{j}" for j in range(len(vectors))]
-        return vectors, torch.zeros(len(vectors), device=W_U.device), labels
+        return vectors, torch.zeros(len(vectors), device=W_U.device), labels, [None] * len(labels)
     if isinstance(item, tuple):
         if len(item) != 2:
             raise ValueError(f"a direction tuple must be (answer, wrong), got {item!r}")
-        a = single_token(model, item[0], argument="answer")
-        b = single_token(model, item[1], argument="wrong")
+        a = _output_token(model, unembed, item[0], "answer")
+        b = _output_token(model, unembed, item[1], "wrong")
         if a == b:
             raise ValueError(
                 f"answer and wrong are the same token ({_token_label(model, a)}); their logit "
                 "difference is identically 0"
             )
         label = f"{_token_label(model, a)} - {_token_label(model, b)}"
-        return (W_U[:, a] - W_U[:, b])[None], (b_U[a] - b_U[b])[None], [label]
-    token = single_token(model, item, argument="directions")
-    return W_U[:, token][None], b_U[token][None], [_token_label(model, token)]
+        return (W_U[:, a] - W_U[:, b])[None], (b_U[a] - b_U[b])[None], [label], [(a, b)]
+    token = _output_token(model, unembed, item, "directions")
+    return W_U[:, token][None], b_U[token][None], [_token_label(model, token)], [(token, -1)]
+
+
+def _output_token(model, unembed: Unembed, token, argument: str) -> int:
+    """A token id of the *output* vocabulary (``d_vocab_out`` may differ from the input's)."""
+    if isinstance(token, int) and not isinstance(token, bool):
+        if not 0 <= token < unembed.d_vocab:
+            raise ValueError(f"{argument} id {token} is outside the output vocabulary "
+                             f"[0, {unembed.d_vocab})")
+        return token
+    return single_token(model, token, argument=argument)
 
 
 def _check_width(model, vectors: Tensor) -> None:
@@ -164,6 +188,10 @@ def needed_hooks(model, *, heads: bool = True, neurons: bool = False) -> list[st
     if model.cfg.normalization_type is not None:
         names.append("ln_final.hook_scale")
     for layer in range(model.cfg.n_layers):
+        if heads:
+            names += [n.scale_hook for n in [sublayer_norm(model, layer, "attn")] if n]
+        if neurons and not model.cfg.attn_only:
+            names += [n.scale_hook for n in [sublayer_norm(model, layer, "mlp")] if n]
         names.append(f"blocks.{layer}.attn.hook_z" if heads else f"blocks.{layer}.hook_attn_out")
         if not model.cfg.attn_only:
             names.append(f"blocks.{layer}.mlp.hook_post" if neurons
@@ -261,6 +289,11 @@ def dla(
     True
     """
     check_model(model)
+    if neurons and _is_moe(model):
+        raise NotImplementedError(
+            "neurons=True: the model's MLPs are mixtures of experts (cfg.num_experts), whose "
+            "neurons belong to routed experts; use neurons=False (each layer's MoE output)"
+        )
     batch = to_batch(model, input, padding_side=padding_side, attention_mask=attention_mask)
     unembed = Unembed.from_model(model)  # once: DLA is cheap enough for this to show
     dirs = logit_directions(model, directions, unembed=unembed)
@@ -277,13 +310,17 @@ def dla(
     bias = const[None, None, None, :].expand(1, *values.shape[1:])
     values = torch.cat([values, bias])
     values = _missing_as_nan(values, selection.mask.to(values.device), labels + ["b_U"])
+    logits, capped = _model_logits(model, unembed, cache, selection, dirs)
     return DLAResult(
         values=values, labels=[*labels, "b_U"], directions=dirs.labels,
-        positions=selection.positions, tokens=batch.tokens,
-        logits=_model_logits(model, unembed, cache, selection, dirs), scale=scale,
+        positions=selection.positions, tokens=batch.tokens, logits=logits, scale=scale,
         str_tokens=str_tokens(model, batch.tokens), mask=selection.mask,
-        columns=selection.columns,
+        columns=selection.columns, capped_logits=capped,
     )
+
+
+def _is_moe(model) -> bool:
+    return bool(getattr(model.cfg, "num_experts", None))
 
 
 def _missing_as_nan(values: Tensor, mask: Tensor, labels: list[str]) -> Tensor:
@@ -315,19 +352,25 @@ def _component_parts(model, cache, positions, u, heads, neurons, sites=None):
     def project(name: str) -> Tensor:
         return (at(name) @ u)[None]
 
+    def through(norm: SublayerNorm | None):
+        """(direction, [1, batch, pos, 1] divisor) for a sublayer's raw output."""
+        if norm is None:
+            return u, 1.0
+        return norm.direction(u), gather(cache[norm.scale_hook]).float()[None]
+
     labels, parts = ["embed"], [project("hook_embed")]
     if has_pos_embed(model):
         labels.append("pos_embed")
         parts.append(project("hook_pos_embed"))
     shape = (1, *parts[0].shape[1:])
 
-    def add_units(unit_labels, terms, bias, bias_label) -> None:
+    def add_units(unit_labels, terms, bias, bias_label, u_l, divisor) -> None:
         """Per-unit terms (heads or neurons), then the layer's bias when it has one."""
         labels.extend(unit_labels)
-        parts.append(terms)
+        parts.append(terms / divisor)
         if _present(bias):
             labels.append(bias_label)
-            parts.append((bias.detach().float() @ u).expand(shape))
+            parts.append((bias.detach().float() @ u_l).expand(shape) / divisor)
 
     def split(name: str, *, stream: bool) -> bool:
         """SAE terms for the value at ``name`` (True if an SAE sits there).
@@ -351,9 +394,10 @@ def _component_parts(model, cache, positions, u, heads, neurons, sites=None):
         if split(f"blocks.{layer}.hook_attn_out", stream=False):
             pass  # an SAE's output replaced the attention output: its terms are in
         elif heads:
+            u_l, divisor = through(sublayer_norm(model, layer, "attn"))
             add_units([f"L{layer}H{h}" for h in range(model.cfg.n_heads)],
-                      head_terms(at(f"blocks.{layer}.attn.hook_z"), block.attn.W_O, u),
-                      block.attn.b_O, f"L{layer} b_O")
+                      head_terms(at(f"blocks.{layer}.attn.hook_z"), block.attn.W_O, u_l),
+                      block.attn.b_O, f"L{layer} b_O", u_l, divisor)
         else:
             labels.append(f"L{layer} attn")
             parts.append(project(f"blocks.{layer}.hook_attn_out"))
@@ -361,9 +405,10 @@ def _component_parts(model, cache, positions, u, heads, neurons, sites=None):
         if model.cfg.attn_only or split(f"blocks.{layer}.hook_mlp_out", stream=False):
             pass  # no MLP, or an SAE's output replaced it
         elif neurons:
+            u_l, divisor = through(sublayer_norm(model, layer, "mlp"))
             add_units(_neuron_labels(layer, model.cfg.d_mlp),
-                      neuron_terms(at(f"blocks.{layer}.mlp.hook_post"), block.mlp.W_out, u),
-                      block.mlp.b_out, f"L{layer} b_out")
+                      neuron_terms(at(f"blocks.{layer}.mlp.hook_post"), block.mlp.W_out, u_l),
+                      block.mlp.b_out, f"L{layer} b_out", u_l, divisor)
         else:
             labels.append(f"L{layer} MLP")
             parts.append(project(f"blocks.{layer}.hook_mlp_out"))
@@ -412,15 +457,33 @@ def neuron_terms(
     return einops.einsum(post, W_out_u, "b p n, n k -> n b p k")
 
 
-def _model_logits(
-    model, unembed: Unembed, cache, pos, dirs: LogitDirections
-) -> Float[Tensor, "batch pos direction"]:
-    """The model's own value along each direction, from the final residual (own statistics)."""
+def _model_logits(model, unembed: Unembed, cache, pos, dirs: LogitDirections):
+    """The model's own (pre-cap) value along each direction, and the capped one.
+
+    The pre-cap value comes from the final residual (own statistics); for a soft-capped model
+    the capped value of each token direction is ``cap(z_a) - cap(z_b)`` (NaN for a free
+    vector, which has no capped counterpart), else None.
+    """
     resid = _gather(pos)(cache[flowing_name(cache, final_resid_name(model))]).float()
     normalized = unembed.normalize(resid)
-    return (normalized @ dirs.vectors.T.to(normalized.device)
-            + dirs.offset.to(normalized.device)).detach()
+    logits = (normalized @ dirs.vectors.T.to(normalized.device)
+              + dirs.offset.to(normalized.device)).detach()
+    if unembed.soft_cap is None:
+        return logits, None
+    pairs = dirs.token_pairs or (None,) * len(dirs)
+    capped = torch.full_like(logits, float("nan"))
+    for i, pair in enumerate(pairs):
+        if pair is None:
+            continue
+        ids = [t for t in pair if t >= 0]
+        z = normalized @ unembed.W_U[:, ids].detach().float()
+        if unembed.b_U is not None:
+            z = z + unembed.b_U[ids].detach().float()
+        z = unembed.cap(z.detach())
+        capped[..., i] = z[..., 0] - (z[..., 1] if len(ids) == 2 else 0.0)
+    return logits, capped
 
 
 __all__ = ["DLAResult", "LogitDirections", "parse_head_label", "logit_directions",
-           "residual_readout", "dla", "needed_hooks", "head_terms", "neuron_terms"]
+           "residual_readout", "dla", "needed_hooks", "head_terms", "neuron_terms",
+           "SublayerNorm", "sublayer_norm"]

@@ -43,6 +43,7 @@ from tl_lenses.attribution.core import (
     parse_head_label,
     residual_readout,
 )
+from tl_lenses.attribution.norms import sublayer_norm
 from tl_lenses.hooks import final_resid_name, run_cache, spliced_sites
 from tl_lenses.inputs import str_tokens, to_batch
 from tl_lenses.models import check_model, is_bridge
@@ -178,11 +179,34 @@ def _refuse_saes(model, cache) -> None:
         )
 
 
-def _check_folded(model) -> None:
+def _check_supported(model) -> None:
+    """Refuse what the value-path decomposition does not cover, naming the feature."""
+    for layer in range(model.cfg.n_layers):
+        norm = sublayer_norm(model, layer, "attn") or (
+            None if model.cfg.attn_only else sublayer_norm(model, layer, "mlp"))
+        if norm is not None:
+            raise NotImplementedError(
+                f"head_path_dla: the model normalises each sublayer's output ({norm.name}: "
+                "Gemma-2's norms before and after, OLMo-2's post-norm blocks); paths through "
+                "those norms are not decomposed. dla(..., heads=True) handles them."
+            )
     if not is_bridge(model) and model.cfg.normalization_type in ("LN", "RMS"):
         raise ValueError(
             "model's ln1 weights are not folded; load it with fold_ln=True (tl_lenses' "
             "PROCESSING) so that ln1 only normalises and the value path is linear"
+        )
+
+
+def _check_patterns(model, cache, last: int) -> None:
+    """A Bridge whose attention never fires ``hook_pattern`` (HF's fused attention)."""
+    missing = [f"blocks.{l}.attn.hook_pattern" for l in range(last + 1)
+               if f"blocks.{l}.attn.hook_pattern" not in cache]
+    if missing:
+        raise NotImplementedError(
+            f"head_path_dla needs each head's attention pattern, but {missing[0]} never fires "
+            f"on this model ({type(model).__name__} around "
+            f"{type(getattr(model, 'original_model', model)).__name__}); use a "
+            "HookedTransformer of it, or dla(..., heads=True)"
         )
 
 
@@ -265,7 +289,7 @@ def head_path_dla(
     True
     """
     check_model(model)
-    _check_folded(model)
+    _check_supported(model)
     batch = to_batch(model, input, padding_side=padding_side, attention_mask=attention_mask)
     tokens = batch.tokens
     dirs = logit_directions(model, directions)
@@ -280,7 +304,9 @@ def head_path_dla(
     last = max(layer for layer, _ in chosen)
     names = path_hooks(model, last)
     _refuse_saes(model, cache)
-    cache = run_cache(model, batch, names) if cache is None else cache
+    if cache is None:
+        cache = run_cache(model, batch, names)
+        _check_patterns(model, cache, last)
     check_cache(cache, tokens, names)
     u, _ = residual_readout(model, dirs)
     s_f = _final_scale(model, cache, selection)[:, 0].to(u.device)

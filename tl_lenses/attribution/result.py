@@ -24,7 +24,10 @@ class DLAResult(NotebookView):
     token of ``tokens`` (the whole prompts, padded) that prompt ``b`` read, and ``mask[b, i]``
     is False where it has none (a pad: NaN values). ``logits`` is the model's own value along each
     direction and ``values.sum(0)`` equals it to float rounding (while every component is
-    kept); ``scale`` is the frozen final-norm scale. Indexing (``result["L3H5"]``,
+    kept); ``scale`` is the frozen final-norm scale. For a model with a final logit soft
+    cap (Gemma-2), ``logits`` is the value *before* the cap (what the parts add up to) and
+    ``capped_logits`` the model's own output (``cap(z_a) - cap(z_b)``; NaN for free vector
+    directions); None for a model without a cap. Indexing (``result["L3H5"]``,
     ``result[["L3H5", "L7 MLP"]]``, ``result[:10]``) selects components; ``top`` and
     ``sort`` order them by one (batch, pos, direction) cell.
     """
@@ -39,6 +42,7 @@ class DLAResult(NotebookView):
     str_tokens: list[list[str]] | None = None
     mask: Bool[Tensor, "batch pos"] | None = None
     columns: Int[Tensor, "batch pos"] | None = None
+    capped_logits: Float[Tensor, "batch pos direction"] | None = None
     attention: dict | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
@@ -104,9 +108,11 @@ class DLAResult(NotebookView):
             raise ValueError(f"per_prompt needs one direction per prompt ({n}), "
                              f"got {len(self.directions)}")
         i = torch.arange(n)
+        capped = self.capped_logits
         return replace(
             self, values=self.values[:, i, :, i].permute(1, 0, 2)[..., None],
             logits=self.logits[i, :, i][..., None], directions=["per prompt"],
+            capped_logits=None if capped is None else capped[i, :, i][..., None],
         )
 
     def total(self) -> Float[Tensor, "batch pos direction"]:
@@ -209,9 +215,10 @@ class DLAResult(NotebookView):
 
     def __repr__(self) -> str:
         shown = ", ".join(f"{label}={v:+.3g}" for label, v in self.items()[:8])
+        capped = "" if self.capped_logits is None else "; sums to the pre-cap logits"
         return (f"DLAResult({len(self)} components x batch {self.values.shape[1]} x "
-                f"{len(self.positions)} positions x directions {self.directions}: {shown}"
-                f"{' ...' if len(self) > 8 else ''})")
+                f"{len(self.positions)} positions x directions {self.directions}{capped}: "
+                f"{shown}{' ...' if len(self) > 8 else ''})")
 
 
 def _key(column: Tensor, absolute: bool) -> Tensor:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 
+from tl_lenses.model_args import add_model_arguments
+
 logger = logging.getLogger("tl_lenses")
 
 
@@ -21,7 +23,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--target", default="final",
                         help="'final' (final top-1), 'next' (true next token) or one token")
     parser.add_argument("--incl-mid", action="store_true", help="also read resid_mid")
-    parser.add_argument("--backend", default="hooked", choices=["hooked", "bridge"])
+    add_model_arguments(parser)
     parser.add_argument("--fused", action=argparse.BooleanOptionalAction, default=None,
                         help="statistics from the C kernel (default: where it builds)")
     parser.set_defaults(func=run)
@@ -29,14 +31,13 @@ def add_parser(subparsers) -> None:
 
 def run(args) -> int:
     from tl_lenses.lenses.logit import logit_lens
-    from tl_lenses.models import load_default_model
+    from tl_lenses.model_args import model_from_args
     from tl_lenses.readout.result import STATISTICS
     from tl_lenses.readout.view import write_report
 
     if args.statistic not in STATISTICS:
         raise ValueError(f"--statistic must be one of {STATISTICS}, got {args.statistic!r}")
-    logger.info("loading SmolLM2-135M-Instruct ...")
-    model = load_default_model(backend=args.backend)
+    model = model_from_args(args)
     result = logit_lens(model, args.text, k=args.k, target=args.target,
                         incl_mid=args.incl_mid, progress=True, fused=args.fused)
     path = write_report(args.out, [result], title=f"Logit lens: {args.text!r}")

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import logging
 
+from tl_lenses.model_args import add_model_arguments
+
 PRESETS = ("identity", "describe", "sweep", "cot")
-
-
 logger = logging.getLogger("tl_lenses")
 
 
@@ -37,7 +37,7 @@ def add_parser(subparsers) -> None:
                         help="tokens to generate (describe: 20, sweep: 0, cot: 5)")
     parser.add_argument("--out", default="patchscope.html", help="HTML report path")
     parser.add_argument("--png", default=None, help="also write the heatmap as a PNG")
-    parser.add_argument("--backend", default="hooked", choices=["hooked", "bridge"])
+    add_model_arguments(parser)
     parser.set_defaults(func=run)
 
 
@@ -55,13 +55,12 @@ def parse_layers(text: str | None, argument: str = "--layers") -> list[int] | No
 
 
 def run(args) -> int:
-    from tl_lenses.models import load_default_model
+    from tl_lenses.model_args import model_from_args
     from tl_lenses.viz.html import page
 
     layers = parse_layers(args.layers)
     target_layers = parse_layers(args.target_layers, "--target-layers")
-    logger.info("loading SmolLM2-135M-Instruct ...")
-    model = load_default_model(backend=args.backend)
+    model = model_from_args(args)
     logger.info(f"running the {args.preset} patchscope ...")
     section, title = RUNNERS[args.preset](model, args, layers, target_layers)
     with open(args.out, "w", encoding="utf-8") as file:

@@ -276,8 +276,10 @@ def _read_chunk(translate, unembed, rows, final_rows, hook_names, span, flat_tar
     # E_{p_f}[z_l] = x_l . (W_U p_f) + b_U . p_f for every layer's normalised x_l: one
     # [n, d_vocab] @ [d_vocab, d_model] matmul per chunk instead of a pass over
     # final_probs and each layer's logits.
-    final_in_model = final_probs @ unembed.W_U.T                         # [n, d_model]
-    final_bias = 0.0 if unembed.b_U is None else final_probs @ unembed.b_U
+    # A soft cap makes the logits non-linear in x: then E_f[z_l] is read off the logits.
+    linear = unembed.soft_cap is None
+    final_in_model = final_probs @ unembed.W_U.T if linear else None     # [n, d_model]
+    final_bias = 0.0 if unembed.b_U is None or not linear else final_probs @ unembed.b_U
     if fill_final_targets:
         flat_targets[span] = final.top_ids[0, :, 0]
     targets = None if flat_targets is None else flat_targets[span]
@@ -304,7 +306,10 @@ def _read_chunk(translate, unembed, rows, final_rows, hook_names, span, flat_tar
             translated[i] = translate(rows[layer][span], hook_names[layer])
         x = unembed.normalize(translated)
         logits = unembed.project(x, out=work.view(work.logits, len(layers), n, vocab))
-        e_f = torch.linalg.vecdot(x, final_in_model) + final_bias          # [g, n]
+        if linear:
+            e_f = torch.linalg.vecdot(x, final_in_model) + final_bias      # [g, n]
+        else:
+            e_f = torch.linalg.vecdot(logits, final_probs[None])
         stats(logits, e_f, slice(layers.start, layers.stop))
 
 

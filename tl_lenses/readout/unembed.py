@@ -10,6 +10,9 @@ every layer's full logits when multiplied by ``W_U``).
 This module reads the norm's parameters once and applies them functionally: calling
 ``model.ln_final`` would fire its hook points, and inside a ``run_with_cache`` that would
 overwrite the cached ``ln_final`` activations with a lens's intermediate values.
+
+A model with a final logit soft cap (Gemma-2: ``cap * tanh(logits / cap)``) gets it applied
+in :meth:`Unembed.project`, so a lens's final row is the model's own (capped) output.
 """
 
 from __future__ import annotations
@@ -40,16 +43,20 @@ class Unembed:
     bias: Float[Tensor, " d_model"] | None
     W_U: Float[Tensor, "d_model d_vocab"]
     b_U: Float[Tensor, " d_vocab"] | None
+    soft_cap: float | None = None
 
     @classmethod
     def from_model(cls, model) -> "Unembed":
         """Read the final norm and unembedding of a HookedTransformer or Bridge."""
         check_model(model)
-        kind, weight, bias = (_bridge_norm if is_bridge(model) else _hooked_norm)(model)
+        if model.cfg.normalization_type is None:  # no final norm: HT has no ln_final at all
+            kind, weight, bias = "none", None, None
+        else:
+            kind, weight, bias = norm_params(model, model.ln_final)
         b_U = getattr(model, "b_U", None)
         if b_U is not None and not b_U.detach().any():
             b_U = None  # all zeros (Llama): a plain matmul is ~5% faster than addmm
-        return cls(kind, float(model.cfg.eps), weight, bias, model.W_U, b_U)
+        return cls(kind, float(model.cfg.eps), weight, bias, model.W_U, b_U, soft_cap(model))
 
     def at_least_float32(self) -> "Unembed":
         """This decoder with half-precision tensors cast to float32 once (a copy).
@@ -103,39 +110,65 @@ class Unembed:
     def project(
         self, x: Float[Tensor, "*rows d_model"], out: Tensor | None = None
     ) -> Float[Tensor, "*rows d_vocab"]:
-        """``x @ W_U + b_U`` for already normalised ``x`` (into ``out`` when given)."""
+        """``x @ W_U + b_U`` for normalised ``x`` (into ``out``), then the model's soft cap.
+
+        The cap (``cap * tanh(z / cap)``) is applied only when the model has one.
+        """
         W_U = self.W_U if self.W_U.dtype == x.dtype else self.W_U.to(x.dtype)
         if out is not None and torch.is_grad_enabled() and (x.requires_grad or W_U.requires_grad):
             out = None  # out= is not differentiable; keep the autograd path working
         if self.b_U is None:
-            return torch.matmul(x, W_U, out=out)
-        # addmm adds the bias inside the matmul: no extra pass over [rows, d_vocab].
-        flat = x.reshape(-1, x.shape[-1])
-        if out is not None:
-            return torch.addmm(self.b_U.to(x.dtype), flat, W_U, out=out.view(-1, out.shape[-1])
-                               ).view(out.shape)
-        logits = torch.addmm(self.b_U.to(x.dtype), flat, W_U)
-        return logits.view(*x.shape[:-1], logits.shape[-1])
+            logits = torch.matmul(x, W_U, out=out)
+        elif out is not None:
+            # addmm adds the bias inside the matmul: no extra pass over [rows, d_vocab].
+            flat = x.reshape(-1, x.shape[-1])
+            logits = torch.addmm(self.b_U.to(x.dtype), flat, W_U,
+                                 out=out.view(-1, out.shape[-1])).view(out.shape)
+        else:
+            logits = torch.addmm(self.b_U.to(x.dtype), x.reshape(-1, x.shape[-1]), W_U)
+            logits = logits.view(*x.shape[:-1], logits.shape[-1])
+        return logits if self.soft_cap is None else self.cap(logits)
+
+    def cap(self, logits: Tensor) -> Tensor:
+        """The model's soft cap applied to pre-cap ``logits`` (in place unless they need grad).
+
+        Gemma-2's ``final_logit_softcapping``: ``cap * tanh(z / cap)``. The identity for a
+        model without one.
+        """
+        if self.soft_cap is None:
+            return logits
+        if logits.requires_grad:
+            return self.soft_cap * torch.tanh(logits / self.soft_cap)
+        return logits.div_(self.soft_cap).tanh_().mul_(self.soft_cap)
 
 
-def _hooked_norm(model) -> tuple[NormKind, Tensor | None, Tensor | None]:
-    """(kind, weight, bias) of a HookedTransformer's ln_final, folded or not."""
-    ln = model.ln_final
+def soft_cap(model) -> float | None:
+    """The model's final logit soft cap (Gemma-2), or None when it has none."""
+    cap = getattr(model.cfg, "output_logits_soft_cap", None)
+    return float(cap) if cap is not None and cap > 0 else None
+
+
+def norm_params(model, module) -> tuple[NormKind, Tensor | None, Tensor | None]:
+    """(kind, weight, bias) of any of the model's norm modules, on either backend."""
+    return (_bridge_norm if is_bridge(model) else _hooked_norm)(model, module)
+
+
+def _hooked_norm(model, ln) -> tuple[NormKind, Tensor | None, Tensor | None]:
+    """(kind, weight, bias) of a HookedTransformer norm module, folded or not."""
     name = type(ln).__name__
     kinds: dict[str, NormKind] = {
         "LayerNorm": "layernorm", "LayerNormPre": "layernorm",
         "RMSNorm": "rmsnorm", "RMSNormPre": "rmsnorm",
     }
     if name not in kinds:
-        if isinstance(ln, torch.nn.Identity) or model.cfg.normalization_type is None:
+        if isinstance(ln, torch.nn.Identity):
             return "none", None, None
-        raise NotImplementedError(f"model.ln_final of type {name} is not supported")
+        raise NotImplementedError(f"a norm module of type {name} is not supported")
     return kinds[name], getattr(ln, "w", None), getattr(ln, "b", None)
 
 
-def _bridge_norm(model) -> tuple[NormKind, Tensor | None, Tensor | None]:
-    """(kind, weight, bias) of a Bridge's ln_final (weight is ones once folded)."""
-    ln = model.ln_final
+def _bridge_norm(model, ln) -> tuple[NormKind, Tensor | None, Tensor | None]:
+    """(kind, weight, bias) of a Bridge norm component (weight is ones once folded)."""
     original = ln.original_component
     if original is None or isinstance(original, torch.nn.Identity):
         return "none", None, None

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 
+from tl_lenses.model_args import add_model_arguments
+
 logger = logging.getLogger("tl_lenses")
 
 
@@ -27,7 +29,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--out", default="attribute_lens.html", help="HTML report path")
     parser.add_argument("--png", default=None,
                         help="also write the attribute-lens grid (and *_logit.png) as PNG")
-    parser.add_argument("--backend", default="hooked", choices=["hooked", "bridge"])
+    add_model_arguments(parser)
     parser.set_defaults(func=run)
 
 
@@ -40,11 +42,10 @@ def run(args) -> int:
     from tl_lenses.lenses.attribute.relations import get_relation
     from tl_lenses.lenses.attribute.view import attribute_lens_page, scores_table_html
     from tl_lenses.lenses.logit import logit_lens
-    from tl_lenses.models import load_default_model
+    from tl_lenses.model_args import model_from_args
 
     relation = get_relation(args.relation)
-    logger.info("loading SmolLM2-135M-Instruct ...")
-    model = load_default_model(backend=args.backend)
+    model = model_from_args(args)
     lre = estimate_lre(model, relation, args.layer, n=args.n, beta=args.beta, rank=args.rank,
                        seed=args.seed, progress=True)
     ours = attribute_lens(model, args.text, lre, k=args.k)

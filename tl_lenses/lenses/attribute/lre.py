@@ -162,8 +162,16 @@ def relation_jacobian(model, prompt: str, subject: str, layer: int, *,
         raise ValueError(f"method must be 'auto', 'kv-cache' or 'hooks', got {method!r}")
     if method == "kv-cache" and is_bridge(model):
         raise ValueError("method='kv-cache' needs a HookedTransformer; use 'hooks' or 'auto'")
+    # TL's forward(start_at_layer=...) drops the shortformer position embedding that each
+    # block adds to its queries and keys, so the kv-cache path would differentiate another
+    # function there.
+    shortformer = model.cfg.positional_embedding_type == "shortformer"
+    if method == "kv-cache" and shortformer:
+        raise ValueError("method='kv-cache' cannot run a shortformer model from a middle "
+                         "layer (TL drops its position embedding there); use 'hooks' or 'auto'")
     tokens, pos = subject_position(model, prompt, subject)
-    use_cache = method == "kv-cache" or (method == "auto" and not is_bridge(model))
+    use_cache = method == "kv-cache" or (method == "auto" and not is_bridge(model)
+                                         and not shortformer)
     s, z, jac = (_jacobian_kv_cache if use_cache else _jacobian_hooks)(model, tokens, layer, pos)
     return JacobianSample(s.detach(), z.detach(), jac.detach(), pos, resid_names(model)[layer])
 

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import logging
 
-MODELS = ("smollm", "tiny-gpt2", "tiny-llama")
-
+from tl_lenses.model_args import add_model_arguments
 
 logger = logging.getLogger("tl_lenses")
 
@@ -52,20 +51,13 @@ def _data_arguments(parser) -> None:
     parser.add_argument("--held-out", type=float, default=0.05)
     parser.add_argument("--max-tokens", type=int, default=None, help="cap on the corpus")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--backend", default="hooked", choices=["hooked", "bridge"])
-    parser.add_argument("--model", default="smollm", choices=MODELS,
-                        help="the embedded model (default) or a tiny random one for tests")
+    add_model_arguments(parser)
 
 
 def _model(args):
-    from tl_lenses import tiny
-    from tl_lenses.models import load_default_model
+    from tl_lenses.model_args import model_from_args
 
-    if args.model == "smollm":
-        logger.info("loading SmolLM2-135M-Instruct ...")
-        return load_default_model(backend=args.backend)
-    arch = "gpt2" if args.model == "tiny-gpt2" else "llama-gqa"
-    return (tiny.tiny_hooked if args.backend == "hooked" else tiny.tiny_bridge)(arch)
+    return model_from_args(args)
 
 
 def _split(model, args):
