@@ -350,7 +350,10 @@ def load_model(
     dtype = parse_dtype(dtype)
     device = torch.device(device)
     if name_or_path is None or name_or_path == MODEL_NAME:
-        return load_default_model(backend, device, dtype)
+        # only what differs from load_default_model's defaults is passed on
+        options = {"device": device} if device != torch.device("cpu") else {}
+        options |= {"dtype": dtype} if dtype != torch.float32 else {}
+        return load_default_model(backend=backend, **options)
     if not isinstance(name_or_path, (str, os.PathLike)):
         raise TypeError(f"name_or_path must be a str or a path, got {type(name_or_path).__name__}")
     path = Path(name_or_path).expanduser()
