@@ -32,7 +32,9 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   pip_install "$TORCH_SPEC"
   # The TL pin goes in the same command as tl_lenses, with torch pinned again, so pip
   # neither picks another TL nor replaces the CPU torch.
-  pip_install -e ".[dev]" "$TORCH_SPEC" ${TL_SPEC:+"$TL_SPEC"}
+  # Without TL_LENSES_TL the default venv keeps TransformerLens 3.x (HookedTransformer, and
+  # what sae-lens needs): the package allows 4.x, which pip would otherwise pick.
+  pip_install -e ".[dev]" "$TORCH_SPEC" "${TL_SPEC:-transformer_lens>=3.5,<4}"
   # The optional extra "sae" (sae-lens) only where it leaves torch, TransformerLens and
   # transformers at the versions just installed (sae-lens pins TL < 4); otherwise its
   # tests skip.
