@@ -61,7 +61,7 @@ def main() -> None:
     n_real = int(mask.sum())
     print(f"{args.prompts} prompts of {int(lengths.min())}-{width} tokens, right-padded to "
           f"{width}: {n_real} real cells of {mask.numel()} ({n_real / mask.numel():.0%}), "
-          f"{len(names)} rows, {torch.get_num_threads()} threads")
+          f"{len(names)} rows, {torch.get_num_threads()} threads", flush=True)
 
     def padded():
         return apply_lens_to_cache(model, cache, batch, hook_names=names, k=5, target="final")
@@ -78,11 +78,11 @@ def main() -> None:
                          target="final")
 
     t_real, ref = timed(real_only, args.repeat)
+    print(f"real tokens alone      {t_real:8.2f} s", flush=True)
     t_padded, got = timed(padded, args.repeat)
     same = torch.equal(got.top_ids[:, got.mask], ref.top_ids[:, 0])
-    print(f"real tokens alone      {t_real:8.2f} s")
     print(f"padded batch           {t_padded:8.2f} s   ratio {t_padded / t_real:.3f}x "
-          f"(target <= 1.1x); same top-5 as the real tokens alone: {same}")
+          f"(target <= 1.1x); same top-5 as the real tokens alone: {same}", flush=True)
     if args.with_pads:
         full = {name: cache[name].reshape(1, -1, cache[name].shape[-1]) for name in wanted}
 

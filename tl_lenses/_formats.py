@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,7 +106,9 @@ def write_folder(path, fmt: str, tensors: dict[str, torch.Tensor], config: dict)
     from safetensors.torch import save_file  # optional at import time, needed here
 
     spec = FORMATS[fmt]
-    folder = Path(path)
+    folder = folder_path(path)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"path {folder} is a file; a {fmt} is saved as a folder")
     folder.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(folder / spec.weights))
     full = {"format": fmt, **config, "weights_sha256": file_sha256(folder / spec.weights)}
@@ -122,10 +125,17 @@ def read_folder(path, fmt: str, model, *, source: str) -> tuple[dict, dict[str, 
             weights), or a config made for another model.
     """
     spec = FORMATS[fmt]
-    folder = Path(path)
+    folder = folder_path(path)
     config = read_json_config(folder, spec.config, fmt, spec.required)
     check_same_model(config["model"], model, source=source)
     return config, read_weights(folder / spec.weights, config)
+
+
+def folder_path(path) -> Path:
+    """``path`` as a Path; TypeError naming ``path`` for anything but text or a PathLike."""
+    if not isinstance(path, (str, os.PathLike)) or (isinstance(path, str) and not path):
+        raise TypeError(f"path must be a folder path (str or os.PathLike), got {path!r}")
+    return Path(path)
 
 
 def read_json_config(folder: Path, name: str, fmt: str, required: frozenset[str]) -> dict:

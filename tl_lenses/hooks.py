@@ -138,8 +138,11 @@ def run_cache(model, tokens: Tensor | Batch, names: Sequence[str], *, logits: bo
     forward pass raises. Where sae-lens has spliced an SAE in at a name, the cache holds
     what flows on (its ``hook_sae_output``) under that name as well.
     """
-    kwargs = tokens.forward_kwargs(model) if isinstance(tokens, Batch) else {}
-    ids = tokens.tokens if isinstance(tokens, Batch) else tokens
+    if not isinstance(tokens, Batch):
+        # Token ids alone are all real: said so explicitly, since TL pads on the tokenizer's
+        # side and, when that is the left, would mask every token equal to the pad id.
+        tokens = Batch(tokens, torch.ones_like(tokens, dtype=torch.bool))
+    kwargs, ids = tokens.forward_kwargs(model), tokens.tokens
     hook_dict = model.hook_dict  # a property that builds a dict on some backends
     resolved = {name: flowing_name(hook_dict, name) for name in names}
     wanted = set(resolved.values())

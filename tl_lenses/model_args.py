@@ -49,10 +49,12 @@ def model_from_args(args: argparse.Namespace):
     from tl_lenses.models import load_model
 
     if args.model in TINY:
+        from tl_lenses.models import DTYPES
         from tl_lenses.tiny import tiny_bridge, tiny_hooked
 
+        # Built on --device in --dtype like any other model (never silently float32 on cpu).
         build = tiny_hooked if args.backend == "hooked" else tiny_bridge
-        return build(TINY[args.model])
+        return build(TINY[args.model], device=args.device, dtype=DTYPES[args.dtype])
     logger.info("loading %s (%s) ...", args.model or DEFAULT_MODEL, args.backend)
     return load_model(args.model, backend=args.backend, device=args.device, dtype=args.dtype)
 

@@ -21,6 +21,7 @@ every source is projected onto it (heads through ``W_O`` first).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -49,6 +50,8 @@ from tl_lenses.inputs import str_tokens, to_batch
 from tl_lenses.models import check_model, is_bridge
 from tl_lenses.readout.unembed import Unembed
 from tl_lenses.viz.notebook import NotebookView
+
+logger = logging.getLogger("tl_lenses")
 
 
 class PathLabels(Sequence):
@@ -311,14 +314,27 @@ def head_path_dla(
     u, _ = residual_readout(model, dirs)
     s_f = _final_scale(model, cache, selection)[:, 0].to(u.device)
     sources, values = _all_paths(model, cache, chosen, dest, u, s_f, last)
+    heads = [f"L{l}H{h}" for l, h in chosen]
+    values = _non_finite_as_nan(values, heads, sources)
     unembed = Unembed.from_model(model)
     resid = selection.gather(cache[final_resid_name(model)])[:, 0].float()
     logits = unembed.normalize(resid) @ dirs.vectors.T.to(resid.device) + dirs.offset
     return HeadPathResult(
-        values=values, heads=[f"L{l}H{h}" for l, h in chosen], sources=sources,
+        values=values, heads=heads, sources=sources,
         position=selection.positions[0], directions=dirs.labels, tokens=tokens, logits=logits,
         scale=s_f, str_tokens=str_tokens(model, tokens), mask=batch.mask, destinations=dest,
     )
+
+
+def _non_finite_as_nan(values: Tensor, heads: list[str], sources: list[str]) -> Tensor:
+    """NaN for every non-finite path (an inf is no attribution); one warning naming them."""
+    bad = ~values.isfinite().flatten(2).all(2)                        # [head, source]
+    if not bool(bad.any()):
+        return values
+    named = [f"{sources[s]} -> {heads[h]}" for h, s in bad.nonzero().tolist()]
+    logger.warning("non-finite head paths (NaN or inf activations) for %s; shown as missing",
+                   ", ".join(named[:10]) + (" ..." if len(named) > 10 else ""))
+    return values.nan_to_num(nan=float("nan"), posinf=float("nan"), neginf=float("nan"))
 
 
 def _ov_readout(model, chosen, u: Tensor) -> tuple[Tensor, Tensor]:

@@ -13,6 +13,17 @@ import logging
 from tl_lenses.model_args import add_model_arguments
 
 PRESETS = ("identity", "describe", "sweep", "cot")
+COT_INNER = "the company that created Visual Basic Script"
+# The options each preset reads; giving another one is an error, never silently ignored.
+USES = {
+    "identity": {"target", "placeholder", "layers", "png"},
+    "describe": {"target", "placeholder", "position", "layers", "max_new_tokens"},
+    "sweep": {"target", "placeholder", "position", "layers", "target_layers",
+              "max_new_tokens", "png"},
+    "cot": {"inner", "layers", "target_layers", "max_new_tokens", "png"},
+}
+OPTIONS = ("target", "placeholder", "inner", "position", "layers", "target_layers",
+           "max_new_tokens", "png")
 logger = logging.getLogger("tl_lenses")
 
 
@@ -27,9 +38,10 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--placeholder", default=None,
                         help="the target prompt's placeholder ('?' for identity/sweep, 'x' "
                              "for describe); its last token is the patched position")
-    parser.add_argument("--inner", default="the company that created Visual Basic Script",
-                        help="cot: the inner phrase")
-    parser.add_argument("--position", type=int, default=-1, help="source position (default -1)")
+    parser.add_argument("--inner", default=None,
+                        help=f"cot: the inner phrase (default {COT_INNER!r})")
+    parser.add_argument("--position", type=int, default=None,
+                        help="describe/sweep: source position (default -1)")
     parser.add_argument("--layers", default=None,
                         help="source layers as 'a:b' or 'a,b,c' (0 = embedding, 30 = final)")
     parser.add_argument("--target-layers", default=None, help="sweep/cot: target layers")
@@ -58,6 +70,10 @@ def run(args) -> int:
     from tl_lenses.model_args import model_from_args
     from tl_lenses.viz.html import page
 
+    unused = [f"--{name.replace('_', '-')}" for name in OPTIONS
+              if getattr(args, name) is not None and name not in USES[args.preset]]
+    if unused:
+        raise ValueError(f"the {args.preset} preset does not use {', '.join(unused)}")
     layers = parse_layers(args.layers)
     target_layers = parse_layers(args.target_layers, "--target-layers")
     model = model_from_args(args)
@@ -88,10 +104,11 @@ def _describe(model, args, layers, _):
     from tl_lenses.patchscopes.presets import DESCRIPTION_PROMPT, entity_description
     from tl_lenses.patchscopes.view import generation_table_html
 
-    table = entity_description(model, args.text, position=args.position, layers=layers,
+    position = -1 if args.position is None else args.position
+    table = entity_description(model, args.text, position=position, layers=layers,
                                target_prompt=args.target or DESCRIPTION_PROMPT,
                                placeholder=args.placeholder or "x",
-                               max_new_tokens=args.max_new_tokens or 20)
+                               max_new_tokens=_or(args.max_new_tokens, 20))
     for layer, text in table.rows():
         print(f"  layer {layer:>2}: {text!r}")
     return generation_table_html(table), f"Entity description: {args.text!r}"
@@ -105,9 +122,10 @@ def _sweep(model, args, layers, target_layers):
     target = args.target or IDENTITY_PROMPT
     position = placeholder_position(model, target, args.placeholder or "?")
     sweep = patchscope_sweep(model, args.text, target, source_layers=layers,
-                             source_positions=args.position, target_layers=target_layers,
+                             source_positions=-1 if args.position is None else args.position,
+                             target_layers=target_layers,
                              target_position=position,
-                             max_new_tokens=args.max_new_tokens or 0)
+                             max_new_tokens=_or(args.max_new_tokens, 0))
     if args.png:
         print(f"wrote {sweep_png(sweep, args.png)}")
     return sweep_html(sweep), f"Patchscope sweep: {args.text!r} into {target!r}"
@@ -117,14 +135,20 @@ def _cot(model, args, layers, target_layers):
     from tl_lenses.patchscopes.presets import chain_of_thought
     from tl_lenses.patchscopes.view import sweep_html, sweep_png
 
-    sweep = chain_of_thought(model, args.text, args.inner, source_layers=layers,
+    inner = _or(args.inner, COT_INNER)
+    sweep = chain_of_thought(model, args.text, inner, source_layers=layers,
                              target_layers=target_layers,
-                             max_new_tokens=args.max_new_tokens or 5)
+                             max_new_tokens=_or(args.max_new_tokens, 5))
     if args.png:
         print(f"wrote {sweep_png(sweep, args.png, title='Chain-of-thought patchscope')}")
     return (sweep_html(sweep, title="Chain-of-thought: inner phrase's last token into the "
                        "outer phrase's last token"),
-            f"Chain-of-thought patchscope: {args.text!r} + {args.inner!r}")
+            f"Chain-of-thought patchscope: {args.text!r} + {inner!r}")
+
+
+def _or(value, default):
+    """``value`` unless the option was not given (0 is a value, not a missing option)."""
+    return default if value is None else value
 
 
 RUNNERS = {"identity": _identity, "describe": _describe, "sweep": _sweep, "cot": _cot}

@@ -22,7 +22,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from tl_lenses.hooks import resolve_layer, resolve_position
-from tl_lenses.inputs import decode_each, one_prompt, str_tokens, to_tokens
+from tl_lenses.inputs import decode_each, one_prompt, str_tokens, to_batch, to_tokens
 from tl_lenses.lenses.logit import LogitLens
 from tl_lenses.models import check_model
 from tl_lenses.patchscopes import view as _view
@@ -132,7 +132,9 @@ def token_identity(
                              source_positions=pos, target_position=i_star, pairs="same", k=1,
                              batch_size=batch_size)
     with torch.no_grad():
-        final_logprobs = model(tokens)[0, pos].float().log_softmax(-1)
+        # All real tokens, said explicitly: TL masks pad-id tokens when padding left.
+        kwargs = to_batch(model, tokens).forward_kwargs(model)
+        final_logprobs = model(tokens, **kwargs)[0, pos].float().log_softmax(-1)
     final_top1 = final_logprobs.argmax(-1)
     patched = sweep.top_ids[:, 0].view(len(layer_ids), len(pos))  # cases run layer-major
     result = TokenIdentityResult(

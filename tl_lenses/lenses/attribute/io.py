@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tl_lenses._formats import FORMATS, model_info, read_folder, write_folder
+from tl_lenses._formats import FORMATS, folder_path, model_info, read_folder, write_folder
 from tl_lenses.hooks import resolve_layer
 from tl_lenses.lenses.attribute.lre import LRE
 from tl_lenses.lenses.attribute.relations import Sample
@@ -46,7 +46,7 @@ def save_lre(lre: LRE, path, model) -> Path:
 
 def load_lre(path, model) -> LRE:
     """Read an LRE folder written by :func:`save_lre`, checked against ``model``."""
-    folder = Path(path)
+    folder = folder_path(path)
     config, tensors = read_folder(folder, FORMAT, model, source=f"the LRE in {folder}")
     resolve_layer(model, config["layer"], negative=False)
     d = config["d_model"]

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
+import os
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -31,7 +33,13 @@ from torch import Tensor
 
 from tl_lenses.hooks import final_resid_name, flowing_name, resid_names, resolve_layer
 from tl_lenses.inputs import to_tokens
-from tl_lenses.lenses.attribute.relations import Relation, Sample, check_template, few_shot_prompt
+from tl_lenses.lenses.attribute.relations import (
+    Relation,
+    Sample,
+    check_template,
+    few_shot_prompt,
+    get_relation,
+)
 from tl_lenses.models import check_model, is_bridge
 
 logger = logging.getLogger("tl_lenses")
@@ -246,7 +254,8 @@ def lre_from_jacobians(samples: Sequence[JacobianSample], *, beta: float = 1.0,
 
 
 def estimate_lre(
-    model, relation: Relation, layer: int, *, n: int = 8, train: Sequence[Sample] | None = None,
+    model, relation: Relation | str, layer: int, *, n: int | None = None,
+    train: Sequence[Sample] | None = None,
     beta: float = 1.0, rank: int | None = None, template: int = 0, seed: int = 0,
     method: str = "auto", progress: bool = False,
 ) -> LRE:
@@ -259,11 +268,14 @@ def estimate_lre(
 
     Args:
         model: the model.
-        relation: a :class:`~tl_lenses.lenses.attribute.relations.Relation`.
+        relation: a :class:`~tl_lenses.lenses.attribute.relations.Relation`, or a starter
+            relation's name or a relation file (as :func:`~tl_lenses.lenses.attribute.
+            relations.get_relation` reads them).
         layer: residual-stream layer of ``s`` (0 = embedding, ``n_layers`` = final; no
             negatives).
-        n: the number of training subjects (drawn with ``seed`` unless ``train`` is given).
-        train: explicit training samples.
+        n: the number of training subjects, drawn with ``seed`` (default 8); with ``train``
+            it must be None or ``len(train)``.
+        train: explicit training samples (then ``seed`` draws nothing).
         beta: the scale of ``W s``.
         rank: truncate ``W`` to this rank (SVD), or None.
         template: which of the relation's prompt templates.
@@ -275,8 +287,11 @@ def estimate_lre(
         An :class:`LRE` (``weight [d_model, d_model]``, ``bias [d_model]``).
 
     Raises:
-        ValueError: naming the argument: ``layer``, ``n`` or ``rank`` out of range, an
-            unknown ``method``, a subject missing from its prompt.
+        ValueError: naming the argument: ``layer``, ``n`` or ``rank`` out of range, ``n``
+            contradicting ``train``, a non-finite ``beta``, an unknown ``method``, a subject
+            missing from its prompt.
+        TypeError: naming the argument: a ``relation``, ``beta``, ``seed`` or ``progress``
+            of the wrong type.
 
     >>> facts = tuple(Sample(s, o) for s, o in zip("abcdef", "uvwxyz"))
     >>> relation = Relation("toy", ("{} =",), facts)
@@ -284,6 +299,8 @@ def estimate_lre(
     >>> lre.weight.shape == (model.cfg.d_model, model.cfg.d_model)
     True
     """
+    relation = _relation(relation)
+    _check_scalars(beta=beta, seed=seed, progress=progress)
     train = _training_samples(relation, n, train, seed)
     template_text = _template(relation, template)
     demo_lre = LRE.identity(1, template=template_text, train=tuple(train))
@@ -298,12 +315,36 @@ def estimate_lre(
     return lre if rank is None else lre.low_rank(rank)
 
 
-def _training_samples(relation: Relation, n: int, train, seed: int) -> list[Sample]:
+def _relation(relation) -> Relation:
+    if isinstance(relation, Relation):
+        return relation
+    if not isinstance(relation, (str, os.PathLike)):
+        raise TypeError(f"relation must be a Relation, a starter relation's name or a "
+                        f"relation file, got {type(relation).__name__}")
+    return get_relation(relation)
+
+
+def _check_scalars(*, beta, seed, progress) -> None:
+    if not isinstance(beta, (int, float)) or isinstance(beta, bool):
+        raise TypeError(f"beta must be a number, got {beta!r}")
+    if not math.isfinite(beta):
+        raise ValueError(f"beta must be finite, got {beta!r}")
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise TypeError(f"seed must be an int, got {seed!r}")
+    if not isinstance(progress, bool):
+        raise TypeError(f"progress must be a bool, got {progress!r}")
+
+
+def _training_samples(relation: Relation, n: int | None, train, seed: int) -> list[Sample]:
     if train is not None:
         train = list(train)
         if not train or not all(isinstance(x, Sample) for x in train):
             raise ValueError("train must be a non-empty sequence of relations.Sample")
+        if n is not None and n != len(train):  # never silently one or the other
+            raise ValueError(f"n={n!r} contradicts train, which holds {len(train)} samples: "
+                             "pass one of them")
         return train
+    n = 8 if n is None else n
     if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n < len(relation.samples):
         raise ValueError(
             f"n must be an int in [1, {len(relation.samples)}) for relation "

@@ -18,7 +18,13 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from tl_lenses.hooks import final_resid_name, resid_names, run_cache, short_label
+from tl_lenses.hooks import (
+    check_hook_names,
+    final_resid_name,
+    resid_names,
+    run_cache,
+    short_label,
+)
 from tl_lenses.inputs import Batch, to_batch
 from tl_lenses.lenses.logit import LogitLens
 from tl_lenses.lenses.tuned import view
@@ -122,7 +128,8 @@ def evaluate_lenses(model, tokens: Int[Tensor, "batch pos"],
         A :class:`LensEvaluation` (``metrics[name]``: :class:`LayerMetrics` per row).
 
     Raises:
-        ValueError: a lens that does not cover a row, bad tokens or a bad mask.
+        ValueError: a lens that does not cover a row, bad tokens or a bad mask, a
+            ``batch_size`` that is not a positive int.
 
     >>> rows = torch.randint(0, model.cfg.d_vocab, (4, 10), generator=torch.manual_seed(1))
     >>> evaluation = evaluate_lenses(model, rows)
@@ -135,6 +142,9 @@ def evaluate_lenses(model, tokens: Int[Tensor, "batch pos"],
         raise TypeError("lenses must map names to Lens objects (name + translate)")
     if not isinstance(tokens, Tensor) or tokens.dim() != 2 or tokens.shape[1] < 2:
         raise ValueError("tokens must be an int tensor [batch, pos] with pos >= 2")
+    _check_batch_size(batch_size)
+    if not isinstance(progress, bool):
+        raise ValueError(f"progress must be a bool, got {progress!r}")
     full = to_batch(model, tokens, attention_mask=attention_mask, argument="tokens")
     names = _rows(model, lenses)
     sums = {key: _Sums.zeros(len(names)) for key in lenses}
@@ -168,30 +178,64 @@ class KLEvaluator:
     For comparing many snapshots of a training run (benchmarks): the residuals and the
     final distribution are computed once; each :meth:`kl` call costs only the unembedding
     matmuls. ``bf16=True`` runs those in bfloat16 (about 1e-3 nats of rounding noise).
+
+    Rows of unequal lengths come with ``attention_mask`` (1 marks a token, 0 padding; each
+    row's tokens one run at one side): the mask goes to the model, and only real tokens are
+    kept, so pads never count and each prompt's KL equals that prompt's alone.
+
+    Raises:
+        ValueError: bad tokens, a bad mask or ``batch_size``, ``hook_names`` that are not
+            residual-width hook points.
     """
 
     def __init__(self, model, tokens: Int[Tensor, "batch pos"], hook_names=None, *,
-                 bf16: bool = False, batch_size: int = 8):
+                 bf16: bool = False, batch_size: int = 8,
+                 attention_mask: Int[Tensor, "batch pos"] | Bool[Tensor, "batch pos"]
+                 | None = None):
         check_model(model)
-        self.hook_names = list(hook_names or resid_names(model)[:-1])
+        if not isinstance(tokens, Tensor) or tokens.dim() != 2:
+            raise ValueError("tokens must be an int tensor [batch, pos]")
+        _check_batch_size(batch_size)
+        if not isinstance(bf16, bool):
+            raise ValueError(f"bf16 must be a bool, got {bf16!r}")
+        full = to_batch(model, tokens, attention_mask=attention_mask, argument="tokens")
+        self.hook_names = check_hook_names(
+            model, resid_names(model)[:-1] if hook_names is None else hook_names)
         self.final = final_resid_name(model)
         self.unembed = Unembed.from_model(model)
         self.W = self.unembed.W_U.detach().to(torch.bfloat16 if bf16 else torch.float32)
-        wanted = set(self.hook_names) | {self.final}
+        wanted = sorted(set(self.hook_names) | {self.final})
         resids, finals = [], []
         with torch.no_grad():
             for start in range(0, tokens.shape[0], batch_size):
-                batch = tokens[start:start + batch_size].to(model.cfg.device)
-                cache = run_cache(model, batch, sorted(wanted))
-                resids.append(torch.stack([cache[n].reshape(-1, cache[n].shape[-1]).float()
-                                           for n in self.hook_names]))
-                finals.append(cache[self.final].reshape(-1, cache[self.final].shape[-1]))
+                rows = slice(start, start + batch_size)
+                batch = Batch(full.tokens[rows], full.mask[rows], full.padding_side)
+                cache = run_cache(model, batch, wanted)
+                real = batch.mask.to(cache[self.final].device)  # pads are dropped here
+                resids.append(torch.stack([cache[n][real].float() for n in self.hook_names]))
+                finals.append(cache[self.final][real])
             self.resids = torch.cat(resids, dim=1)
             logp = torch.log_softmax(self.unembed(torch.cat(finals).float()), dim=-1)
         self.final_logp, self.final_p = logp, logp.exp()
+        # The prompt of each kept token, for per-prompt means.
+        self.prompt_of = torch.arange(len(full.tokens)).repeat_interleave(full.lengths.cpu())
+        self.n_prompts = len(full.tokens)
 
     def kl(self, lens: Lens) -> Float[Tensor, " layer"]:
-        """Mean KL(final || lens) over the tokens, per hook point (in nats)."""
+        """Mean KL(final || lens) over the real tokens, per hook point (in nats)."""
+        return torch.stack([per_token.mean() for per_token in self._per_token(lens)])
+
+    def kl_per_prompt(self, lens: Lens) -> Float[Tensor, "layer batch"]:
+        """Mean KL(final || lens) over each prompt's own tokens, per hook point (nats)."""
+        out = []
+        for per_token in self._per_token(lens):
+            index = self.prompt_of.to(per_token.device)
+            sums = per_token.new_zeros(self.n_prompts).index_add_(0, index, per_token)
+            counts = torch.bincount(index, minlength=self.n_prompts).to(per_token.dtype)
+            out.append(sums / counts)
+        return torch.stack(out)
+
+    def _per_token(self, lens: Lens) -> list[Tensor]:
         out = []
         with torch.no_grad():
             for resid, name in zip(self.resids, self.hook_names):
@@ -200,8 +244,13 @@ class KLEvaluator:
                 if self.unembed.b_U is not None:
                     logits += self.unembed.b_U.float()
                 logq = torch.log_softmax(logits, dim=-1)
-                out.append((self.final_p * (self.final_logp - logq)).sum(-1).mean())
-        return torch.stack(out)
+                out.append((self.final_p * (self.final_logp - logq)).sum(-1))
+        return out
+
+
+def _check_batch_size(batch_size) -> None:
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
 
 
 def _rows(model, lenses) -> list[str]:

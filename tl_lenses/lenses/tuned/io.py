@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from tl_lenses._formats import FORMATS, read_folder, write_folder
+from tl_lenses._formats import FORMATS, folder_path, read_folder, write_folder
 from tl_lenses.lenses.tuned.lens import TunedLens
 
 FORMAT = "tl_lenses.tuned_lens/1"
@@ -28,11 +28,18 @@ def save_tuned_lens(lens: TunedLens, path, *, training: dict | None = None) -> P
     """Write ``lens`` into the folder ``path`` (created); returns the folder."""
     if not isinstance(lens, TunedLens):
         raise TypeError(f"lens must be a TunedLens, got {type(lens).__name__}")
+    if training is not None and not isinstance(training, dict):
+        raise TypeError(f"training must be a dict (JSON-serialisable) or None, got "
+                        f"{type(training).__name__}")
     tensors = {name: p.detach().float().cpu().contiguous()
                for name, p in (("bias", lens.bias), ("weight", lens.weight)) if p is not None}
     config = {"kind": lens.kind, "d_model": lens.d_model, "hook_names": lens.hook_names,
               "final_name": lens.final_name, "model": lens.model_info,
               "training": training or {}}
+    try:  # before anything is written: a half-written folder would read as corrupt
+        json.dumps(config)
+    except TypeError as error:
+        raise TypeError(f"training must be JSON-serialisable: {error}") from None
     return write_folder(path, FORMAT, tensors, config)
 
 
@@ -41,7 +48,7 @@ def load_tuned_lens(path, model) -> TunedLens:
 
     >>> lens = load_tuned_lens("lenses/smollm", model)   # doctest: +SKIP
     """
-    folder = Path(path)
+    folder = folder_path(path)
     config, tensors = read_folder(folder, FORMAT, model, source=f"the lens in {folder}")
     lens = TunedLens(config["hook_names"], config["d_model"], final_name=config["final_name"],
                      kind=config["kind"], model_info=config["model"])
@@ -68,7 +75,7 @@ def import_tuned_lens_library(path, model) -> TunedLens:
     ``blocks.{i}.hook_resid_pre``. The residual must be the HF model's own, i.e. the TL
     model loaded without ``center_writing_weights`` (tl_lenses' default processing).
     """
-    folder = Path(path)
+    folder = folder_path(path)
     config = _read_library_config(folder)
     n, d = model.cfg.n_layers, model.cfg.d_model
     if (config["num_hidden_layers"], config["d_model"]) != (n, d):
