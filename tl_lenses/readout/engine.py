@@ -165,11 +165,13 @@ def read_lens(
     )
     flat_targets = None if target_ids is None else _real(target_ids.reshape(-1), index).clone()
     with torch.inference_mode():
-        rows = [_real(r.reshape(-1, r.shape[-1]), index) for r in resids]
-        final_rows = _real(final_resid.reshape(-1, final_resid.shape[-1]), index)
+        # Real rows are gathered chunk by chunk: a padded batch never holds a second copy
+        # of all its residuals.
+        rows = [_RealRows(r.reshape(-1, r.shape[-1]), index) for r in resids]
+        final_rows = _RealRows(final_resid.reshape(-1, final_resid.shape[-1]), index)
         # A matmul never exceeds chunk_size rows (rows x stacked layers), nor all the rows.
         size = min(chunk_size, n_real * len(rows))
-        work = _Workspace(size, min(chunk_size, n_real), unembed.d_vocab, final_rows.shape[-1],
+        work = _Workspace(size, min(chunk_size, n_real), unembed.d_vocab, final_resid.shape[-1],
                           device, backend)
         work.final_like = final_like
         for start in _chunks(n_real, chunk_size, progress):
@@ -204,6 +206,20 @@ def _lens_name(lens: Lens | None) -> str:
 def _real(values: Tensor, index: Tensor | None) -> Tensor:
     """The rows of real cells (all rows, as they are, when there is no padding)."""
     return values if index is None else values[index.to(values.device)]
+
+
+class _RealRows:
+    """The real rows of flat ``[cells, d_model]`` residuals, read a span at a time.
+
+    Without padding a span is a view; with it, only that span's real rows are gathered.
+    """
+
+    def __init__(self, flat: Tensor, index: Tensor | None):
+        self.flat = flat
+        self.index = None if index is None else index.to(flat.device)
+
+    def __getitem__(self, span: slice) -> Tensor:
+        return self.flat[span] if self.index is None else self.flat[self.index[span]]
 
 
 def _scatter(values: Tensor, index: Tensor | None, n_cells: int) -> Tensor:
@@ -265,7 +281,7 @@ def _read_chunk(translate, unembed, rows, final_rows, hook_names, span, flat_tar
     ``chunk_size`` rows: the unembedding streams W_U once per matmul, so tall matmuls are
     what keep the readout near the speed of a bare unembedding.
     """
-    n, vocab, d_model = span.stop - span.start, unembed.d_vocab, final_rows.shape[-1]
+    n, vocab, d_model = span.stop - span.start, unembed.d_vocab, final_rows.flat.shape[-1]
     final_logits = unembed(final_rows[span], out=work.view(work.final_logits, n, vocab))
     final = row_stats(final_logits[None], final_logits.new_full((1, n, 1), torch.inf), 1,
                       _scratch(work, 1, n, vocab), work.backend)
@@ -294,12 +310,13 @@ def _read_chunk(translate, unembed, rows, final_rows, hook_names, span, flat_tar
     # lens, the tuned lens' last layer), reuse the final logits instead of a second matmul.
     todo = []
     for layer, name in enumerate(hook_names):
-        piece = rows[layer][span]
-        if work.final_like[layer] and translate(piece, name) is piece:
-            stats(final_logits[None], (final_neg_entropy + final_lse)[None],
-                  slice(layer, layer + 1))
-        else:
-            todo.append(layer)
+        if work.final_like[layer]:
+            piece = rows[layer][span]
+            if translate(piece, name) is piece:
+                stats(final_logits[None], (final_neg_entropy + final_lse)[None],
+                      slice(layer, layer + 1))
+                continue
+        todo.append(layer)
     for layers in _groups(todo, max(1, chunk_size // n)):
         translated = work.view(work.translated, len(layers), n, d_model)
         for i, layer in enumerate(layers):
