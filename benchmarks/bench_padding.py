@@ -40,7 +40,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--min-len", type=int, default=8)
     parser.add_argument("--max-len", type=int, default=256)
-    parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--with-pads", action="store_true",
                         help="also time the readout of every cell, pads included")
     args = parser.parse_args()
@@ -77,10 +77,21 @@ def main() -> None:
                          packed[final_resid_name(model)], names, packed_tokens, k=5,
                          target="final")
 
-    t_real, ref = timed(real_only, args.repeat)
-    print(f"real tokens alone      {t_real:8.2f} s", flush=True)
-    t_padded, got = timed(padded, args.repeat)
+    # A short warm-up first (the kernel's first load, first touches of the code paths), then
+    # the two contenders alternate, best of --repeat each: the machine's drift hits both.
+    read_lens(model, None, [packed[n][:, :64] for n in names],
+              packed[final_resid_name(model)][:, :64], names,
+              Batch(packed_tokens.tokens[:, :64], packed_tokens.mask[:, :64]), k=5)
+    t_real, t_padded = float("inf"), float("inf")
+    for i in range(args.repeat):
+        seconds, ref = timed(real_only, 1)
+        t_real = min(t_real, seconds)
+        print(f"round {i}: real tokens alone {seconds:8.2f} s", flush=True)
+        seconds, got = timed(padded, 1)
+        t_padded = min(t_padded, seconds)
+        print(f"round {i}: padded batch      {seconds:8.2f} s", flush=True)
     same = torch.equal(got.top_ids[:, got.mask], ref.top_ids[:, 0])
+    print(f"real tokens alone      {t_real:8.2f} s (best of {args.repeat})")
     print(f"padded batch           {t_padded:8.2f} s   ratio {t_padded / t_real:.3f}x "
           f"(target <= 1.1x); same top-5 as the real tokens alone: {same}", flush=True)
     if args.with_pads:
