@@ -79,6 +79,7 @@ def run(model, out_dir: Path, context: dict | None = None, size: str = "demo",
     tuned = _Lazy(lambda: _tuned(model, split, context, cfg["tuned_budget"],
                                  out_dir / "tuned_lens"))
     lenses = lambda: {"logit lens": LogitLens(), "tuned lens": tuned()}  # noqa: E731
+    lre = _Lazy(lambda: _lre(model, context, cfg["relation_n"], out_dir))
     n = model.cfg.n_layers
     layers = list(range(0, n, cfg["every"]))
     fit = dict(steps=cfg["steps"], lr=cfg["lr"], batch_size=cfg["batch_size"])
@@ -96,7 +97,7 @@ def run(model, out_dir: Path, context: dict | None = None, size: str = "demo",
             batch_size=cfg["batch_size"]),
         "lre_causality": lambda: analysis.lre_causality(
             model, _relation(), LRE_LAYER, n=cfg["relation_n"], ranks=cfg["ranks"],
-            lre=_context_lre(context, cfg["relation_n"]), progress=True),
+            lre=lre(), progress=True),
         "retrained": lambda: analysis.retrained_decoders(model, split.train, held,
                                                          layers=layers + [n], tuned=tuned(),
                                                          **fit),
@@ -115,6 +116,8 @@ def run(model, out_dir: Path, context: dict | None = None, size: str = "demo",
         print(f"[demo] analysis: {name}", file=sys.stderr, flush=True)
         if name in USES_TUNED:
             tuned()     # trained once, outside the analysis's own time
+        if name == "lre_causality":
+            lre()       # the main demo's comes from the attribute-lens page
         started = time.perf_counter()
         result = job()
         seconds = time.perf_counter() - started
@@ -137,12 +140,26 @@ def _relation():
     return get_relation("country_capital")
 
 
-def _context_lre(context, n):
-    """The attribute-lens demo's country -> capital LRE when it ran first with the same split."""
+def _lre(model, context, n, out_dir: Path):
+    """The country -> capital LRE at LRE_LAYER from n subjects (split seed 0, as the page's).
+
+    From the attribute-lens demo when it ran first, else from ``OUT/lre_*`` saved by an
+    earlier run of this page, else estimated here and saved there.
+    """
+    from tl_lenses.lenses.attribute.io import load_lre, save_lre
+    from tl_lenses.lenses.attribute.lre import estimate_lre
+
     lre = (context or {}).get("lre_country_capital")
     if lre is not None and lre.layer == LRE_LAYER and len(lre.train) == n:
         return lre
-    return None
+    folder = out_dir / f"lre_country_capital_{LRE_LAYER}_n{n}"
+    if folder.is_dir():
+        return load_lre(folder, model)
+    relation = _relation()
+    lre = estimate_lre(model, relation, LRE_LAYER, train=relation.split(n, seed=0)[0],
+                       progress=True)
+    save_lre(lre, folder, model)
+    return lre
 
 
 def _repack(rows, seq_len):
