@@ -46,7 +46,10 @@ def _tuned(model, split, context, budget, folder: Path):
         return context["tuned_lens"]
     if folder.is_dir():
         return load_tuned_lens(folder, model)
-    lens = train_tuned_lens(model, split.train, time_budget=budget).lens
+    # float32, one row per KL step: on a CPU without bf16 units one default step (8 rows,
+    # bf16) outlasts the whole budget, which is only checked between steps.
+    lens = train_tuned_lens(model, split.train, time_budget=budget, bf16=False,
+                            batch_size=1).lens
     save_tuned_lens(lens, folder, training={"time_budget": budget})
     return lens
 
