@@ -76,7 +76,7 @@ def run(model, out_dir: Path, context: dict | None = None) -> tuple[str, str]:
     args = argparse.Namespace(relations=["country_capital"], layers=[6], n=8, lens_layer=6,
                               betas=[1.0], ranks=[32, 128, 576])
     path = Path(out_dir) / "attribute_lens.html"
-    rows, tops = report(model, path, args)
+    rows, tops = report(model, path, args, context)
     lines = "".join(f"<li>{row.method}, layer {row.layer}, beta {row.beta:g}, rank "
                     f"{row.rank or 'full'}: faithfulness "
                     f"{row.faithfulness:.2f}, causality {row.causality:.2f}</li>"
@@ -88,8 +88,12 @@ def run(model, out_dir: Path, context: dict | None = None) -> tuple[str, str]:
     return "Attribute lens (linear relational embeddings)", summary
 
 
-def report(model, out: Path, args):
-    """Estimate, score and draw; write ``out``. Returns (score rows, lens top-1 at Japan)."""
+def report(model, out: Path, args, context: dict | None = None):
+    """Estimate, score and draw; write ``out``. Returns (score rows, lens top-1 at Japan).
+
+    Puts the country -> capital LRE in ``context["lre_country_capital"]`` (the analyses'
+    LRE-causality page reuses it instead of estimating it again).
+    """
     from tl_lenses.lenses.attribute.lens import attribute_lens
     from tl_lenses.lenses.attribute.lre import estimate_lre
     from tl_lenses.lenses.attribute.metrics import sweep
@@ -124,6 +128,8 @@ def report(model, out: Path, args):
 
     capital = lres.get(("country_capital", args.lens_layer)) or estimate_lre(
         model, relations["country_capital"], args.lens_layer, n=args.n)
+    if context is not None:
+        context["lre_country_capital"] = capital
     knobs = beta_rank_sweep(model, capital, relations["country_capital"], args.betas,
                             args.ranks)
     by_beta = knobs[:len(args.betas)]                  # full rank, each beta

@@ -110,29 +110,37 @@ def test_compare_objectives_rejects_unknown_objective(tiny_model):
         compare_objectives(tiny_model, tokens, tokens[:, :1], progress=False)
 
 
-@pytest.mark.xfail(reason="known gap: 150 Adam steps on 16 rows do not yet bring the "
-                   "retrained decoder back to the model's own predictions (agreement ~0.3)",
-                   strict=False)
 @pytest.mark.parametrize("backend", ["hooked", "bridge"])
 def test_decoder_retrained_at_the_final_layer_recovers_the_unembedding(backend):
     from tl_lenses.tiny import tiny_bridge
 
-    model = (tiny_hooked if backend == "hooked" else tiny_bridge)("llama-gqa")
-    # Greedy samples: every next token is the model's own top-1, so the data's best
-    # decoder of the final residual is the model's unembedding itself.
-    tokens = generated_tokens(model, 24, 12, temperature=0.0, seed=3)
+    # Trained on text sampled from the model itself (temperature 1), the next token's
+    # distribution *is* the model's, so the cross-entropy's minimiser among decoders
+    # h -> unembed(h + A h + b) is the model's own unembedding (A = 0, b = 0). Two things make
+    # that visible in a test: the random model's predictions are made confident like a
+    # trained model's (a scaled unembedding; at scale 1 they are nearly uniform, so samples
+    # carry almost no signal and greedy labels are decided by ~0.01-nat margins, which a
+    # more confident decoder fits better than the model does), and there are ~14k tokens
+    # for its 1056 parameters.
+    make = tiny_hooked if backend == "hooked" else tiny_bridge
+    model = make("llama-gqa", unembed_scale=30.0)
+    tokens = generated_tokens(model, 2048 + 64, 8, temperature=1.0, seed=3, batch_size=512)
+    train, held = tokens[:2048], tokens[2048:]
     n, d = model.cfg.n_layers, model.cfg.d_model
     decoder = Translators([resid_names(model)[-1]], d, name="retrained")
     rotation, _ = torch.linalg.qr(torch.randn(d, d, generator=torch.Generator().manual_seed(0)))
     with torch.no_grad():
         decoder.weight[0] = rotation - torch.eye(d)         # start far away: h -> Q h
-    before = retrained_decoders(model, tokens[:16], tokens[16:], layers=[n], steps=1, lr=1e-9,
+    before = retrained_decoders(model, train, held, layers=[n], steps=1, lr=1e-12,
                                 decoder=_copy(decoder), progress=False)
-    result = retrained_decoders(model, tokens[:16], tokens[16:], layers=[n], decoder=decoder,
-                                steps=150, lr=2e-2, batch_size=8, progress=False)
-    start = before.metrics["retrained"]["top1_agreement"][-1]
-    end = result.metrics["retrained"]["top1_agreement"][-1]
-    assert start < 0.5 and end > 0.95
+    result = retrained_decoders(model, train, held, layers=[n], decoder=decoder,
+                                steps=300, lr=5e-2, batch_size=128, progress=False)
+    start, end = before.metrics["retrained"], result.metrics["retrained"]
+    assert start["top1_agreement"][-1] < 0.1 and start["kl"][-1] > 3
+    assert end["top1_agreement"][-1] > 0.8 and end["kl"][-1] < 0.1
+    # its held-out cross-entropy on the model's samples comes down to the model's own
+    model_ce = result.metrics["logit lens"]["ce"][-1]
+    assert abs(end["ce"][-1] - model_ce) < 0.1 < start["ce"][-1] - model_ce
     # at the final layer, the logit lens *is* the model: agreement 1, KL 0
     assert result.metrics["logit lens"]["top1_agreement"][-1] == 1
     assert result.metrics["logit lens"]["kl"][-1].abs() < 1e-5

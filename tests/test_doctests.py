@@ -8,23 +8,33 @@ import pytest
 import torch
 
 import tl_lenses
+from tl_lenses import analysis
 from tl_lenses.lenses.attribute.relations import Relation, Sample
 from tl_lenses.tiny import tiny_hooked
 
-ENTRY_POINTS = [name for name in tl_lenses.__all__ if callable(getattr(tl_lenses, name))
-                and not isinstance(getattr(tl_lenses, name), type)]
+
+def _functions(module) -> list[str]:
+    return [name for name in module.__all__ if callable(getattr(module, name))
+            and not isinstance(getattr(module, name), type)]
+
+
+ENTRY_POINTS = _functions(tl_lenses)
+ANALYSIS_ENTRY_POINTS = _functions(analysis)
 
 
 @pytest.fixture(scope="module")
 def globs():
     return {"model": tiny_hooked("llama-gqa"), "torch": torch, "tll": tl_lenses,
             "Relation": Relation, "Sample": Sample,
-            **{name: getattr(tl_lenses, name) for name in tl_lenses.__all__}}
+            **{name: getattr(tl_lenses, name) for name in tl_lenses.__all__},
+            **{name: getattr(analysis, name) for name in analysis.__all__}}
 
 
-@pytest.mark.parametrize("name", ENTRY_POINTS)
-def test_entry_point_docstring(name, globs):
-    function = getattr(tl_lenses, name)
+@pytest.mark.parametrize("module, name", [pytest.param(tl_lenses, n, id=n) for n in ENTRY_POINTS]
+                         + [pytest.param(analysis, n, id=f"analysis.{n}")
+                            for n in ANALYSIS_ENTRY_POINTS])
+def test_entry_point_docstring(module, name, globs):
+    function = getattr(module, name)
     doc = function.__doc__ or ""
     for section in ("Args:", "Returns:", "Raises:", ">>>"):
         assert section in doc, f"{name}'s docstring lacks {section}"

@@ -63,9 +63,15 @@ def _randomise(model: torch.nn.Module, seed: int) -> None:
 
 def tiny_hf_model(
     arch: Arch = "llama-gqa", *, n_layers: int = 3, d_model: int = 32, n_ctx: int = 64,
-    seed: int = 0,
+    seed: int = 0, unembed_scale: float = 1.0,
 ):
-    """A random HF causal LM over the byte vocabulary, in float32 and eval mode."""
+    """A random HF causal LM over the byte vocabulary, in float32 and eval mode.
+
+    ``unembed_scale`` multiplies the unembedding (Llama only: GPT-2 ties it to the
+    embedding). At 1 the random model's next-token distributions are nearly uniform
+    (entropy ~5.5 of ln 257 nats); at ~30 they are as peaked as a trained model's (~2.4
+    nats), which tests that learn the model's predictions from its own samples need.
+    """
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -86,7 +92,11 @@ def tiny_hf_model(
         model = LlamaForCausalLM(config)
     else:
         raise ValueError(f"arch must be 'llama', 'llama-gqa' or 'gpt2', got {arch!r}")
+    if unembed_scale != 1 and arch == "gpt2":
+        raise ValueError("unembed_scale needs an untied unembedding ('llama' or 'llama-gqa')")
     _randomise(model, seed)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(unembed_scale)
     return model.float().eval()
 
 

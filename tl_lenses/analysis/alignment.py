@@ -75,7 +75,7 @@ class AlignmentResult:
         """Mean cosine with the 10-90 % band per sublayer, by block."""
         from tl_lenses.analysis.view import alignment_png
 
-        return alignment_png(path, self)
+        return alignment_png(self, path)
 
 
 def gradient_alignment(model, tokens: Int[Tensor, "batch pos"], *, bins: int = 100,
@@ -96,6 +96,14 @@ def gradient_alignment(model, tokens: Int[Tensor, "batch pos"], *, bins: int = 1
     Raises:
         ValueError: on malformed tokens or arguments.
         NotImplementedError: for parallel attention/MLP blocks (no ``resid_mid``).
+
+    Examples:
+        >>> rows = torch.randint(0, model.cfg.d_vocab, (4, 12), generator=torch.manual_seed(0))
+        >>> result = gradient_alignment(model, rows, progress=False)
+        >>> result.mean.shape == (3, model.cfg.n_layers), result.n_tokens   # 4 rows x 11
+        (True, 44)
+        >>> bool(((result.mean >= -1) & (result.mean <= 1)).all())
+        True
 
     Source: Belrose et al. 2023, "Eliciting Latent Predictions from Transformers with the
     Tuned Lens", sec. 4.2 / Fig. 19 (iterative inference).

@@ -82,7 +82,7 @@ class CausalResult:
         """Mean lens vs model effect and their correlation per layer."""
         from tl_lenses.analysis.view import causal_png
 
-        return causal_png(path, self)
+        return causal_png(self, path)
 
 
 def causal_fidelity(
@@ -110,6 +110,12 @@ def causal_fidelity(
 
     Raises:
         ValueError: on malformed tokens or arguments.
+
+    Examples:
+        >>> rows = torch.randint(0, model.cfg.d_vocab, (4, 12), generator=torch.manual_seed(0))
+        >>> result = causal_fidelity(model, rows, progress=False)
+        >>> sorted(result.effects), result.labels
+        (['logit lens'], ['0 pre', '1 pre', '2 pre'])
 
     Source: Belrose et al. 2023, sec. 5 (causal basis extraction and causal fidelity);
     the "causal or statistical artifact?" question of the lecture notes.

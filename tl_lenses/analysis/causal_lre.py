@@ -73,7 +73,7 @@ class LRECausalityResult:
         """Validation causality against the rank of the inverse, one line per operator."""
         from tl_lenses.analysis.view import lre_causality_png
 
-        return lre_causality_png(path, self)
+        return lre_causality_png(self, path)
 
 
 def lre_causality(
@@ -102,6 +102,16 @@ def lre_causality(
         ValueError: on bad ranks, or too few held-out subjects the model answers correctly
             to form validation and test pairs.
 
+    Examples:
+        >>> letters = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMN"
+        >>> relation = Relation("at end", ("{}",), tuple(Sample(s, o) for s, o in
+        ...                                              zip(letters[:30], letters[10:40])))
+        >>> result = lre_causality(model, relation, 1, n=4, ranks=(2, 8), own_answers=True)
+        >>> result.chosen_rank in (2, 8), sorted(result.test)
+        (True, ['identity', 'jacobian', 'least squares'])
+        >>> result.full["identity"] == result.full["jacobian"]   # full rank: s' - s for both
+        True
+
     Source: Hernandez et al. 2024, "Linearity of Relation Decoding in Transformer LMs",
     sec. 4.2 (causality with a low-rank pseudoinverse); the identity and least-squares
     baselines as in :mod:`tl_lenses.lenses.attribute.metrics`.
@@ -128,8 +138,10 @@ def lre_causality(
     if not val_pairs or not test_pairs:
         raise ValueError(f"too few held-out subjects of {relation.name!r} answered correctly "
                          f"({int(states.correct.sum())}) to form validation and test pairs")
-    chosen, _ = choose_rank(model, lre, states, val_pairs, ranks)
-    validation = {m: [causality(model, op, states, val_pairs, r) for r in ranks]
+    # The LRE's validation curve is the one choose_rank computed (one forward per rank).
+    chosen, lre_curve = choose_rank(model, lre, states, val_pairs, ranks)
+    validation = {m: lre_curve if m == "jacobian" else
+                  [causality(model, op, states, val_pairs, r) for r in ranks]
                   for m, op in operators.items()}
     s, ids = states.at_layer(layer)[states.correct], states.object_ids[states.correct]
     return LRECausalityResult(

@@ -63,7 +63,7 @@ class CurrentNextResult:
         """Probability of the current / next / copy / novel token per layer, per lens."""
         from tl_lenses.analysis.view import current_next_png
 
-        return current_next_png(path, self)
+        return current_next_png(self, path)
 
 
 def current_vs_next(
@@ -87,6 +87,12 @@ def current_vs_next(
 
     Raises:
         ValueError: on malformed tokens or arguments.
+
+    Examples:
+        >>> rows = torch.randint(0, model.cfg.d_vocab, (4, 12), generator=torch.manual_seed(0))
+        >>> result = current_vs_next(model, rows, progress=False)
+        >>> result.labels, result.stats["logit lens"]["next_prob"].shape
+        (['0 pre', '1 pre', '2 pre', '2 post'], torch.Size([4]))
 
     Source: the lecture notes' "current vs next token" and "copy rare token" grids
     (nostalgebraist 2020's logit lens; Belrose et al. 2023, sec. 2).

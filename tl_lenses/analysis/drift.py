@@ -64,7 +64,7 @@ class DriftResult:
         """CKA, covariance similarity and translator transfer side by side."""
         from tl_lenses.analysis.view import drift_png
 
-        return drift_png(path, self)
+        return drift_png(self, path)
 
 
 def linear_cka(x: Float[Tensor, "rows d_x"], y: Float[Tensor, "rows d_y"]) -> float:
@@ -72,7 +72,29 @@ def linear_cka(x: Float[Tensor, "rows d_x"], y: Float[Tensor, "rows d_y"]) -> fl
 
     ``||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F)`` of the column-centred matrices: 1 for
     ``y = c x Q`` with ``Q`` orthogonal, ``c != 0``.
+
+    Args:
+        x: one representation, ``[rows, d_x]`` (any units).
+        y: the other, ``[rows, d_y]``, row ``i`` the same input as ``x``'s row ``i``.
+
+    Returns:
+        The CKA in [0, 1] (float64 arithmetic).
+
+    Raises:
+        ValueError: unless ``x`` and ``y`` are 2-D with the same number (>= 2) of rows.
+
+    Examples:
+        >>> x = torch.randn(50, 8, generator=torch.manual_seed(0))
+        >>> q, _ = torch.linalg.qr(torch.randn(8, 8, generator=torch.manual_seed(1)))
+        >>> round(linear_cka(x, 3 * x @ q), 6)          # invariant to rotation and scale
+        1.0
+
+    Source: Kornblith et al. 2019, "Similarity of Neural Network Representations
+    Revisited", eq. 5 (linear kernel).
     """
+    if x.dim() != 2 or y.dim() != 2 or len(x) != len(y) or len(x) < 2:
+        raise ValueError(f"x and y must be [rows, d] with the same rows (>= 2), got "
+                         f"{tuple(x.shape)} and {tuple(y.shape)}")
     x, y = x.double() - x.double().mean(0), y.double() - y.double().mean(0)
     return float((y.T @ x).pow(2).sum() / ((x.T @ x).norm() * (y.T @ y).norm()))
 
@@ -99,6 +121,12 @@ def residual_drift(
 
     Raises:
         ValueError: on malformed tokens or arguments, or a lens not covering the layers.
+
+    Examples:
+        >>> rows = torch.randint(0, model.cfg.d_vocab, (4, 12), generator=torch.manual_seed(0))
+        >>> result = residual_drift(model, rows, progress=False)
+        >>> result.cka.shape, torch.allclose(result.cka.diagonal(), torch.ones(4))
+        (torch.Size([4, 4]), True)
 
     Source: Kornblith et al. 2019 (linear CKA), Nguyen et al. 2021 (minibatch CKA); the
     drift question of the lecture notes; Belrose et al. 2023, sec. 4.1 (translator transfer).

@@ -107,6 +107,13 @@ def compare_objectives(
     Raises:
         ValueError: on an unknown objective or kind, or malformed tokens.
 
+    Examples:
+        >>> rows = torch.randint(0, model.cfg.d_vocab, (4, 12), generator=torch.manual_seed(0))
+        >>> result = compare_objectives(model, rows, rows[:2], objectives=("kl", "cosine"),
+        ...                             kinds=("bias",), steps=2, progress=False)
+        >>> sorted(result.metrics), result.metrics["kl / bias"]["kl"].shape
+        (['cosine / bias', 'kl / bias', 'logit lens'], torch.Size([3]))
+
     Source: the objectives question in the lecture notes; KL is the tuned lens's loss
     (Belrose et al. 2023, "Eliciting Latent Predictions...", eq. 2).
     """

@@ -98,6 +98,13 @@ def retrained_decoders(
     Raises:
         ValueError: on malformed tokens or layers, or a ``tuned`` lens not covering them.
 
+    Examples:
+        >>> rows = torch.randint(0, model.cfg.d_vocab, (4, 12), generator=torch.manual_seed(0))
+        >>> result = retrained_decoders(model, rows, rows[:2], layers=[1, 3], steps=2,
+        ...                             progress=False)
+        >>> sorted(result.metrics), result.labels
+        (['logit lens', 'retrained', 'tuned lens'], ['1 pre', '2 post'])
+
     Source: the "retrained unembedding" question of the lecture notes; compare Belrose et
     al. 2023, sec. 3 (the tuned lens trained on KL to the final layer, not the data).
     """

@@ -91,7 +91,7 @@ def retrained_html(result: "RetrainedResult") -> str:
                       table_html(header, rows)])
 
 
-def current_next_png(path, result: "CurrentNextResult") -> Path:
+def current_next_png(result: "CurrentNextResult", path) -> Path:
     """Probability of each group's token per layer; one panel per lens."""
     panels = {f"{lens}: mean probability": {g: s[f"{g}_prob"].tolist() for g in
                                             ("current", "next", "copy", "novel")}
@@ -139,7 +139,7 @@ def drift_html(result: "DriftResult") -> str:
     return "\n".join(parts)
 
 
-def drift_png(path, result: "DriftResult") -> Path:
+def drift_png(result: "DriftResult", path) -> Path:
     """The layer x layer matrices side by side."""
     plt = _pyplot()
     mats = [("linear CKA", result.cka, "viridis"),
@@ -172,7 +172,7 @@ def alignment_html(result: "AlignmentResult") -> str:
                          caption="mean cos(update, -dL/dh)"))
 
 
-def alignment_png(path, result: "AlignmentResult") -> Path:
+def alignment_png(result: "AlignmentResult", path) -> Path:
     """Mean cosine with the 10-90 % band, per sublayer."""
     sublayers = result.sublayers
     plt = _pyplot()
@@ -207,7 +207,7 @@ def causal_html(result: "CausalResult") -> str:
     return "\n".join(parts)
 
 
-def causal_png(path, result: "CausalResult") -> Path:
+def causal_png(result: "CausalResult", path) -> Path:
     """Mean lens and model KL, and their correlation, per layer."""
     kls, rhos = {}, {}
     for lens in result.effects:
@@ -233,7 +233,7 @@ def lre_causality_html(result: "LRECausalityResult") -> str:
         table_html(["operator"] + [str(r) for r in result.ranks], sweep)])
 
 
-def lre_causality_png(path, result: "LRECausalityResult") -> Path:
+def lre_causality_png(result: "LRECausalityResult", path) -> Path:
     """Validation causality against the rank, one line per operator."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.8))
