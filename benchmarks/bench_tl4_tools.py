@@ -37,6 +37,7 @@ from tl_lenses.attribution.core import needed_hooks
 from tl_lenses.hooks import resid_names
 
 MiB = 2**20
+TABLE: list[str] = []  # markdown rows for the README, printed at the end
 
 
 def _status(field: str) -> int:
@@ -86,6 +87,9 @@ def bench_logit_lens(model, tokens, repeat: int, k: int = 5) -> None:
     print(row("tl_lenses apply_lens_to_cache", t_ours, m_ours))
     print(row("TL 4.x tools.analysis.logit_lens", t_tl, m_tl))
     print(ratio((t_ours, m_ours), (t_tl, m_tl)))
+    shape = "x".join(map(str, tokens.shape))
+    _table_row(f"logit lens, {len(names)} rows x {shape}, top-{k}", (t_ours, m_ours),
+               (t_tl, m_tl))
 
 
 def bench_dla(model, tokens, repeat: int) -> None:
@@ -112,7 +116,19 @@ def bench_dla(model, tokens, repeat: int) -> None:
         print(row("tl_lenses dla" + (" heads=False" if ours_kw else ""), t_ours, m_ours))
         print(row(f"TL 4.x direct_logit_attribution({unit})", t_tl, m_tl))
         print(ratio((t_ours, m_ours), (t_tl, m_tl)))
+        shape = "x".join(map(str, tokens.shape))
+        _table_row(f"DLA per {'head' if unit == 'head' else 'sublayer'}, {shape}",
+                   (t_ours, m_ours), (t_tl, m_tl))
     torch.set_grad_enabled(True)
+
+
+def _table_row(name: str, ours, theirs) -> None:
+    def cell(seconds, peak):
+        return f"{seconds * 1e3:.0f} ms, " + (f"+{peak / MiB:.0f} MiB" if peak >= MiB
+                                               else "<1 MiB")
+    TABLE.append(f"| {name} | {cell(*ours)} | {cell(*theirs)} | time "
+                 f"{theirs[0] / ours[0]:.2f}x, memory "
+                 f"{max(theirs[1], MiB) / max(ours[1], MiB):.2f}x |")
 
 
 def fresh(cache):
@@ -156,6 +172,9 @@ def main() -> None:
         print(f"\n== {batch} x {pos} tokens ==")
         bench_logit_lens(model, tokens, args.repeat)
         bench_dla(model, tokens, args.repeat)
+    print("\n| measurement | tl_lenses | TL 4.3 tool | TL / tl_lenses |")
+    print("| --- | --- | --- | --- |")
+    print("\n".join(TABLE))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import torch
 
 import tl_lenses
 from tl_lenses.lenses.attribute.relations import Relation, Sample
-from tl_lenses.tiny import tiny_hooked
+from tl_lenses.tiny import tiny_default
 
 ENTRY_POINTS = [name for name in tl_lenses.__all__ if callable(getattr(tl_lenses, name))
                 and not isinstance(getattr(tl_lenses, name), type)]
@@ -17,7 +17,7 @@ ENTRY_POINTS = [name for name in tl_lenses.__all__ if callable(getattr(tl_lenses
 
 @pytest.fixture(scope="module")
 def globs():
-    return {"model": tiny_hooked("llama-gqa"), "torch": torch, "tll": tl_lenses,
+    return {"model": tiny_default("llama-gqa"), "torch": torch, "tll": tl_lenses,
             "Relation": Relation, "Sample": Sample,
             **{name: getattr(tl_lenses, name) for name in tl_lenses.__all__}}
 
