@@ -202,7 +202,8 @@ def needed_hooks(model, *, heads: bool = True, neurons: bool = False) -> list[st
 
 def check_cache(cache, tokens: Tensor, names: Sequence[str]) -> None:
     """Fail unless ``cache`` holds every name, with [batch, pos] matching ``tokens``."""
-    missing = [name for name in names if flowing_name(cache, name) not in cache]
+    keys = getattr(cache, "cache_dict", cache)  # `in` on an ActivationCache scans its keys
+    missing = [name for name in names if flowing_name(keys, name) not in keys]
     if missing:
         raise ValueError(
             f"cache lacks hook points DLA needs: {missing[:6]}{' ...' if len(missing) > 6 else ''}"
