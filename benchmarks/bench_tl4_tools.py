@@ -95,6 +95,7 @@ def bench_logit_lens(model, tokens, repeat: int, k: int = 5) -> None:
 def bench_dla(model, tokens, repeat: int) -> None:
     from transformer_lens.tools.analysis import direct_logit_attribution
 
+    # The same token ids to both (neither pays for tokenizing the answers).
     good, bad = model.to_single_token(" Mary"), model.to_single_token(" John")
     # Both read the same cache: the hook points either needs (a full cache at 16 x 256 would
     # hold every attention pattern). no_grad, not inference_mode: TL's head results einsum
@@ -106,7 +107,7 @@ def bench_dla(model, tokens, repeat: int) -> None:
         # A fresh cache object (same tensors) per call: TL's cache memoises the per-head
         # results it computes, so a second call on one cache would skip TL's main work.
         t_ours, m_ours, ours = measure(
-            lambda: tll.dla(model, tokens, (" Mary", " John"), cache=fresh(cache), **ours_kw),
+            lambda: tll.dla(model, tokens, (good, bad), cache=fresh(cache), **ours_kw),
             repeat)
         t_tl, m_tl, theirs = measure(
             lambda: direct_logit_attribution(model, answer_tokens=good, incorrect_tokens=bad,
