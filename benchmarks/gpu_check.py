@@ -73,6 +73,7 @@ _import_or_stand_in()
 
 import torch  # noqa: E402
 
+from tl_lenses._compat import HAS_HOOKED  # noqa: E402
 from tl_lenses.attribution.core import dla  # noqa: E402
 from tl_lenses.hooks import resid_names  # noqa: E402
 from tl_lenses.lenses.attribute.lre import estimate_lre  # noqa: E402
@@ -188,6 +189,8 @@ def correctness(device, *, smoke: bool = False) -> dict[str, dict]:
     configs = [(a, b) for a in ("llama-gqa", "gpt2") for b in ("hooked", "bridge")]
     if smoke:
         configs = [("llama-gqa", "hooked"), ("gpt2", "bridge")]
+    if not HAS_HOOKED:  # TL 4.x: the Bridge is the one backend
+        configs = [(a, "bridge") for a in dict.fromkeys(a for a, _ in configs)]
     for arch, backend in configs:
         tag = f"{arch}/{backend}"
         try:
@@ -250,10 +253,17 @@ def smol_shaped(device, *, smoke: bool):
                      num_attention_heads=4, num_key_value_heads=2, vocab_size=1024)
     hf_config = LlamaConfig(**shape, max_position_embeddings=2048, rms_norm_eps=1e-5,
                             rope_theta=100000.0, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    if not HAS_HOOKED:  # TL 4.x: the same shape as a Bridge around the HF model
+        from transformers import LlamaForCausalLM
+
+        from tl_lenses.models import bridge_from_hf
+
+        hf_model = LlamaForCausalLM(hf_config).to(device).eval()
+        return bridge_from_hf(hf_model, byte_tokenizer(), "LlamaForCausalLM", "smol-shaped")
     cfg = llama_config(hf_config, n_ctx=1024, device=str(device))
     from transformer_lens import HookedTransformer
 
-    torch.manual_seed(0)
     return HookedTransformer(cfg, tokenizer=byte_tokenizer(), move_to_device=True).eval()
 
 

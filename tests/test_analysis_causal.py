@@ -17,7 +17,7 @@ from tl_lenses.hooks import final_resid_name
 from tl_lenses.lenses.attribute.relations import Relation, Sample
 from tl_lenses.lenses.logit import LogitLens
 from tl_lenses.lenses.tuned.lens import TunedLens
-from tl_lenses.tiny import tiny_hooked, tiny_pair
+from tl_lenses.tiny import tiny_default, tiny_hooked, tiny_pair
 
 
 def byte_rows(n, pos, seed=0):
@@ -33,7 +33,7 @@ def loss_of(logits, tokens):
 @pytest.mark.parametrize("arch", ["llama-gqa", "gpt2"])
 def test_alignment_matches_autograd_through_a_hand_run_two_layer_model(arch):
     """Gradients taken independently: the suffix of the model re-run from the residual."""
-    model = tiny_hooked(arch, n_layers=2)
+    model = tiny_hooked(arch, n_layers=2)  # the reference runs HookedTransformer's modules
     snapshot = weights_snapshot(model)
     tokens = byte_rows(2, 7)
     got = batch_cosines(model, tokens)                                   # [sub, layer, rows]
@@ -184,7 +184,7 @@ def test_split_correct_halves_the_correct_rows():
 def test_baselines_are_scored_at_the_lres_held_out_rank(arch):
     """At full rank an invertible map's edit is s' - s whatever the map: every operator
     scores alike. At the rank chosen on validation pairs, each operator's edit is its own."""
-    model = tiny_hooked(arch)
+    model = tiny_default(arch)
     ranks = (1, 2, 4, 8)
     result = lre_causality(model, AT_END, 1, n=4, ranks=ranks, own_answers=True)
     assert result.chosen_rank in ranks

@@ -17,7 +17,7 @@ from tl_lenses.hooks import resid_names
 from tl_lenses.lenses.logit import LogitLens
 from tl_lenses.lenses.tuned.eval import evaluate_lenses
 from tl_lenses.lenses.tuned.lens import TunedLens
-from tl_lenses.tiny import tiny_hooked
+from tl_lenses.tiny import tiny_default, tiny_hooked
 
 
 def byte_rows(n, pos, seed=0):
@@ -59,7 +59,7 @@ def test_objective_losses_match_torch_references(tiny_model):
 
 @pytest.mark.parametrize("objective", ["kl", "mse_resid", "cosine", "ce"])
 def test_fit_lowers_its_own_objective_and_leaves_the_model_alone(objective):
-    model = tiny_hooked("gpt2")
+    model = tiny_default("gpt2")
     snapshot = weights_snapshot(model)
     lens = TunedLens.for_model(model)
     tokens = byte_rows(8, 16)

@@ -34,7 +34,7 @@ from tl_lenses.lenses.attribute.relations import (
 )
 from tl_lenses.lenses.logit import logit_lens
 from tl_lenses.models import bridge_from_hf, hooked_from_hf, llama_config
-from tl_lenses.tiny import byte_tokenizer, gpt2_config, tiny_hf_model
+from tl_lenses.tiny import byte_tokenizer, gpt2_config, tiny_default, tiny_hf_model
 
 PROMPT = "ab cd ef gh"
 
@@ -152,11 +152,10 @@ def test_lre_save_load_round_trip_is_exact(tiny_models, tmp_path):
 
 def test_lre_files_are_checked(tiny_model, tmp_path):
     from tl_lenses.lenses.attribute.io import CONFIG, WEIGHTS, load_lre, save_lre
-    from tl_lenses.tiny import tiny_hooked
 
     lre = estimate_lre(tiny_model, TOY, 1, train=list(TOY.samples[:2]))
     folder = save_lre(lre, tmp_path / "lre", tiny_model)
-    other = tiny_hooked("llama-gqa", seed=7)          # same shapes, other weights
+    other = tiny_default("llama-gqa", seed=7)          # same shapes, other weights
     with pytest.raises(ValueError, match="different model"):
         load_lre(folder, other)
     with pytest.raises(ValueError, match="layer"):

@@ -16,7 +16,7 @@ from dom_check import chromium, page_errors, rendered_dom
 from test_text_safety import NASTY, NastyTokenizer
 
 import tl_lenses as tll
-from tl_lenses.tiny import tiny_hooked
+from tl_lenses.tiny import tiny_default
 from tl_lenses.viz.html import page, show_token
 from tl_lenses.viz.notebook import notebook_html
 
@@ -49,7 +49,7 @@ def check_circuitsvis(soup, n_mounts: int) -> list:
 
 @pytest.fixture(scope="module")
 def model():
-    return tiny_hooked("gpt2")
+    return tiny_default("gpt2")
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from tl_lenses.patchscopes.core import patchscope
 from tl_lenses.patchscopes.sweep import patchscope_sweep
 from tl_lenses.readout import _native as native
 from tl_lenses.readout.apply import apply_lens
-from tl_lenses.tiny import tiny_bridge, tiny_hooked, tiny_pair
+from tl_lenses.tiny import tiny_bridge, tiny_default, tiny_hooked, tiny_pair
 
 PROMPT = "ab cd ef gh"
 TOY = Relation("toy", ("{} =",), tuple(Sample(s, o) for s, o in
@@ -78,8 +78,24 @@ def test_weights_on_several_devices_are_refused(backend):
         patchscope(_build(backend), PROMPT, PROMPT, source_layer=1, target_model=model)
 
 
+@pytest.mark.parametrize("backend", ["hooked", "bridge"])
+def test_a_model_changed_after_a_check_is_checked_again(backend):
+    """The check's cache of a model's parameter dicts sees later moves and new modules."""
+    model = _build(backend)
+    assert devices.model_device(model) == torch.device("cpu")       # cached from here on
+    block = model.blocks[0]
+    block.stray = torch.nn.Linear(2, 2, device="meta")              # a new module, elsewhere
+    with pytest.raises(ValueError, match="model has parameters on several devices"):
+        logit_lens(model, PROMPT)
+    del block.stray                                                 # leaves the tree: fine again
+    assert devices.model_device(model) == torch.device("cpu")
+    block.to("meta")                                                # a part moved
+    with pytest.raises(ValueError, match="model has parameters on several devices"):
+        dla(model, PROMPT, ("a", "b"))
+
+
 def test_meta_weights_are_refused():
-    model = tiny_hooked().to("meta")
+    model = tiny_default().to("meta")
     with pytest.raises(ValueError, match="meta"):
         logit_lens(model, torch.tensor([[1, 2, 3]]))
 
@@ -220,7 +236,7 @@ def test_the_cuda_training_branch_matches_the_cpu_one(monkeypatch):
     """The fused KL gradient (compiled on CUDA) gives the CPU path's gradient and loss."""
     from tl_lenses.lenses.tuned import train
 
-    model = tiny_hooked("gpt2")
+    model = tiny_default("gpt2")
     lens = TunedLens.for_model(model)
     with torch.no_grad():
         lens.weight.normal_(0, 0.05)

@@ -333,9 +333,9 @@ def test_views_render(tiny_model, tmp_path):
 def test_command_line(monkeypatch, tmp_path, capsys):
     import tl_lenses.models
     from tl_lenses.attribution import cli as command
-    from tl_lenses.tiny import tiny_hooked
+    from tl_lenses.tiny import tiny_default
 
-    monkeypatch.setattr(tl_lenses.models, "load_default_model", lambda backend: tiny_hooked())
+    monkeypatch.setattr(tl_lenses.models, "load_default_model", lambda backend: tiny_default())
     import argparse
 
     parser = argparse.ArgumentParser()

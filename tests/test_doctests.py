@@ -10,7 +10,7 @@ import torch
 import tl_lenses
 from tl_lenses import analysis
 from tl_lenses.lenses.attribute.relations import Relation, Sample
-from tl_lenses.tiny import tiny_hooked
+from tl_lenses.tiny import tiny_default
 
 
 def _functions(module) -> list[str]:
@@ -24,7 +24,7 @@ ANALYSIS_ENTRY_POINTS = _functions(analysis)
 
 @pytest.fixture(scope="module")
 def globs():
-    return {"model": tiny_hooked("llama-gqa"), "torch": torch, "tll": tl_lenses,
+    return {"model": tiny_default("llama-gqa"), "torch": torch, "tll": tl_lenses,
             "Relation": Relation, "Sample": Sample,
             **{name: getattr(tl_lenses, name) for name in tl_lenses.__all__},
             **{name: getattr(analysis, name) for name in analysis.__all__}}

@@ -14,6 +14,7 @@ import pytest
 import torch
 from family_checks import METHODS, run_check, tokens_of
 
+from tl_lenses._compat import DEFAULT_BACKEND
 from tl_lenses.tiny_families import (
     BRIDGE_FAMILIES,
     HOOKED_FAMILIES,
@@ -125,7 +126,7 @@ def _calls():
 @pytest.mark.parametrize("method", list(_calls()))
 def test_a_model_of_neither_backend_is_a_type_error_naming_model(method):
     plain = torch.nn.Linear(4, 4)
-    plain.cfg = member("gpt2", "hooked").cfg  # looks like a model to duck typing
+    plain.cfg = member("gpt2", DEFAULT_BACKEND).cfg  # looks like a model to duck typing
     with pytest.raises(TypeError, match="model must be a HookedTransformer"):
         _calls()[method](plain)
 

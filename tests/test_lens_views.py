@@ -9,13 +9,13 @@ import pytest
 import tl_lenses as tll
 from tl_lenses import cli
 from tl_lenses.readout.view import grid_cells, settle_layer, write_report
-from tl_lenses.tiny import tiny_hooked
+from tl_lenses.tiny import tiny_default
 from tl_lenses.viz.html import show_token
 
 
 @pytest.fixture(scope="module")
 def result():
-    return tll.logit_lens(tiny_hooked("gpt2"), "hello world", k=3, target="next")
+    return tll.logit_lens(tiny_default("gpt2"), "hello world", k=3, target="next")
 
 
 def test_grid_cells_put_the_last_layer_on_top(result):
@@ -66,14 +66,14 @@ def test_view_arguments_are_checked(result):
         grid_cells(result, "prob", 5, "top1")
     with pytest.raises(ValueError, match="text"):
         grid_cells(result, "prob", 0, "words")
-    no_target = tll.logit_lens(tiny_hooked("gpt2"), "hi", target=None)
+    no_target = tll.logit_lens(tiny_default("gpt2"), "hi", target=None)
     with pytest.raises(ValueError, match="target"):
         no_target.statistic("rank")
 
 
 def test_command_line_writes_report(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("tl_lenses.models.load_default_model",
-                        lambda backend="hooked": tiny_hooked("llama-gqa"))
+                        lambda backend="hooked": tiny_default("llama-gqa"))
     out, png = tmp_path / "r.html", tmp_path / "r.png"
     code = cli.main(["logit-lens", "hello", "--out", str(out), "--png", str(png),
                      "--statistic", "rank", "--target", "next"])

@@ -10,7 +10,7 @@ from conftest import assert_no_hooks, assert_weights_unchanged, weights_snapshot
 import tl_lenses as tll
 from tl_lenses.hooks import resid_names
 from tl_lenses.readout.unembed import Unembed
-from tl_lenses.tiny import tiny_hf_model, tiny_hooked
+from tl_lenses.tiny import tiny_default, tiny_hf_model
 
 PROMPTS = ["hello world", "the cat sat"]
 
@@ -51,7 +51,7 @@ def test_matches_tl_accumulated_resid_not_the_cached_final_scale():
     """TL 3.x's accumulated_resid(apply_ln=True) recomputes each layer's norm (a second
     reference); apply_ln_to_stack's default divides every layer by the final cached scale,
     which is right for attribution and wrong for a lens."""
-    model = tiny_hooked("gpt2")
+    model = tiny_default("gpt2")
     tokens = tokens_of(model)
     result = full_logits(model, tokens)
     _, cache = model.run_with_cache(tokens)
@@ -90,7 +90,7 @@ def test_statistics_match_full_softmax_reference(tiny_model):
 
 @pytest.mark.parametrize("chunk_size", [1, 5, 10_000])
 def test_chunked_equals_unchunked(chunk_size):
-    model = tiny_hooked("llama-gqa")
+    model = tiny_default("llama-gqa")
     tokens = tokens_of(model)
     reference = tll.logit_lens(model, tokens, target="final", chunk_size=10_000)
     result = tll.logit_lens(model, tokens, target="final", chunk_size=chunk_size)
@@ -202,7 +202,7 @@ def test_bad_inputs_name_themselves(tiny_model):
 
 
 def test_model_without_tokenizer_needs_token_ids():
-    model = tiny_hooked("gpt2")
+    model = tiny_default("gpt2")
     model.tokenizer = None
     with pytest.raises(ValueError, match="model has no tokenizer"):
         tll.logit_lens(model, "hello")
@@ -225,7 +225,7 @@ def test_shapes_are_checked_at_runtime():
 
     from tl_lenses.readout.engine import read_lens
 
-    model = tiny_hooked("gpt2")
+    model = tiny_default("gpt2")
     resid = torch.zeros(1, 4, model.cfg.d_model)
     wrong = torch.zeros(2, 4, model.cfg.d_model)  # batch disagrees with the tokens
     with pytest.raises(TypeCheckError):
@@ -233,10 +233,10 @@ def test_shapes_are_checked_at_runtime():
 
 
 def test_bfloat16_model_is_read_in_float32():
-    model = tiny_hooked("llama-gqa")
+    model = tiny_default("llama-gqa")
     tokens = tokens_of(model)
     reference = tll.logit_lens(model, tokens, keep_logits=True)
-    half = tiny_hooked("llama-gqa").to(torch.bfloat16)
+    half = tiny_default("llama-gqa").to(torch.bfloat16)
     result = tll.logit_lens(half, tokens, keep_logits=True)
     assert result.logits.dtype == torch.float32
     with torch.no_grad():
@@ -352,7 +352,7 @@ def test_fused_auto_takes_the_kernel_where_it_applies(monkeypatch):
 def test_without_the_kernel_auto_is_eager_and_fused_true_raises(monkeypatch):
     from tl_lenses.readout import _native as native
 
-    model = tiny_hooked("llama-gqa")
+    model = tiny_default("llama-gqa")
     tokens = tokens_of(model)
     reference = tll.logit_lens(model, tokens, fused=False)
     monkeypatch.setattr(native, "row_stats_kernel", lambda: None)

@@ -12,7 +12,7 @@ import torch
 from test_text_safety import parsed
 
 import tl_lenses as tll
-from tl_lenses.tiny import tiny_hooked
+from tl_lenses.tiny import tiny_default
 from tl_lenses.viz.notebook import display_html
 
 FIGURE_MAGIC = {".png": b"\x89PNG\r\n\x1a\n", ".pdf": b"%PDF", ".svg": b"<?xml"}
@@ -20,7 +20,7 @@ FIGURE_MAGIC = {".png": b"\x89PNG\r\n\x1a\n", ".pdf": b"%PDF", ".svg": b"<?xml"}
 
 @pytest.fixture(scope="module")
 def model():
-    return tiny_hooked("gpt2", n_ctx=256)
+    return tiny_default("gpt2", n_ctx=256)
 
 
 @pytest.fixture(scope="module")

@@ -169,9 +169,9 @@ def test_bad_input(tiny_model, kwargs, match):
 
 
 def test_d_model_mismatch_needs_map():
-    from tl_lenses.tiny import tiny_hooked
+    from tl_lenses.tiny import tiny_default
 
-    small, wide = tiny_hooked("llama"), tiny_hooked("llama", d_model=48)
+    small, wide = tiny_default("llama"), tiny_default("llama", d_model=48)
     with pytest.raises(ValueError, match="d_model"):
         patchscope(small, PROMPT, TARGET, source_layer=1, target_model=wide)
     A = torch.randn(32, 48)

@@ -15,7 +15,7 @@ from tl_lenses.patchscopes.presets import (
     placeholder_position,
     token_identity,
 )
-from tl_lenses.tiny import tiny_pair
+from tl_lenses.tiny import tiny_default, tiny_pair
 
 PROMPT = "hello world, cats"
 
@@ -142,10 +142,9 @@ def test_views_write_html_and_png(tmp_path):
         token_identity_html,
         token_identity_png,
     )
-    from tl_lenses.tiny import tiny_hooked
     from tl_lenses.viz.html import page
 
-    model = tiny_hooked("llama")
+    model = tiny_default("llama")
     sweep = patchscope_sweep(model, PROMPT, "a: b, x", source_layers=[0, 2],
                              target_layers=[1, 2, 3])
     html = sweep_html(sweep)
@@ -185,9 +184,8 @@ def test_cli_runs_each_preset(tmp_path, monkeypatch, argv, capsys):
 
     import tl_lenses.models
     from tl_lenses.patchscopes import cli as command
-    from tl_lenses.tiny import tiny_hooked
 
-    monkeypatch.setattr(tl_lenses.models, "load_default_model", lambda **kw: tiny_hooked())
+    monkeypatch.setattr(tl_lenses.models, "load_default_model", lambda **kw: tiny_default())
     parser = argparse.ArgumentParser()
     command.add_parser(parser.add_subparsers())
     out = tmp_path / "r.html"

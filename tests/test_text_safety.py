@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import tl_lenses as tll
-from tl_lenses.tiny import tiny_hooked
+from tl_lenses.tiny import tiny_default
 from tl_lenses.viz.html import esc, show_token
 
 SPECIAL = ["$$x^2$$", " $$", "$$", "\\", "_", "^", "{", "}", "<", "&", "&amp;", '"', "'",
@@ -109,7 +109,7 @@ def svg_text(path) -> str:
 
 @pytest.fixture(scope="module")
 def model():
-    return tiny_hooked("gpt2", n_ctx=300)
+    return tiny_default("gpt2", n_ctx=300)
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ from tl_lenses.models import bridge_from_hf, hooked_from_hf, llama_config
 from tl_lenses.readout.apply import LensCollector, apply_lens, apply_lens_to_cache
 from tl_lenses.readout.lens import Lens
 from tl_lenses.readout.unembed import Unembed
-from tl_lenses.tiny import byte_tokenizer, gpt2_config, tiny_hf_model, tiny_hooked
+from tl_lenses.tiny import byte_tokenizer, gpt2_config, tiny_default, tiny_hf_model
 
 PROMPT = "The cat sat on the mat."
 
@@ -177,7 +177,7 @@ def test_reference_recipe_uses_the_libraries_optimizer_settings():
     from tl_lenses.lenses.tuned.train import TrainConfig, _optimizer
 
     cfg = TrainConfig(recipe="reference").resolved()
-    group = _optimizer(TunedLens.for_model(tiny_hooked("gpt2")), cfg).param_groups[0]
+    group = _optimizer(TunedLens.for_model(tiny_default("gpt2")), cfg).param_groups[0]
     lr_scale, momentum = 1.0, 0.9
     assert group["lr"] == pytest.approx(lr_scale * (1 - momentum))
     assert group["momentum"] == momentum and group["nesterov"]
@@ -185,7 +185,7 @@ def test_reference_recipe_uses_the_libraries_optimizer_settings():
 
 
 def test_training_is_reproducible_and_resumable(tmp_path):
-    model = tiny_hooked("gpt2")
+    model = tiny_default("gpt2")
     tokens = torch.randint(0, 256, (24, 16), generator=torch.Generator().manual_seed(1))
     kw = dict(recipe="reference", batch_size=4, progress=False, seed=3, steps=4,
               checkpoint_every=2)
@@ -209,7 +209,7 @@ def test_training_is_reproducible_and_resumable(tmp_path):
 
 
 def test_bad_training_input():
-    model = tiny_hooked("gpt2")
+    model = tiny_default("gpt2")
     # float tokens: the signature's Int[...] check (TypeError) or the function's ValueError
     with pytest.raises((TypeError, ValueError), match="tokens"):
         train_tuned_lens(model, torch.randn(4, 8))
@@ -237,16 +237,16 @@ def test_save_load_round_trip_is_exact(tmp_path, tiny_models):
 
 
 def test_loading_for_another_model_raises(tmp_path):
-    lens = random_lens(tiny_hooked("gpt2"))
+    lens = random_lens(tiny_default("gpt2"))
     folder = save_tuned_lens(lens, tmp_path / "lens")
     with pytest.raises(ValueError, match="different model"):
-        load_tuned_lens(folder, tiny_hooked("gpt2", seed=1))     # same shape, other W_U
+        load_tuned_lens(folder, tiny_default("gpt2", seed=1))     # same shape, other W_U
     with pytest.raises(ValueError, match="different model"):
-        load_tuned_lens(folder, tiny_hooked("gpt2", n_layers=2))
+        load_tuned_lens(folder, tiny_default("gpt2", n_layers=2))
 
 
 def test_corrupt_or_truncated_files_raise(tmp_path):
-    model = tiny_hooked("gpt2")
+    model = tiny_default("gpt2")
     folder = save_tuned_lens(random_lens(model), tmp_path / "lens")
     weights = (folder / WEIGHTS).read_bytes()
     (folder / WEIGHTS).write_bytes(weights[: len(weights) // 2])
@@ -314,7 +314,7 @@ def test_packing_and_split():
 
 
 def test_token_sources(tmp_path):
-    model = tiny_hooked("gpt2")
+    model = tiny_default("gpt2")
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "one.txt").write_text("hello world " * 20)
     (tmp_path / "a" / "two.rst").write_text("second file " * 20)
@@ -406,7 +406,7 @@ def test_warm_start_on_the_embedded_model(smollm):
 
 def test_huggingface_dataset_source():
     datasets = pytest.importorskip("datasets")
-    model = tiny_hooked("gpt2")
+    model = tiny_default("gpt2")
     texts = ["first document " * 10, "", "second one " * 10]
     dataset = datasets.Dataset.from_dict({"text": texts})
     from_dataset = token_split(model, dataset=dataset, seq_len=16)

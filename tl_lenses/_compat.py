@@ -11,7 +11,8 @@ support is used where it exists:
 - :func:`require_hooked`: the one refusal for HookedTransformer-only features on 4.x
   (:class:`HookedTransformerUnavailable`, a ``NotImplementedError``).
 - :func:`is_hooked_transformer`, :func:`hooked_classes`, :func:`weight_converter`,
-  :func:`bridge_from_module`: the version-specific objects behind one call each.
+  :func:`bridge_from_module`, :func:`official_model_name`: the version-specific objects
+  behind one call each.
 
 The Bridge builder (``build_bridge_from_module``) and its compatibility mode have the same
 signature on 3.9 and 4.3, and every tl_lenses method gives bit-identical numbers on a tiny
@@ -129,3 +130,25 @@ def bridge_from_module(hf_model: torch.nn.Module, architecture: str, *, tokenize
         hf_model, architecture, hf_config=hf_model.config, tokenizer=tokenizer,
         model_name=model_name,
     )
+
+
+def official_model_name(name: str) -> str:
+    """TransformerLens' official (Hugging Face) name for a model name or alias.
+
+    TL 3.x resolves names in ``transformer_lens.loading_from_pretrained``; TL 4.x removed
+    that module and moved the resolver to ``transformer_lens.supported_models``.
+
+    Args:
+        name: A TL model name or alias, e.g. ``"gpt2"`` or ``"pythia-70m"``.
+
+    Returns:
+        The official name, e.g. ``"EleutherAI/pythia-70m"``.
+
+    Raises:
+        ValueError: TL knows no model of that name.
+    """
+    try:  # TL 3.x
+        from transformer_lens.loading_from_pretrained import get_official_model_name
+    except ImportError:  # TL 4.x
+        from transformer_lens.supported_models import get_official_model_name
+    return get_official_model_name(name)

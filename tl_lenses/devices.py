@@ -3,7 +3,10 @@
 Every method runs on the device that holds the model's weights and returns its tensors
 there. TransformerLens moves inputs to ``model.cfg.device``, so that field must name the
 weights' device: :func:`model_device` checks it (and that no parameter sits elsewhere), and
-every method calls it through :func:`tl_lenses.models.check_model`.
+every method calls it through :func:`tl_lenses.models.check_model`. The check reads each
+model's parameter and buffer dicts, found once per module tree (torch's global registration
+hooks say when any tree changes), so it costs microseconds, not a walk over thousands of
+modules.
 
 :func:`compiled` wraps a pure tensor function in ``torch.compile`` for CUDA tensors (Inductor
 emits Triton kernels that fuse the softmax statistics into one or two passes over the
@@ -16,6 +19,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import weakref
 from typing import Callable
 
 import torch
@@ -35,6 +39,13 @@ def _matches(configured: torch.device, actual: torch.device) -> bool:
     return True
 
 
+def _fine(devices: set[torch.device], configured) -> bool:
+    """Whether the one device is a loaded one that ``cfg.device`` names."""
+    device = next(iter(devices))
+    return device.type != "meta" and (configured is None
+                                      or _matches(torch.device(configured), device))
+
+
 def model_device(model, *, argument: str = "model") -> torch.device:
     """The one device that holds every parameter and buffer of ``model``.
 
@@ -51,8 +62,11 @@ def model_device(model, *, argument: str = "model") -> torch.device:
             when ``model.cfg.device`` names another device than the weights' (TransformerLens
             would move every input there).
     """
-    devices = {t.device for t in model.parameters()} | {t.device for t in model.buffers()}
     configured = getattr(model.cfg, "device", None)
+    devices = _devices(model)
+    if len(devices) != 1 or not _fine(devices, configured):
+        # Before an error, look again: a module may have left the tree since it was cached.
+        devices = _devices(model, fresh=True)
     if not devices:
         return torch.device(configured or "cpu")
     if len(devices) > 1:
@@ -73,6 +87,41 @@ def model_device(model, *, argument: str = "model") -> torch.device:
             f"{argument}.to({str(device)!r})"
         )
     return device
+
+
+# Bumped whenever any module registers a submodule, parameter or buffer (torch's global
+# registration hooks): while it stands still, a model's module tree is the one cached below.
+_STRUCTURE = [0]
+
+
+def _bump(*args) -> None:
+    _STRUCTURE[0] += 1
+
+
+for _register in (torch.nn.modules.module.register_module_module_registration_hook,
+                  torch.nn.modules.module.register_module_parameter_registration_hook,
+                  torch.nn.modules.module.register_module_buffer_registration_hook):
+    _register(_bump)
+# model -> (structure count, the parameter and buffer dicts of its modules)
+_HOLDERS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[int, list[dict]]]" = \
+    weakref.WeakKeyDictionary()
+
+
+def _devices(model: torch.nn.Module, *, fresh: bool = False) -> set[torch.device]:
+    """The devices of every parameter and buffer of ``model``.
+
+    Walking a Bridge's module tree (thousands of modules for a 30-layer model) took most of
+    a small DLA's time, and every method checks the model, so the parameter and buffer
+    dicts of its modules are kept until any module anywhere registers a new submodule,
+    parameter or buffer. The dicts are read live, so ``model.to(...)``, of the whole model
+    or of a part, shows at once. ``fresh``: walk the tree again.
+    """
+    cached = None if fresh else _HOLDERS.get(model)
+    if cached is None or cached[0] != _STRUCTURE[0]:
+        holders = [d for module in model.modules()
+                   for d in (module._parameters, module._buffers) if d]
+        cached = _HOLDERS[model] = (_STRUCTURE[0], holders)
+    return {t.device for d in cached[1] for t in d.values() if t is not None}
 
 
 def compile_enabled(device: torch.device) -> bool:

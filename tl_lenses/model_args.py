@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import logging
 
+from tl_lenses._compat import DEFAULT_BACKEND
+
 logger = logging.getLogger("tl_lenses")
 # Tiny random models (byte vocabulary) for tests and quick tries of the command line.
 TINY = {"tiny-gpt2": "gpt2", "tiny-llama": "llama-gqa"}
@@ -27,8 +29,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--model", default=None, metavar="NAME_OR_PATH",
         help=f"a Hugging Face model folder, a .gguf file, a TransformerLens model name, or "
              f"{', '.join(TINY)} (tiny random models); default: the embedded {DEFAULT_MODEL}")
-    parser.add_argument("--backend", default="hooked", choices=["hooked", "bridge"],
-                        help="HookedTransformer (default) or TransformerBridge")
+    parser.add_argument("--backend", default=DEFAULT_BACKEND, choices=["hooked", "bridge"],
+                        help="HookedTransformer or TransformerBridge (default: "
+                             f"{DEFAULT_BACKEND}, this TransformerLens' default)")
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     parser.add_argument("--dtype", default="float32", choices=DTYPE_NAMES,
                         help="weight dtype (default: float32)")

@@ -30,6 +30,7 @@ from tl_lenses._compat import (
     bridge_from_module,
     hooked_classes,
     is_hooked_transformer,
+    official_model_name,
     weight_converter,
 )
 from tl_lenses.devices import model_device
@@ -430,12 +431,7 @@ def _hooked_from_any_hf(hf_model, tokenizer, name: str, device, dtype):
 
 def _is_tl_name(name: str) -> bool:
     try:
-        from transformer_lens.loading_from_pretrained import get_official_model_name
-    except ImportError:  # TL 4.x has no table of official names
-        return False
-
-    try:
-        get_official_model_name(name)
+        official_model_name(name)
     except ValueError:
         return False
     return True
@@ -443,10 +439,8 @@ def _is_tl_name(name: str) -> bool:
 
 def _load_tl_name(name: str, backend: Backend, device, dtype):
     """A TransformerLens model name through TL's loaders; a clear error when offline."""
-    from transformer_lens.loading_from_pretrained import get_official_model_name
-
     try:
-        official = get_official_model_name(name)
+        official = official_model_name(name)
     except ValueError:
         raise ValueError(
             f"name_or_path {name!r} is neither an existing path (a Hugging Face model folder "

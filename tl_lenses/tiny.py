@@ -13,7 +13,7 @@ from typing import Literal
 
 import torch
 
-from tl_lenses._compat import hooked_classes
+from tl_lenses._compat import DEFAULT_BACKEND, hooked_classes
 from tl_lenses.models import (
     PROCESSING,
     bridge_from_hf,
@@ -140,6 +140,16 @@ def tiny_bridge(arch: Arch = "llama-gqa", *, device="cpu", dtype=torch.float32, 
     return bridge_from_hf(hf_model, byte_tokenizer(), _architecture(arch))
 
 
+def tiny_default(arch: Arch = "llama-gqa", **kwargs):
+    """A tiny random model on this TransformerLens' default backend.
+
+    The HookedTransformer of :func:`tiny_hooked` under TL 3.x, the TransformerBridge of
+    :func:`tiny_bridge` (same weights) under TL 4.x, which has no HookedTransformer; for code
+    and tests that work on either. Takes the same keywords as both.
+    """
+    return (tiny_hooked if DEFAULT_BACKEND == "hooked" else tiny_bridge)(arch, **kwargs)
+
+
 def tiny_pair(arch: Arch = "llama-gqa", **kwargs):
     """The same tiny random weights as ``(HookedTransformer, TransformerBridge)`` (TL 3.x only).
 
@@ -148,5 +158,5 @@ def tiny_pair(arch: Arch = "llama-gqa", **kwargs):
     return tiny_hooked(arch, **kwargs), tiny_bridge(arch, **kwargs)
 
 
-__all__ = ["byte_tokenizer", "tiny_hf_model", "tiny_hooked", "tiny_bridge", "tiny_pair",
-           "PROCESSING"]
+__all__ = ["byte_tokenizer", "tiny_hf_model", "tiny_hooked", "tiny_bridge", "tiny_default",
+           "tiny_pair", "PROCESSING"]

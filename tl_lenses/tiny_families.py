@@ -25,6 +25,7 @@ import math
 
 import torch
 
+from tl_lenses._compat import hooked_classes
 from tl_lenses.models import PROCESSING, bridge_from_hf
 from tl_lenses.tiny import N_BYTES, _randomise, byte_tokenizer
 
@@ -115,8 +116,7 @@ BRIDGE_FAMILIES: dict[str, tuple[str, dict, str]] = {
 
 def hooked_config(family: str):
     """The hand-written ``HookedTransformerConfig`` of a :data:`HOOKED_FAMILIES` member."""
-    from transformer_lens import HookedTransformerConfig
-
+    HookedTransformerConfig = hooked_classes()[1]  # TL 3.x only: refuses clearly on 4.x
     if family not in HOOKED_FAMILIES:
         raise ValueError(f"family must be one of {sorted(HOOKED_FAMILIES)}, got {family!r}")
     return HookedTransformerConfig(**{**_BASE, **HOOKED_FAMILIES[family]}, model_name=family)
@@ -147,8 +147,7 @@ def tiny_family_hooked(family: str, *, seed: int = 0, processed: bool = True):
     ``processed``: load the weights with tl_lenses' processing (norms folded where TL folds
     them correctly); False keeps TL's raw module tree (``LN``/``RMS`` with weights).
     """
-    from transformer_lens import HookedTransformer
-
+    HookedTransformer = hooked_classes()[0]  # TL 3.x only: refuses clearly on 4.x
     cfg = hooked_config(family)
     torch.manual_seed(seed)
     raw = HookedTransformer(cfg, tokenizer=byte_tokenizer(), move_to_device=False)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 
+from tl_lenses._compat import DEFAULT_BACKEND
+
 logger = logging.getLogger("tl_lenses")
 MODELS = ("smollm", "tiny-gpt2", "tiny-llama")
 ANALYSES = ("objectives", "retrained", "current-next", "drift", "alignment", "causal")
@@ -52,7 +54,7 @@ def _common(parser) -> None:
     parser.add_argument("--rows", type=int, default=16, help="held-out rows analysed")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--backend", default="hooked", choices=["hooked", "bridge"])
+    parser.add_argument("--backend", default=DEFAULT_BACKEND, choices=["hooked", "bridge"])
     parser.add_argument("--model", default="smollm", choices=MODELS,
                         help="the embedded model (default) or a tiny random one")
     parser.add_argument("--out", default="analysis.html", help="HTML report path")

@@ -84,9 +84,10 @@ def logit_directions(model, directions: DirectionSpec, *,
     list of any of these for several directions at once. Note the list/tuple distinction:
     ``[" Mary", " John"]`` is two directions, ``(" Mary", " John")`` their difference.
     ``unembed``: the model's :class:`Unembed` when the caller has read it already (reading
-    it checks ``b_U`` for zeros, a pass over the vocabulary).
+    it checks the model and ``b_U`` for zeros, a pass over the vocabulary).
     """
-    check_model(model)
+    if unembed is None:
+        check_model(model)
     if isinstance(directions, LogitDirections):
         _check_width(model, directions.vectors)
         return directions
@@ -201,7 +202,8 @@ def needed_hooks(model, *, heads: bool = True, neurons: bool = False) -> list[st
 
 def check_cache(cache, tokens: Tensor, names: Sequence[str]) -> None:
     """Fail unless ``cache`` holds every name, with [batch, pos] matching ``tokens``."""
-    missing = [name for name in names if flowing_name(cache, name) not in cache]
+    keys = getattr(cache, "cache_dict", cache)  # `in` on an ActivationCache scans its keys
+    missing = [name for name in names if flowing_name(keys, name) not in keys]
     if missing:
         raise ValueError(
             f"cache lacks hook points DLA needs: {missing[:6]}{' ...' if len(missing) > 6 else ''}"
@@ -288,14 +290,15 @@ def dla(
     >>> torch.allclose(result.values.sum(0), result.logits, atol=1e-4)
     True
     """
-    check_model(model)
+    # Read once, and first: it checks the model (a walk over its modules, which DLA is cheap
+    # enough to notice).
+    unembed = Unembed.from_model(model)
     if neurons and _is_moe(model):
         raise NotImplementedError(
             "neurons=True: the model's MLPs are mixtures of experts (cfg.num_experts), whose "
             "neurons belong to routed experts; use neurons=False (each layer's MoE output)"
         )
     batch = to_batch(model, input, padding_side=padding_side, attention_mask=attention_mask)
-    unembed = Unembed.from_model(model)  # once: DLA is cheap enough for this to show
     dirs = logit_directions(model, directions, unembed=unembed)
     selection = batch.select(positions)
     names = needed_hooks(model, heads=heads, neurons=neurons)

@@ -43,16 +43,17 @@ def sublayer_norm(model, layer: int, sublayer: str) -> SublayerNorm | None:
     """The norm between ``sublayer`` ("attn" or "mlp") of ``layer`` and the residual, if any.
 
     Gemma-2 has ``ln1_post`` / ``ln2_post`` (TL's ``use_normalization_before_and_after``);
-    OLMo-2's post-norm blocks use ``ln1`` / ``ln2`` there (and nothing on the input).
+    OLMo-2's post-norm blocks use ``ln1`` / ``ln2`` there (and nothing on the input) on
+    TL 3.x, and ``ln1_post`` / ``ln2_post`` on TL 4.x's Bridge.
     """
     from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
 
     block = model.blocks[layer]
     short = "ln1" if sublayer == "attn" else "ln2"
-    if _architecture(model) in POST_NORM_ARCHITECTURES:
-        name = short
-    elif hasattr(block, f"{short}_post"):
+    if hasattr(block, f"{short}_post"):
         name = f"{short}_post"
+    elif _architecture(model) in POST_NORM_ARCHITECTURES:
+        name = short
     else:
         return None
     kind, weight, bias = norm_params(model, getattr(block, name))

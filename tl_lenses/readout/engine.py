@@ -1,8 +1,9 @@
 """The shared, chunked readout behind every lens: residuals in, LensResult out.
 
 Memory stays bounded by streaming ``chunk_size`` (batch x position) rows at a time through
-reused ``[chunk_size, d_vocab]`` buffers: the final layer's probabilities, the current
-layer's logits (and scratch for the eager statistics). ``chunk_size=None`` picks the rows per
+one reused ``[chunk_size, d_vocab]`` buffer: the final layer's logits, then its
+probabilities, then each layer's logits (and scratch for the eager statistics; a
+soft-capped model keeps the final ones apart). ``chunk_size=None`` picks the rows per
 matmul by device: 256 on the CPU (the buffers stay in cache), on a GPU as many as fit in
 ``GPU_BUFFER_BYTES`` (about a thousand rows at a 49k vocabulary), since there tall matmuls
 and few kernel launches are what count. Nothing
@@ -39,9 +40,10 @@ GPU_BUFFER_BYTES = 640 * 2**20
 def auto_chunk_size(device: torch.device, d_vocab: int, *, compiled: bool) -> int:
     """Rows per unembedding matmul for ``chunk_size=None``.
 
-    The CPU keeps :data:`DEFAULT_CHUNK` (its buffers fit in cache). Elsewhere the three
-    float32 ``[rows, d_vocab]`` buffers (four with the eager statistics' scratch) fill
-    :data:`GPU_BUFFER_BYTES`: a multiple of 64 rows, from 64 to 16384.
+    The CPU keeps :data:`DEFAULT_CHUNK` (its buffers fit in cache). Elsewhere the float32
+    ``[rows, d_vocab]`` buffers fill :data:`GPU_BUFFER_BYTES`, counted as the three a
+    soft-capped model needs (four with the eager statistics' scratch; other models share
+    one): a multiple of 64 rows, from 64 to 16384.
     """
     if device.type == "cpu":
         return DEFAULT_CHUNK
@@ -172,7 +174,7 @@ def read_lens(
         # A matmul never exceeds chunk_size rows (rows x stacked layers), nor all the rows.
         size = min(chunk_size, n_real * len(rows))
         work = _Workspace(size, min(chunk_size, n_real), unembed.d_vocab, final_resid.shape[-1],
-                          device, backend)
+                          device, backend, shared=unembed.soft_cap is None)
         work.final_like = final_like
         for start in _chunks(n_real, chunk_size, progress):
             stop = min(start + chunk_size, n_real)
@@ -255,17 +257,23 @@ class _Workspace:
 
     The first touch of fresh memory (page faults) costs as much as the statistics, so each
     readout allocates its buffers once. The eager statistics need a scratch buffer; the
-    kernel and the compiled ones don't.
+    kernel and the compiled ones don't. ``shared``: the final layer's logits and then its
+    probabilities live in the layers' logits buffer (``size >= chunk`` rows), since both
+    are done with before the first layer's matmul; a soft-capped model reads the final
+    probabilities during every layer's statistics, so it gets buffers of its own.
     """
 
-    def __init__(self, size: int, chunk: int, vocab: int, d_model: int, device, backend: str):
+    def __init__(self, size: int, chunk: int, vocab: int, d_model: int, device, backend: str,
+                 *, shared: bool):
         self.backend = backend
+        self.shared = shared
         self.final_like: list[bool] = []  # rows that are the final residual itself
         self.logits = torch.empty(size * vocab, device=device)
         self.scratch = (torch.empty(size * vocab, device=device) if backend == "eager"
                         else None)
-        self.final_logits = torch.empty(chunk * vocab, device=device)
-        self.probs = torch.empty(chunk * vocab, device=device)
+        self.final_logits = (self.logits if shared
+                             else torch.empty(chunk * vocab, device=device))
+        self.probs = self.logits if shared else torch.empty(chunk * vocab, device=device)
         self.translated = torch.empty(size * d_model, device=device)
 
     @staticmethod
@@ -287,15 +295,6 @@ def _read_chunk(translate, unembed, rows, final_rows, hook_names, span, flat_tar
                       _scratch(work, 1, n, vocab), work.backend)
     final_lse = final.lse[0]
     final_neg_entropy = final.e_z[0] / final.sum_exp[0] - final_lse           # E_f[log p_f]
-    final_probs = torch.sub(final_logits, final_lse[:, None],
-                            out=work.view(work.probs, n, vocab)).exp_()
-    # E_{p_f}[z_l] = x_l . (W_U p_f) + b_U . p_f for every layer's normalised x_l: one
-    # [n, d_vocab] @ [d_vocab, d_model] matmul per chunk instead of a pass over
-    # final_probs and each layer's logits.
-    # A soft cap makes the logits non-linear in x: then E_f[z_l] is read off the logits.
-    linear = unembed.soft_cap is None
-    final_in_model = final_probs @ unembed.W_U.T if linear else None     # [n, d_model]
-    final_bias = 0.0 if unembed.b_U is None or not linear else final_probs @ unembed.b_U
     if fill_final_targets:
         flat_targets[span] = final.top_ids[0, :, 0]
     targets = None if flat_targets is None else flat_targets[span]
@@ -317,6 +316,16 @@ def _read_chunk(translate, unembed, rows, final_rows, hook_names, span, flat_tar
                       slice(layer, layer + 1))
                 continue
         todo.append(layer)
+    # The final logits are done with: their probabilities overwrite them when shared.
+    final_probs = torch.sub(final_logits, final_lse[:, None],
+                            out=work.view(work.probs, n, vocab)).exp_()
+    # E_{p_f}[z_l] = x_l . (W_U p_f) + b_U . p_f for every layer's normalised x_l: one
+    # [n, d_vocab] @ [d_vocab, d_model] matmul per chunk instead of a pass over
+    # final_probs and each layer's logits.
+    # A soft cap makes the logits non-linear in x: then E_f[z_l] is read off the logits.
+    linear = unembed.soft_cap is None
+    final_in_model = final_probs @ unembed.W_U.T if linear else None     # [n, d_model]
+    final_bias = 0.0 if unembed.b_U is None or not linear else final_probs @ unembed.b_U
     for layers in _groups(todo, max(1, chunk_size // n)):
         translated = work.view(work.translated, len(layers), n, d_model)
         for i, layer in enumerate(layers):
