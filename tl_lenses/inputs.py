@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -331,7 +332,28 @@ class Selection:
     mask: Bool[Tensor, "batch pos"]
 
     def gather(self, values: Float[Tensor, "batch full *rest"]) -> Float[Tensor, "batch pos *rest"]:
-        """``values`` at the selected columns of each prompt."""
+        """``values`` at the selected columns of each prompt.
+
+        A view (no copy) where every prompt reads the same run of consecutive columns (an
+        unpadded batch, e.g. the last position); callers must not write into the result.
+        """
+        if self._shared_run is not None:
+            return values[:, self._shared_run]
         index = self.columns.to(values.device)
         index = index.view(*index.shape, *([1] * (values.dim() - 2)))
         return values.gather(1, index.expand(-1, -1, *values.shape[2:]))
+
+    @functools.cached_property
+    def _shared_run(self) -> slice | None:
+        """The columns as one slice when every prompt reads the same consecutive ones.
+
+        DLA gathers every component's cache entry at the selection, so for the common
+        unpadded case a slice (a view) saves an index build and a copy per component.
+        """
+        first = self.columns[:1]
+        if not bool((self.columns == first).all()):
+            return None
+        row = first[0].tolist()
+        if row != list(range(row[0], row[0] + len(row))):
+            return None
+        return slice(row[0], row[0] + len(row))

@@ -1,6 +1,7 @@
 """Direct logit attribution over heads, MLPs, neurons and head paths.
 
-``core.py`` (:func:`dla`: a logit split over every residual-stream writer), ``paths.py``
+``core.py`` (:func:`dla`: a logit split over every residual-stream writer), ``directions.py``
+(which logit is attributed), ``paths.py``
 (:func:`head_path_dla`: paths through a head's OV circuit), ``result.py``
 (:class:`DLAResult`), ``view.py``, ``cli.py``.
 """

@@ -34,146 +34,27 @@ from __future__ import annotations
 
 import functools
 import logging
-from dataclasses import dataclass
-from typing import Sequence, Union
+from typing import Sequence
 
 import einops
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from tl_lenses.attribution.directions import (
+    DirectionSpec,
+    LogitDirections,
+    logit_directions,
+    residual_readout,
+)
 from tl_lenses.attribution.norms import SublayerNorm, sublayer_norm
 from tl_lenses.attribution.result import DLAResult, parse_head_label
 from tl_lenses.hooks import final_resid_name, flowing_name, run_cache
-from tl_lenses.inputs import Selection, single_token, str_tokens, to_batch
-from tl_lenses.models import check_model
+from tl_lenses.inputs import Selection, str_tokens, to_batch
 from tl_lenses.readout.unembed import Unembed
 from tl_lenses.sae.latents import site_terms, split_hooks, split_sites
 
 logger = logging.getLogger("tl_lenses")
-
-@dataclass(frozen=True)
-class LogitDirections:
-    """Directions read off the final norm's output: ``value = norm(resid) · vector + offset``.
-
-    A token's direction is its W_U column with ``offset = b_U[token]``; an answer-minus-wrong
-    direction is the difference of both; a free vector has offset 0.
-    """
-
-    vectors: Float[Tensor, "direction d_model"]
-    offset: Float[Tensor, " direction"]
-    labels: list[str]
-    # (answer, wrong) token ids per direction (wrong = -1 for one token's logit; None for a
-    # free vector): what a soft-capped model's own capped value is computed from.
-    token_pairs: tuple[tuple[int, int] | None, ...] | None = None
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-
-DirectionSpec = Union[str, int, tuple, Tensor, LogitDirections, list]
-
-
-def logit_directions(model, directions: DirectionSpec, *,
-                     unembed: Unembed | None = None) -> LogitDirections:
-    """Parse ``directions`` into :class:`LogitDirections`.
-
-    Accepted: a one-token string or a token id (that token's logit); a pair
-    ``(answer, wrong)`` (the logit difference); a float tensor ``[d_model]`` or
-    ``[n, d_model]`` (vectors multiplying the final norm's output, e.g. W_U columns); or a
-    list of any of these for several directions at once. Note the list/tuple distinction:
-    ``[" Mary", " John"]`` is two directions, ``(" Mary", " John")`` their difference.
-    ``unembed``: the model's :class:`Unembed` when the caller has read it already (reading
-    it checks the model and ``b_U`` for zeros, a pass over the vocabulary).
-    """
-    if unembed is None:
-        check_model(model)
-    if isinstance(directions, LogitDirections):
-        _check_width(model, directions.vectors)
-        return directions
-    items = directions if isinstance(directions, list) else [directions]
-    if not items:
-        raise ValueError("directions must name at least one direction")
-    unembed = unembed if unembed is not None else Unembed.from_model(model)
-    parts = [_one_direction(model, unembed, item, i) for i, item in enumerate(items)]
-    return LogitDirections(
-        torch.cat([p[0] for p in parts]).float(),
-        torch.cat([p[1] for p in parts]).float(),
-        [label for p in parts for label in p[2]],
-        tuple(pair for p in parts for pair in p[3]),
-    )
-
-
-def _token_label(model, token: int) -> str:
-    if getattr(model, "tokenizer", None) is None:
-        return f"#{token}"
-    return repr(model.to_string([token]))
-
-
-def _one_direction(model, unembed: Unembed, item, i: int):
-    W_U = unembed.W_U.detach()
-    b_U = unembed.b_U.detach() if unembed.b_U is not None else torch.zeros(unembed.d_vocab)
-    if isinstance(item, Tensor) and item.is_floating_point():
-        vectors = item[None] if item.dim() == 1 else item
-        _check_width(model, vectors)
-        vectors = vectors.detach().to(W_U.device, W_U.dtype)
-        labels = [f"v{i}"] if item.dim() == 1 else [f"v{i}.{j}" for j in range(len(vectors))]
-        return vectors, torch.zeros(len(vectors), device=W_U.device), labels, [None] * len(labels)
-    if isinstance(item, tuple):
-        if len(item) != 2:
-            raise ValueError(f"a direction tuple must be (answer, wrong), got {item!r}")
-        a = _output_token(model, unembed, item[0], "answer")
-        b = _output_token(model, unembed, item[1], "wrong")
-        if a == b:
-            raise ValueError(
-                f"answer and wrong are the same token ({_token_label(model, a)}); their logit "
-                "difference is identically 0"
-            )
-        label = f"{_token_label(model, a)} - {_token_label(model, b)}"
-        return (W_U[:, a] - W_U[:, b])[None], (b_U[a] - b_U[b])[None], [label], [(a, b)]
-    token = _output_token(model, unembed, item, "directions")
-    return W_U[:, token][None], b_U[token][None], [_token_label(model, token)], [(token, -1)]
-
-
-def _output_token(model, unembed: Unembed, token, argument: str) -> int:
-    """A token id of the *output* vocabulary (``d_vocab_out`` may differ from the input's)."""
-    if isinstance(token, int) and not isinstance(token, bool):
-        if not 0 <= token < unembed.d_vocab:
-            raise ValueError(f"{argument} id {token} is outside the output vocabulary "
-                             f"[0, {unembed.d_vocab})")
-        return token
-    return single_token(model, token, argument=argument)
-
-
-def _check_width(model, vectors: Tensor) -> None:
-    d_model = model.cfg.d_model
-    if vectors.dim() != 2 or vectors.shape[-1] != d_model or not vectors.is_floating_point():
-        raise ValueError(
-            f"direction vectors must be float [d_model={d_model}] or [n, d_model], got "
-            f"{vectors.dtype} {tuple(vectors.shape)}"
-        )
-
-
-def residual_readout(
-    model, directions: LogitDirections, *, unembed: Unembed | None = None
-) -> tuple[Float[Tensor, "d_model direction"], Float[Tensor, " direction"]]:
-    """``(u, c)`` with ``logit = resid_final · u / s + c`` under the frozen-scale convention.
-
-    Folds the final norm's weight into ``u``, its bias into ``c``, and LayerNorm's centering
-    into ``u`` (centering the direction equals centering every component). ``unembed``: as
-    in :func:`logit_directions`.
-    """
-    unembed = unembed if unembed is not None else Unembed.from_model(model)
-    vectors = directions.vectors.to(unembed.W_U.device, torch.float32)
-    u = vectors.T.clone()
-    if unembed.weight is not None:
-        u = u * unembed.weight.detach().float()[:, None]
-    const = directions.offset.to(u.device, torch.float32).clone()
-    if unembed.bias is not None:
-        const = const + vectors @ unembed.bias.detach().float()
-    if unembed.kind == "layernorm":
-        u = u - u.mean(0, keepdim=True)
-    return u, const
 
 
 def has_pos_embed(model) -> bool:
@@ -352,8 +233,13 @@ def _component_parts(model, cache, positions, u, heads, neurons, sites=None):
     def at(name: str) -> Tensor:
         return gather(cache[flowing_name(keys, name)]).float()
 
-    def project(name: str) -> Tensor:
-        return (at(name) @ u)[None]
+    # Whole-sublayer terms are projected together at the end (one matmul per group instead
+    # of one per component, which dominated a small DLA): (index in parts, gathered value).
+    pending: list[tuple[int, Tensor]] = []
+
+    def project(name: str) -> None:
+        pending.append((len(parts), at(name)))
+        return None  # a placeholder in parts, filled by _project_pending
 
     def through(norm: SublayerNorm | None):
         """(direction, [1, batch, pos, 1] divisor) for a sublayer's raw output."""
@@ -361,11 +247,12 @@ def _component_parts(model, cache, positions, u, heads, neurons, sites=None):
             return u, 1.0
         return norm.direction(u), gather(cache[norm.scale_hook]).float()[None]
 
-    labels, parts = ["embed"], [project("hook_embed")]
+    labels, parts = ["embed"], []
+    parts.append(project("hook_embed"))
     if has_pos_embed(model):
         labels.append("pos_embed")
         parts.append(project("hook_pos_embed"))
-    shape = (1, *parts[0].shape[1:])
+    shape = (1, *pending[0][1].shape[:-1], u.shape[-1])
 
     def add_units(unit_labels, terms, bias, bias_label, u_l, divisor) -> None:
         """Per-unit terms (heads or neurons), then the layer's bias when it has one."""
@@ -386,6 +273,7 @@ def _component_parts(model, cache, positions, u, heads, neurons, sites=None):
         if stream:
             labels.clear()
             parts.clear()
+            pending.clear()
         sae_labels, terms = site_terms(name, cache, gather, u, sites[name])
         labels.extend(sae_labels)
         parts.append(terms)
@@ -416,7 +304,25 @@ def _component_parts(model, cache, positions, u, heads, neurons, sites=None):
             labels.append(f"L{layer} MLP")
             parts.append(project(f"blocks.{layer}.hook_mlp_out"))
         split(f"blocks.{layer}.hook_resid_post", stream=True)
+    _project_pending(parts, pending, u)
     return labels, parts
+
+
+def _project_pending(parts: list, pending: list[tuple[int, Tensor]], u: Tensor,
+                     max_elements: int = 1 << 22) -> None:
+    """Fill ``parts[i]`` with ``value @ u`` for every pending ``(i, value)``.
+
+    Values are stacked in groups of at most ``max_elements`` (bounded memory for long,
+    all-position reads).
+    """
+    start = 0
+    while start < len(pending):
+        size = max(1, max_elements // max(1, pending[start][1].numel()))
+        group = pending[start:start + size]
+        projected = torch.stack([value for _, value in group]) @ u   # [g, batch, pos, dir]
+        for j, (index, _) in enumerate(group):
+            parts[index] = projected[j:j + 1]
+        start += size
 
 
 @functools.lru_cache(maxsize=256)
