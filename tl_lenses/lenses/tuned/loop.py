@@ -205,7 +205,10 @@ class Trainer:
             self.save()
 
     def _kl_prior_or_none(self) -> float | None:
-        return self._kl_prior() if "ls" in self.clock.per_row else None
+        """The KL row prior, given a budget and a measured warm-start row (else None)."""
+        if self.clock.budget is None or "ls" not in self.clock.per_row:
+            return None
+        return self._kl_prior()
 
     def _end_reserve(self) -> float:
         """Seconds to keep for the final checkpoint write."""
