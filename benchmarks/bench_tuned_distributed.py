@@ -36,6 +36,8 @@ def parse_args(argv=None):
     parser.add_argument("--ls-tokens", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=2, help="KL steps")
     parser.add_argument("--held-out-rows", type=int, default=2)
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=False,
+                        help="bf16 KL matmuls (slow on CPUs without bf16 units)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -62,7 +64,8 @@ def launch(args) -> None:
 def _forward(args) -> list[str]:
     return ["--text", *args.text, "--threads", str(args.threads), "--batch-size",
             str(args.batch_size), "--ls-tokens", str(args.ls_tokens), "--steps",
-            str(args.steps), "--held-out-rows", str(args.held_out_rows)]
+            str(args.steps), "--held-out-rows", str(args.held_out_rows),
+            "--bf16" if args.bf16 else "--no-bf16"]
 
 
 def worker(args) -> None:
@@ -89,15 +92,16 @@ def worker(args) -> None:
         warm = train_tuned_lens(model, train, steps=0, ls_tokens=args.ls_tokens, **kw)
         dist.barrier() if world.size > 1 else None
         middle = time.perf_counter()
-        kl = train_tuned_lens(model, train, warm.lens, steps=args.steps, ls_tokens=0,
-                              **kw)
+        kl = warm if args.steps == 0 else train_tuned_lens(
+            model, train, warm.lens, steps=args.steps, ls_tokens=0, bf16=args.bf16, **kw)
         dist.barrier() if world.size > 1 else None
         end = time.perf_counter()
         if world.is_main:
             held = KLEvaluator(model, held_out).kl(kl.lens)
             print(f"RESULT {world.size} | {threads} | "
                   f"{warm.warm_start_tokens / (middle - begin):.0f} | "
-                  f"{kl.tokens_seen / (end - middle):.0f} | {float(held.mean()):.4f}",
+                  f"{kl.tokens_seen / max(end - middle, 1e-9):.0f} | "
+                  f"{float(held.mean()):.4f}",
                   flush=True)
     finally:
         close_distributed()
