@@ -73,7 +73,10 @@ class TrainResult:
     ``stop_reason`` is ``"steps"`` (all steps done), ``"time_budget"`` (the clock ended it,
     possibly with a last step on fewer rows than a batch) or ``"data"`` (a stream ran out).
     ``kl_skipped`` is True when not even one KL micro-batch fitted in the budget after the
-    warm start. Token counts are over all processes.
+    warm start. Token counts are over all processes. ``floor_seconds`` is the shortest this
+    call could have been: the time to its first row of work (set-up and one row's forward
+    pass, the smallest piece) plus one least-squares solve (fast recipe); a ``time_budget``
+    below it cannot be kept (a warning says so).
     """
 
     lens: TunedLens
@@ -87,6 +90,7 @@ class TrainResult:
     kl_skipped: bool = False
     micro_batches: int = 0               # KL forward passes on each process
     world_size: int = 1
+    floor_seconds: float = 0.0
 
 
 def _optimizer(lens: TunedLens, cfg: TrainConfig):

@@ -8,6 +8,7 @@ time budget the micro-batches are sized to rank 0's clock (:mod:`.budget`).
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import asdict
 
@@ -23,6 +24,8 @@ from tl_lenses.lenses.tuned.least_squares import Moments, regression_pairs
 from tl_lenses.readout.unembed import Unembed
 from tl_lenses.streams import TensorRows
 
+logger = logging.getLogger("tl_lenses")
+
 
 class Trainer:
     """The loop state: data, optimizer, clock, ranks, checkpoints."""
@@ -37,6 +40,7 @@ class Trainer:
         self.step, self.tokens_seen = 0, 0
         self.losses: list = []                 # floats, or GPU scalars until loss_values()
         self.warm_tokens, self.micro_batches = 0, 0
+        self._first_row_done: float | None = None   # seconds at the end of the first piece
         self._fitted = -1                     # this rank's moments count at the last solve
         self.stop_reason, self.kl_skipped = "steps", False
         self.batch_rows = cfg.batch_size
@@ -54,7 +58,24 @@ class Trainer:
             seconds=self.clock.elapsed(), config=asdict(self.cfg),
             warm_start_tokens=self.warm_tokens, stop_reason=self.stop_reason,
             kl_skipped=self.kl_skipped, micro_batches=self.micro_batches,
-            world_size=self.world.size)
+            world_size=self.world.size, floor_seconds=self._floor())
+
+    def _floor(self) -> float:
+        """Seconds to the end of the first piece of work plus one solve (see TrainResult)."""
+        if self._first_row_done is None:
+            return 0.0
+        return self._first_row_done + self.clock.fixed.get("solve", 0.0)
+
+    def warn_if_over(self) -> None:
+        """Log when the call overran its budget by more than 10%, and why if it was the floor."""
+        budget, seconds = self.cfg.time_budget, self.clock.elapsed()
+        if budget is None or seconds <= 1.1 * budget or not self.world.is_main:
+            return
+        floor = self._floor()
+        why = (f"below this call's floor of {floor:.1f} s (set-up, one row's forward pass and "
+               "one least-squares solve)" if floor > budget else "the clock misjudged a piece")
+        logger.warning("tuned-lens training took %.1f s for time_budget=%.1f s: %s",
+                       seconds, budget, why)
 
     def loss_values(self) -> list[float]:
         """The per-step losses as floats (one host sync for all the GPU ones)."""
@@ -94,6 +115,8 @@ class Trainer:
             if self.clock.budget is not None and rows.device.type == "cuda":
                 torch.cuda.synchronize(rows.device)   # time the work, not its launch
             self.clock.record(kind, time.perf_counter() - begin, n)
+            if self._first_row_done is None:
+                self._first_row_done = self.clock.elapsed()
             start += n
 
     def _report(self) -> None:
@@ -114,8 +137,7 @@ class Trainer:
                         "least-squares warm start")
         kl_share = None                   # seconds kept for the KL phase, once known
         for i in bar if bar is not None else range(n_batches):
-            reserve = self.clock.fixed.get("solve", 0.0) + (kl_share or 0.0) + \
-                self._end_reserve()
+            reserve = self._solve_reserve() + (kl_share or 0.0) + self._end_reserve()
             if self._rows_now("ls", 1, reserve) == 0:
                 break
             batch = self._next_local()
@@ -136,6 +158,22 @@ class Trainer:
             bar.close()
         if moments.count != self._fitted:     # no second solve of the same sums
             self._fit(moments)
+
+    def _solve_reserve(self) -> float:
+        """Seconds to keep for the least-squares solve (0 without a budget).
+
+        Measured once a solve has run; before that, one layer's factorisation and solve of
+        its ``(d_model + 1)``-square system, timed, times the number of layers.
+        """
+        if self.clock.budget is None or "solve" in self.clock.fixed:
+            return self.clock.fixed.get("solve", 0.0)
+        if not hasattr(self, "_solve_prior"):
+            d, device = self.lens.d_model, self.lens.bias.device
+            system = 2.0 * torch.eye(d + 1, dtype=torch.float64, device=device)
+            begin = time.perf_counter()
+            torch.cholesky_solve(system[:, :d], torch.linalg.cholesky(system))
+            self._solve_prior = (time.perf_counter() - begin) * len(self.lens.hook_names)
+        return self._solve_prior
 
     def _fit(self, moments: Moments) -> None:
         begin = time.perf_counter()

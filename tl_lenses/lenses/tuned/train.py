@@ -120,6 +120,7 @@ def train_tuned_lens(model, tokens: Int[Tensor, "batch pos"] | TokenStream | Ten
         if cfg.recipe == "fast" and cfg.ls_tokens > 0:
             trainer.warm_start()
     trainer.run()
+    trainer.warn_if_over()
     return trainer.result()
 
 
