@@ -33,20 +33,21 @@ def parse_args(argv=None):
     parser.add_argument("--text", nargs="+", default=["/usr/lib/python3.11/*.py"])
     parser.add_argument("--threads", type=int, default=2, help="torch threads in all")
     parser.add_argument("--batch-size", type=int, default=4, help="global rows per step")
+    parser.add_argument("--seq-len", type=int, default=128, help="tokens per row")
     parser.add_argument("--ls-tokens", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=2, help="KL steps")
     parser.add_argument("--held-out-rows", type=int, default=2)
-    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=False,
-                        help="bf16 KL matmuls (slow on CPUs without bf16 units)")
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                        help="bf16 KL matmuls (default: where the CPU has bf16 units)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
 def launch(args) -> None:
     print(f"load average {os.getloadavg()[0]:.1f}; global batch {args.batch_size} rows of "
-          f"128 tokens; {args.ls_tokens} warm-start tokens, {args.steps} KL steps")
-    print("processes | threads each | warm start tok/s | KL tok/s | held-out KL (nats) | "
-          "wall s")
+          f"{args.seq_len} tokens; {args.ls_tokens} warm-start tokens, {args.steps} KL steps")
+    print("processes | threads each | warm start tok/s | KL tok/s | held-out KL after warm "
+          "start (nats) | last step's KL (nats) | held-out KL after KL steps (nats) | wall s")
     for n in [int(p) for p in args.procs.split(",")]:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                    f"--nproc_per_node={n}", __file__, "--worker", *_forward(args)]
@@ -63,9 +64,10 @@ def launch(args) -> None:
 
 def _forward(args) -> list[str]:
     return ["--text", *args.text, "--threads", str(args.threads), "--batch-size",
-            str(args.batch_size), "--ls-tokens", str(args.ls_tokens), "--steps",
-            str(args.steps), "--held-out-rows", str(args.held_out_rows),
-            "--bf16" if args.bf16 else "--no-bf16"]
+            str(args.batch_size), "--seq-len", str(args.seq_len), "--ls-tokens",
+            str(args.ls_tokens), "--steps", str(args.steps), "--held-out-rows",
+            str(args.held_out_rows),
+            *([] if args.bf16 is None else ["--bf16" if args.bf16 else "--no-bf16"])]
 
 
 def worker(args) -> None:
@@ -83,7 +85,7 @@ def worker(args) -> None:
     torch.set_num_threads(threads)
     try:
         model = load_default_model()
-        stream = TokenStream(model, paths=args.text, seq_len=128)   # read lazily, in order
+        stream = TokenStream(model, paths=args.text, seq_len=args.seq_len)   # lazily, in order
         held_out = stream.next_batch(args.held_out_rows)
         train = stream.next_batch(400)
         kw = dict(batch_size=args.batch_size, progress=False, seed=0)
@@ -92,15 +94,21 @@ def worker(args) -> None:
         warm = train_tuned_lens(model, train, steps=0, ls_tokens=args.ls_tokens, **kw)
         dist.barrier() if world.size > 1 else None
         middle = time.perf_counter()
+        evaluator = KLEvaluator(model, held_out) if world.is_main else None
+        warm_kl = float(evaluator.kl(warm.lens).mean()) if world.is_main else 0.0
+        dist.barrier() if world.size > 1 else None
+        kl_begin = time.perf_counter()
         kl = warm if args.steps == 0 else train_tuned_lens(
             model, train, warm.lens, steps=args.steps, ls_tokens=0, bf16=args.bf16, **kw)
         dist.barrier() if world.size > 1 else None
         end = time.perf_counter()
         if world.is_main:
-            held = KLEvaluator(model, held_out).kl(kl.lens)
+            held = evaluator.kl(kl.lens)
             print(f"RESULT {world.size} | {threads} | "
                   f"{warm.warm_start_tokens / (middle - begin):.0f} | "
-                  f"{kl.tokens_seen / max(end - middle, 1e-9):.0f} | "
+                  f"{kl.tokens_seen / max(end - kl_begin, 1e-9):.0f} | "
+                  f"{warm_kl:.4f} | "
+                  f"{kl.losses[-1] if kl.losses else float('nan'):.4f} | "
                   f"{float(held.mean()):.4f}",
                   flush=True)
     finally:
