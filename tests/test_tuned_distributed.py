@@ -7,8 +7,10 @@ import socket
 import pytest
 import torch
 
+from tl_lenses import devices
 from tl_lenses.data import pack_tokens, read_text_files, tokenize_texts
 from tl_lenses.lenses.tuned.budget import Clock
+from tl_lenses.lenses.tuned.config import TrainConfig
 from tl_lenses.lenses.tuned.distributed import World, close_distributed, init_distributed
 from tl_lenses.lenses.tuned.kl import residuals
 from tl_lenses.lenses.tuned.least_squares import Moments, regression_pairs
@@ -229,3 +231,26 @@ def test_a_budget_too_small_for_a_kl_row_skips_the_kl_phase_and_says_so():
     result = train_tuned_lens(model, _tokens(), steps=3, time_budget=1e-6, progress=False)
     assert result.kl_skipped and result.stop_reason == "time_budget"
     assert result.steps == 0 and result.losses == []
+    # what was done, and why the call overran: the budget is below its floor
+    assert result.warm_start_tokens == 0 and result.floor_seconds > 1e-6
+
+
+def test_a_budget_below_the_floor_is_reported(caplog):
+    model = tiny_hooked("gpt2")
+    with caplog.at_level("WARNING", logger="tl_lenses"):
+        result = train_tuned_lens(model, _tokens(), steps=3, time_budget=1e-6, progress=False)
+    assert result.seconds > 1.1e-6 and "below this call's floor" in caplog.text
+
+
+def test_the_fast_recipes_bf16_default_follows_the_hardware(monkeypatch):
+    for native in (True, False):
+        monkeypatch.setattr(devices, "fast_bf16", lambda device, native=native: native)
+        assert TrainConfig().resolved("cpu").bf16 is native
+        assert TrainConfig(recipe="reference").resolved("cpu").bf16 is False
+        assert TrainConfig(bf16=not native).resolved("cpu").bf16 is (not native)
+    amd_avx2 = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma bmi2 sha_ni\n"
+    sapphire = "flags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
+    graviton3 = "Features\t: fp asimd sve bf16 i8mm\n"
+    assert not devices._cpuinfo_has_bf16(amd_avx2)
+    assert devices._cpuinfo_has_bf16(sapphire) and devices._cpuinfo_has_bf16(graviton3)
+    assert devices.fast_bf16("meta") is False

@@ -43,7 +43,7 @@ class TrainConfig:
 
         Batch and matmul sizes depend on ``device`` (larger on a GPU); so does the fast
         recipe's ``bf16``: only where the device has fast bf16 matmuls
-        (:func:`tl_lenses.devices.fast_bf16`), since emulated ones ran ~40x slower than
+        (:func:`tl_lenses.devices.fast_bf16`), since emulated ones ran ~60x slower than
         float32 on an AVX2-only CPU.
         """
         if self.recipe not in ("fast", "reference"):

@@ -62,8 +62,8 @@ class Trainer:
 
     def _floor(self) -> float:
         """Seconds to the end of the first piece of work plus one solve (see TrainResult)."""
-        if self._first_row_done is None:
-            return 0.0
+        if self._first_row_done is None:   # not one row fitted: the call was all set-up
+            return self.clock.elapsed()
         return self._first_row_done + self.clock.fixed.get("solve", 0.0)
 
     def warn_if_over(self) -> None:
