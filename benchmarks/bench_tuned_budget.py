@@ -4,7 +4,8 @@ On the embedded SmolLM2-135M (HookedTransformer, float32), fast recipe, default 
 (batches of 8 rows of 128 tokens), rows packed from ``--text``. For each budget: the wall
 time of the whole call, its ratio to the budget (the promise: <= 1.10), and what the run
 did (warm-start tokens, KL steps and micro-batches, whether the KL phase was skipped, why it
-stopped). Before issue 18, ``time_budget=30`` returned after 91 s and ``60`` after 103 s
+stopped) and its floor (set-up, one row's forward pass and one solve: a budget below it cannot
+be kept). Before issue 18, ``time_budget=30`` returned after 91 s and ``60`` after 103 s
 (the first KL step was not cut to the clock).
 
     python benchmarks/bench_tuned_budget.py --budgets 10,30,60
@@ -41,7 +42,7 @@ def main(argv=None) -> None:
     rows = TokenStream(model, paths=args.text, seq_len=128).next_batch(args.rows)
     print(f"{rows.shape[0]} rows of {rows.shape[1]} tokens; recipe {args.recipe}")
     print("budget s | wall s | wall/budget | load avg | warm-start tokens | KL steps | "
-          "KL micro-batches | KL tokens | KL skipped | stop")
+          "KL micro-batches | KL tokens | KL skipped | stop | floor s")
     for budget in [float(b) for b in args.budgets.split(",")]:
         load = os.getloadavg()[0]
         begin = time.perf_counter()
@@ -50,7 +51,8 @@ def main(argv=None) -> None:
         wall = time.perf_counter() - begin
         print(f"{budget:.0f} | {wall:.1f} | {wall / budget:.3f} | {load:.1f} | "
               f"{result.warm_start_tokens} | {result.steps} | {result.micro_batches} | "
-              f"{result.tokens_seen} | {result.kl_skipped} | {result.stop_reason}", flush=True)
+              f"{result.tokens_seen} | {result.kl_skipped} | {result.stop_reason} | "
+              f"{result.floor_seconds:.2f}", flush=True)
 
 
 if __name__ == "__main__":
