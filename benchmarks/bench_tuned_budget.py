@@ -34,6 +34,9 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    import logging
+
+    logging.basicConfig(format="[tl_lenses] %(message)s", level=logging.INFO)
     from tl_lenses.lenses.tuned.train import train_tuned_lens
     from tl_lenses.models import load_default_model
     from tl_lenses.streams import TokenStream
@@ -42,7 +45,7 @@ def main(argv=None) -> None:
     rows = TokenStream(model, paths=args.text, seq_len=128).next_batch(args.rows)
     print(f"{rows.shape[0]} rows of {rows.shape[1]} tokens; recipe {args.recipe}")
     print("budget s | wall s | wall/budget | load avg | warm-start tokens | KL steps | "
-          "KL micro-batches | KL tokens | KL skipped | stop | floor s")
+          "KL micro-batches | KL tokens | KL skipped | stop | warm start ended s | floor s")
     for budget in [float(b) for b in args.budgets.split(",")]:
         load = os.getloadavg()[0]
         begin = time.perf_counter()
@@ -52,7 +55,7 @@ def main(argv=None) -> None:
         print(f"{budget:.0f} | {wall:.1f} | {wall / budget:.3f} | {load:.1f} | "
               f"{result.warm_start_tokens} | {result.steps} | {result.micro_batches} | "
               f"{result.tokens_seen} | {result.kl_skipped} | {result.stop_reason} | "
-              f"{result.floor_seconds:.2f}", flush=True)
+              f"{result.warm_start_seconds:.1f} | {result.floor_seconds:.2f}", flush=True)
 
 
 if __name__ == "__main__":

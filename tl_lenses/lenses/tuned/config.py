@@ -91,6 +91,7 @@ class TrainResult:
     micro_batches: int = 0               # KL forward passes on each process
     world_size: int = 1
     floor_seconds: float = 0.0
+    warm_start_seconds: float = 0.0      # clock time when the warm start (and solve) ended
 
 
 def _optimizer(lens: TunedLens, cfg: TrainConfig):

@@ -39,7 +39,7 @@ class Trainer:
         self.optimizer = _optimizer(lens, cfg)
         self.step, self.tokens_seen = 0, 0
         self.losses: list = []                 # floats, or GPU scalars until loss_values()
-        self.warm_tokens, self.micro_batches = 0, 0
+        self.warm_tokens, self.micro_batches, self.warm_seconds = 0, 0, 0.0
         self._first_row_done: float | None = None   # seconds at the end of the first piece
         self._fitted = -1                     # this rank's moments count at the last solve
         self.stop_reason, self.kl_skipped = "steps", False
@@ -58,7 +58,8 @@ class Trainer:
             seconds=self.clock.elapsed(), config=asdict(self.cfg),
             warm_start_tokens=self.warm_tokens, stop_reason=self.stop_reason,
             kl_skipped=self.kl_skipped, micro_batches=self.micro_batches,
-            world_size=self.world.size, floor_seconds=self._floor())
+            world_size=self.world.size, floor_seconds=self._floor(),
+            warm_start_seconds=self.warm_seconds)
 
     def _floor(self) -> float:
         """Seconds to the end of the first piece of work plus one solve (see TrainResult)."""
@@ -158,6 +159,12 @@ class Trainer:
             bar.close()
         if moments.count != self._fitted:     # no second solve of the same sums
             self._fit(moments)
+        self.warm_seconds = self.clock.elapsed()
+        if self.clock.budget is not None and self.world.is_main:
+            logger.info("warm start: %d tokens, done at %.1f s of %.1f (solve %.1f s); kept "
+                        "%.1f s for KL rows predicted at %.1f s each", self.warm_tokens,
+                        self.warm_seconds, self.clock.budget, self.clock.fixed.get("solve", 0),
+                        kl_share or 0.0, self._kl_prior())
 
     def _solve_reserve(self) -> float:
         """Seconds to keep for the least-squares solve (0 without a budget).
@@ -234,6 +241,7 @@ class Trainer:
         while self.step < cfg.steps and self.stop_reason == "steps":
             if self._rows_now("kl", 1, self._end_reserve(), self._kl_prior_or_none()) == 0:
                 self.stop_reason, self.kl_skipped = "time_budget", self.step == 0
+                self._log_stop()
                 break
             batch = self._next_local()
             if batch is None:
@@ -242,6 +250,7 @@ class Trainer:
             loss = self._kl_step(batch)
             if loss is None:                   # the clock left no time for one row
                 self.stop_reason, self.kl_skipped = "time_budget", self.step == 0
+                self._log_stop()
                 break
             self.losses.append(loss)
             if bar is not None:
@@ -256,6 +265,12 @@ class Trainer:
             bar.close()
         if cfg.checkpoint_dir:
             self.save()
+
+    def _log_stop(self) -> None:
+        if self.world.is_main:
+            logger.info("KL phase ended by the budget after %d steps: %.1f s left, a KL row "
+                        "costs %.1f s (x%.1f safety)", self.step, self.clock.left(),
+                        self.clock.per_row.get("kl", self._kl_prior()), SAFETY)
 
     def _kl_prior_or_none(self) -> float | None:
         """The KL row prior, given a budget and a measured warm-start row (else None)."""
