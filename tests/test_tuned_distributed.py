@@ -254,3 +254,16 @@ def test_the_fast_recipes_bf16_default_follows_the_hardware(monkeypatch):
     assert not devices._cpuinfo_has_bf16(amd_avx2)
     assert devices._cpuinfo_has_bf16(sapphire) and devices._cpuinfo_has_bf16(graviton3)
     assert devices.fast_bf16("meta") is False
+
+
+def test_an_unmeasured_kl_row_predicted_not_to_fit_is_not_started(monkeypatch):
+    """No blind one-row probe: the prior decides even before any row was measured."""
+    from tl_lenses.lenses.tuned.loop import Trainer
+
+    monkeypatch.setattr(Trainer, "_kl_prior", lambda self: 1e9)   # a row "costs" 30 years
+    model = tiny_hooked("gpt2")
+    for recipe, ls_tokens in (("reference", 0), ("fast", 0)):
+        result = train_tuned_lens(model, _tokens(), recipe=recipe, steps=3, ls_tokens=ls_tokens,
+                                  time_budget=100.0, progress=False)
+        assert result.micro_batches == 0 and result.kl_skipped and result.steps == 0
+        assert result.seconds < 100.0
