@@ -34,9 +34,6 @@ from tl_lenses.tiny import tiny_bridge, tiny_hooked
 
 TOY = Relation("toy", ("{} =",), tuple(Sample(s, o) for s, o in zip("abcdefghijkl",
                                                                    "mnopqrstuvwx")))
-WIRED = pytest.mark.xfail(strict=True, reason="tl_lenses.lenses.tuned.checks.check_training "
-                          "is not called from train.py yet (issue 18 is reorganising it)")
-
 # (TrainConfig field overrides, the argument the error must name)
 BAD_CONFIGS = [
     ({"steps": -1}, "steps"), ({"steps": 1.5}, "steps"), ({"steps": True}, "steps"),
@@ -104,7 +101,6 @@ def test_training_inputs_are_checked(model, rows, tmp_path):
     check_training(model, rows, tll.TunedLens.for_model(model), config)   # good input passes
 
 
-@WIRED
 @pytest.mark.parametrize("fields, argument", [
     ({"steps": -1}, "steps"), ({"batch_size": 0}, "batch_size"),
     ({"time_budget": -1.0}, "time_budget"), ({"resume": True}, "resume"),
@@ -119,7 +115,6 @@ def test_train_tuned_lens_checks_its_arguments(model, rows, fields, argument):
     assert all(torch.equal(p, before[name]) for name, p in lens.named_parameters())
 
 
-@WIRED
 def test_train_tuned_lens_checks_token_ids(model):
     with pytest.raises(ValueError, match="tokens"):
         tll.train_tuned_lens(model, torch.full((4, 8), -1), steps=1, progress=False)
@@ -256,7 +251,6 @@ def test_tiny_models_honour_dtype_and_device():
     assert model_from_args(args).W_U.dtype == torch.float64
 
 
-@WIRED
 @pytest.mark.parametrize("flags, named", [
     (["--batch-size", "0"], "batch_size"), (["--steps", "-1"], "steps"),
     (["--resume"], "resume"), (["--time-budget", "-5"], "time_budget"),

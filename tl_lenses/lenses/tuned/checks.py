@@ -20,6 +20,7 @@ from tl_lenses._formats import check_same_model
 from tl_lenses.hooks import check_hook_names, final_resid_name
 from tl_lenses.inputs import check_ids
 from tl_lenses.lenses.tuned.lens import TunedLens
+from tl_lenses.streams import TensorRows, TokenStream
 
 RECIPES = ("fast", "reference")
 
@@ -42,7 +43,8 @@ def check_training(model, tokens, lens, config, *, callback=None, resume=False) 
             model, or ``resume`` without a checkpoint folder.
     """
     check_config(config)
-    check_tokens(model, tokens)
+    if not isinstance(tokens, (TokenStream, TensorRows)):   # streams check as they read
+        check_tokens(model, tokens)
     if lens is not None:
         check_lens(model, lens)
     if callback is not None and not callable(callback):
@@ -60,6 +62,8 @@ def check_config(config) -> None:
         raise ValueError(f"recipe must be one of {RECIPES}, got {config.recipe!r}")
     _int("steps", config.steps, low=0)
     _int("batch_size", config.batch_size, low=1)
+    if getattr(config, "micro_batch_size", None) is not None:
+        _int("micro_batch_size", config.micro_batch_size, low=1)
     _int("ls_tokens", config.ls_tokens, low=0)
     _int("max_chunk_elements", config.max_chunk_elements, low=1)
     _int("checkpoint_every", config.checkpoint_every, low=1)

@@ -24,7 +24,18 @@ def add_parser(subparsers) -> None:
     train.add_argument("--steps", type=int, default=None, help="KL steps (recipe default)")
     train.add_argument("--time-budget", type=float, default=None, help="seconds, in all")
     train.add_argument("--batch-size", type=int, default=None,
-                       help="rows per step (default 8; 32 on a GPU)")
+                       help="rows per step, over all processes (default 8; 32 on a GPU)")
+    train.add_argument("--micro-batch-size", type=int, default=None,
+                       help="rows per forward pass (default: a process's share of a batch)")
+    train.add_argument("--stream", action="store_true",
+                       help="pack --text / --dataset lazily, in order (bounded memory; no "
+                       "held-out split is taken)")
+    train.add_argument("--dataset", default=None,
+                       help="instead of --text: a Hugging Face dataset name, streamed "
+                       "(needs the optional 'datasets'; implies --stream)")
+    train.add_argument("--dataset-config", default=None, help="the dataset's configuration")
+    train.add_argument("--dataset-split", default="train")
+    train.add_argument("--dataset-column", default="text")
     train.add_argument("--lr", type=float, default=None)
     train.add_argument("--ls-tokens", type=int, default=32768,
                        help="tokens for the fast recipe's least-squares warm start")
@@ -74,26 +85,67 @@ def _split(model, args):
 
 
 def run_train(args) -> int:
+    """Train a lens; under ``torchrun`` every rank trains, rank 0 writes and reports."""
+    from tl_lenses.lenses.tuned.distributed import close_distributed, init_distributed, rank_device
+
+    if args.device.startswith("cuda"):  # under torchrun, "cuda" is this rank's GPU
+        args.device = str(rank_device(args.device))
+    world = init_distributed(args.device)
+    try:
+        return _train(args, world)
+    finally:
+        close_distributed()
+
+
+def _train(args, world) -> int:
     from tl_lenses.lenses.tuned.io import save_tuned_lens
     from tl_lenses.lenses.tuned.lens import TunedLens
     from tl_lenses.lenses.tuned.train import train_tuned_lens
 
     model = _model(args)
-    split = _split(model, args)
+    rows = _stream(model, args) if args.stream or args.dataset else _split(model, args).train
     layers = None if args.layers is None else [int(x) for x in args.layers.split(",")]
     lens = TunedLens.for_model(model, layers=layers, kind=args.kind)
     result = train_tuned_lens(
-        model, split.train, lens, recipe=args.recipe, steps=args.steps,
-        time_budget=args.time_budget, batch_size=args.batch_size, lr=args.lr,
-        ls_tokens=args.ls_tokens, bf16=False if args.no_bf16 else None, seed=args.seed,
-        checkpoint_dir=args.checkpoint, resume=args.resume,
+        model, rows, lens, recipe=args.recipe, steps=args.steps,
+        time_budget=args.time_budget, batch_size=args.batch_size,
+        micro_batch_size=args.micro_batch_size, lr=args.lr, ls_tokens=args.ls_tokens,
+        bf16=False if args.no_bf16 else None, seed=args.seed,
+        checkpoint_dir=args.checkpoint, resume=args.resume, progress=world.is_main,
     )
+    if not world.is_main:
+        return 0
     training = {"steps": result.steps, "tokens_seen": result.tokens_seen,
+                "warm_start_tokens": result.warm_start_tokens,
                 "seconds": round(result.seconds, 1), "config": result.config,
-                "text": args.text, "seq_len": args.seq_len, "seed": args.seed}
+                "processes": result.world_size, "stop_reason": result.stop_reason,
+                "kl_skipped": result.kl_skipped, "text": args.text, "dataset": args.dataset,
+                "seq_len": args.seq_len, "seed": args.seed}
     path = save_tuned_lens(result.lens, args.out, training=training)
-    print(f"wrote {path} ({result.steps} KL steps, {result.seconds:.0f} s)")
+    print(f"wrote {path} ({result.warm_start_tokens} warm-start tokens, {result.steps} KL "
+          f"steps, {result.seconds:.0f} s, {result.world_size} process(es), stopped by "
+          f"{result.stop_reason})")
     return 0
+
+
+def _stream(model, args):
+    from tl_lenses.streams import TokenStream
+
+    if args.dataset is None:
+        if args.text is None:
+            raise ValueError("--stream needs --text PATH... or --dataset NAME")
+        return TokenStream(model, paths=args.text, seq_len=args.seq_len)
+    if args.text is not None:
+        raise ValueError("pass --text or --dataset, not both")
+    try:
+        import datasets
+    except ModuleNotFoundError:
+        raise ModuleNotFoundError("--dataset needs the optional 'datasets' package: "
+                                  "pip install 'tl_lenses[data]'") from None
+    dataset = datasets.load_dataset(args.dataset, args.dataset_config,
+                                    split=args.dataset_split, streaming=True)
+    return TokenStream(model, dataset=dataset, column=args.dataset_column,
+                       seq_len=args.seq_len)
 
 
 def run_eval(args) -> int:
