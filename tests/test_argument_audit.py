@@ -262,3 +262,38 @@ def test_train_tuned_command_rejects_bad_settings(flags, named, capsys, tmp_path
                       "16", "--out", str(out), *flags], capsys)
     assert code == 2 and named in err
     assert not out.exists()
+
+
+# --- tl-lenses analyze -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv, named", [
+    (["objectives", "--steps", "0"], "--steps"),
+    (["objectives", "--lr", "-1"], "--lr"),
+    (["objectives", "--layers", "1,x"], "--layers"),
+    (["drift", "--rows", "0"], "--rows"),
+    (["drift", "--seq-len", "-4"], "--seq-len"),
+    (["alignment", "--batch-size", "0"], "--batch-size"),
+    (["current-next", "--generate", "0"], "--generate"),
+])
+def test_analyze_command_rejects_out_of_range_numbers(argv, named, capsys, tmp_path):
+    """argparse refuses the value and names the flag; no report is written."""
+    out = tmp_path / "a.html"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["analyze", *argv, "--model", "tiny-llama", "--out", str(out),
+              *([] if "--generate" in argv else ["--generate", "4"])])
+    assert exit_info.value.code == 2
+    assert named in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--rank", "4"], "--rank"),                      # top-token intervention has no subspace
+    (["--lre-layer", "3"], "--lre-layer"),            # no --relation to estimate
+])
+def test_analyze_causal_rejects_options_it_would_ignore(flags, named, capsys, tmp_path):
+    out = tmp_path / "c.html"
+    code = main(["analyze", "causal", "--model", "tiny-llama", "--generate", "4",
+                 "--out", str(out), *flags])
+    assert code == 2
+    assert named in capsys.readouterr().err
+    assert not out.exists()

@@ -8,7 +8,9 @@ analysis trains), and writes an HTML report (``--out``) and a PNG (``--png``).
 
 from __future__ import annotations
 
+import argparse
 import logging
+import math
 
 from tl_lenses._compat import DEFAULT_BACKEND
 
@@ -25,9 +27,10 @@ def add_parser(subparsers) -> None:
         parser = inner.add_parser(name, help=RUNNERS[name].__doc__.splitlines()[0])
         _common(parser)
         if name in ("objectives", "retrained"):
-            parser.add_argument("--steps", type=int, default=100, help="Adam steps per lens")
-            parser.add_argument("--lr", type=float, default=1e-3)
-            parser.add_argument("--layers", default=None, help="comma-separated layers")
+            parser.add_argument("--steps", type=_positive, default=100, help="Adam steps per lens")
+            parser.add_argument("--lr", type=_positive_float, default=1e-3)
+            parser.add_argument("--layers", type=_int_list, default=None,
+                                help="comma-separated layers")
         if name in ("current-next", "drift", "causal"):
             parser.add_argument("--tuned", default=None, help="a tuned lens folder to add")
         if name == "objectives":
@@ -36,23 +39,26 @@ def add_parser(subparsers) -> None:
         if name == "causal":
             parser.add_argument("--intervention", default="top-token",
                                 choices=["top-token", "resample"])
-            parser.add_argument("--rank", type=int, default=8, help="resampled subspace")
-            parser.add_argument("--layers", default=None, help="comma-separated blocks")
+            parser.add_argument("--rank", type=_positive, default=None,
+                                help="resampled subspace (--intervention resample; default 8)")
+            parser.add_argument("--layers", type=_int_list, default=None,
+                                help="comma-separated blocks")
             parser.add_argument("--relation", default=None,
                                 help="also score an LRE of this starter relation at a "
                                      "held-out rank (e.g. country_capital)")
-            parser.add_argument("--lre-layer", type=int, default=6)
+            parser.add_argument("--lre-layer", type=int, default=None,
+                                help="the LRE's layer (with --relation; default 6)")
         parser.set_defaults(func=RUNNERS[name])
 
 
 def _common(parser) -> None:
     parser.add_argument("--text", nargs="+", default=None, help="text files, folders or globs")
-    parser.add_argument("--generate", type=int, default=None,
+    parser.add_argument("--generate", type=_positive, default=None,
                         help="instead of --text: sample this many rows from the model")
-    parser.add_argument("--seq-len", type=int, default=64)
-    parser.add_argument("--max-tokens", type=int, default=200_000, help="cap on the corpus")
-    parser.add_argument("--rows", type=int, default=16, help="held-out rows analysed")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seq-len", type=_positive, default=64)
+    parser.add_argument("--max-tokens", type=_positive, default=200_000, help="cap on the corpus")
+    parser.add_argument("--rows", type=_positive, default=16, help="held-out rows analysed")
+    parser.add_argument("--batch-size", type=_positive, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--backend", default=DEFAULT_BACKEND, choices=["hooked", "bridge"])
     parser.add_argument("--model", default="smollm", choices=MODELS,
@@ -84,8 +90,34 @@ def _split(model, args):
     return split.train, split.held_out[: args.rows]
 
 
-def _ints(text):
-    return None if text is None else [int(x) for x in text.split(",")]
+def _positive(text: str) -> int:
+    """An argparse type: an int >= 1 (argparse names the flag in its error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    """An argparse type: a finite float > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value
+
+
+def _int_list(text: str) -> list[int]:
+    """An argparse type: comma-separated ints (layer indices are checked by the analysis)."""
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {text!r}") from None
 
 
 def _lenses(model, args) -> dict:
@@ -117,7 +149,7 @@ def run_objectives(args) -> int:
     model = _model(args)
     train, held = _split(model, args)
     result = compare_objectives(model, train, held, objectives=args.objectives.split(","),
-                                kinds=args.kinds.split(","), layers=_ints(args.layers),
+                                kinds=args.kinds.split(","), layers=args.layers,
                                 steps=args.steps, lr=args.lr, batch_size=args.batch_size,
                                 seed=args.seed)
     for row in result.summary()[1]:
@@ -131,7 +163,7 @@ def run_retrained(args) -> int:
 
     model = _model(args)
     train, held = _split(model, args)
-    result = retrained_decoders(model, train, held, layers=_ints(args.layers), steps=args.steps,
+    result = retrained_decoders(model, train, held, layers=args.layers, steps=args.steps,
                                 lr=args.lr, batch_size=args.batch_size, seed=args.seed)
     return _write(result, args, "Retrained decoders")
 
@@ -171,17 +203,24 @@ def run_causal(args) -> int:
     """Causal fidelity of the lenses; optionally an LRE's causality at a held-out rank."""
     from tl_lenses.analysis.causal import causal_fidelity
 
+    # Options the chosen run would ignore are refused, not dropped.
+    if args.rank is not None and args.intervention != "resample":
+        raise ValueError("--rank sets the resampled subspace: it needs --intervention resample")
+    if args.lre_layer is not None and not args.relation:
+        raise ValueError("--lre-layer is the LRE's layer: it needs --relation")
     model = _model(args)
     _, held = _split(model, args)
     result = causal_fidelity(model, held, _lenses(model, args), intervention=args.intervention,
-                             rank=args.rank, layers=_ints(args.layers),
+                             rank=8 if args.rank is None else args.rank,
+                             layers=args.layers,
                              batch_size=args.batch_size, seed=args.seed)
     code = _write(result, args, "Causal fidelity")
     if args.relation:
         from tl_lenses.analysis.causal_lre import lre_causality
         from tl_lenses.lenses.attribute.relations import get_relation
 
-        lre = lre_causality(model, get_relation(args.relation), args.lre_layer, seed=args.seed)
+        layer = 6 if args.lre_layer is None else args.lre_layer
+        lre = lre_causality(model, get_relation(args.relation), layer, seed=args.seed)
         for row in lre.table()[1]:
             print("  ".join(str(x) for x in row))
     return code
