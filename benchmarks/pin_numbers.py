@@ -74,6 +74,18 @@ def compute() -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in out.items()}  # clone: no shared storage
 
 
+def _difference(old, new) -> str:
+    """How far apart two float tensors are (to tell rounding from a real change)."""
+    if old is None or new is None or old.shape != new.shape or not old.is_floating_point():
+        return ""
+    both = old.isfinite() & new.isfinite()
+    gap = (old[both].double() - new[both].double()).abs()
+    scale = old[both].double().abs().max().clamp(min=1e-30)
+    return (f": max |diff| {gap.max().item():.3g} (relative to max |value| "
+            f"{(gap.max() / scale).item():.3g}), non-finite cells equal: "
+            f"{torch.equal(old.isfinite(), new.isfinite())}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     group = parser.add_mutually_exclusive_group(required=True)
@@ -92,7 +104,7 @@ def main(argv=None) -> int:
     bad = [k for k in pinned if k not in numbers or not torch.equal(pinned[k], numbers[k])]
     bad += [k for k in numbers if k not in pinned]
     for key in bad:
-        print(f"MISMATCH {key}")
+        print(f"MISMATCH {key}{_difference(pinned.get(key), numbers.get(key))}")
     print(f"{len(pinned) - len(bad)} of {len(pinned)} pinned tensors bit-identical")
     return 1 if bad else 0
 
