@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from tl_lenses import devices
+from tl_lenses._compat import DEFAULT_BACKEND
 from tl_lenses.data import pack_tokens, read_text_files, tokenize_texts
 from tl_lenses.lenses.tuned.budget import Clock
 from tl_lenses.lenses.tuned.config import TrainConfig
@@ -18,7 +19,7 @@ from tl_lenses.lenses.tuned.lens import TunedLens
 from tl_lenses.lenses.tuned.train import train_tuned_lens
 from tl_lenses.readout.unembed import Unembed
 from tl_lenses.streams import TensorRows, TokenStream
-from tl_lenses.tiny import tiny_bridge, tiny_hooked
+from tl_lenses.tiny import tiny_bridge, tiny_default, tiny_hooked
 
 # The same global batch, seed and steps for the one- and two-process runs: SGD (the
 # reference recipe, float32) and the fast recipe (least-squares moments, then Adam, bf16).
@@ -64,11 +65,11 @@ def _free_port() -> int:
 
 def test_two_gloo_processes_train_the_same_lens_as_one(tmp_path):
     out = str(tmp_path / "rank0.pt")
-    torch.multiprocessing.spawn(_worker, args=(2, _free_port(), out, "hooked"), nprocs=2,
+    torch.multiprocessing.spawn(_worker, args=(2, _free_port(), out, DEFAULT_BACKEND), nprocs=2,
                                 join=True)
     two = torch.load(out, weights_only=True)
     for name, kw in RUNS.items():
-        one = train_tuned_lens(_model("hooked"), _tokens(), progress=False, **kw)
+        one = train_tuned_lens(_model(DEFAULT_BACKEND), _tokens(), progress=False, **kw)
         assert two[name]["world_size"] == 2 and one.world_size == 1
         assert two[name]["tokens"] == one.tokens_seen == 4 * 4 * 16
         assert two[name]["warm"] == one.warm_start_tokens == (128 if name == "fast" else 0)
@@ -101,7 +102,7 @@ def _assert_same_training(one, state: dict, losses: list, recipe: str) -> None:
 
 def test_moments_summed_over_ranks_equal_one_process():
     """The all-reduce adds the ranks' least-squares sums: two halves' sums are the whole's."""
-    model = tiny_hooked("gpt2")
+    model = tiny_default("gpt2")
     lens = TunedLens.for_model(model)
     unembed = Unembed.from_model(model)
     whole, halves = (Moments.zeros(len(lens.hook_names), lens.d_model) for _ in range(2))
@@ -122,7 +123,7 @@ def test_world_of_one_is_a_no_op_and_batches_must_split_evenly(monkeypatch):
     assert world.broadcast_int(7) == 7 and world.is_main
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(RuntimeError, match="init_distributed"):
-        train_tuned_lens(tiny_hooked("gpt2"), _tokens(), steps=1, progress=False)
+        train_tuned_lens(tiny_default("gpt2"), _tokens(), steps=1, progress=False)
 
 
 # --- streamed corpora ---------------------------------------------------------------------
@@ -135,7 +136,7 @@ def _corpus(folder) -> None:
 
 
 def test_stream_packs_like_the_in_memory_packing(tmp_path):
-    model = tiny_hooked("gpt2")
+    model = tiny_default("gpt2")
     _corpus(tmp_path / "c")
     reference = pack_tokens(tokenize_texts(model, read_text_files(tmp_path / "c")), 16,
                             separator=model.tokenizer.eos_token_id)
@@ -148,7 +149,7 @@ def test_stream_packs_like_the_in_memory_packing(tmp_path):
 
 
 def test_stream_resumes_without_repeating_or_skipping(tmp_path):
-    model = tiny_hooked("gpt2")
+    model = tiny_default("gpt2")
     _corpus(tmp_path / "c")
     whole = TokenStream(model, paths=tmp_path / "c", seq_len=16, chunk_bytes=40)
     expected = torch.cat([whole.next_batch(3) for _ in range(10)])
@@ -165,7 +166,7 @@ def test_stream_resumes_without_repeating_or_skipping(tmp_path):
 
 def test_stream_from_a_streaming_dataset_resumes(tmp_path):
     datasets = pytest.importorskip("datasets")
-    model = tiny_hooked("gpt2")
+    model = tiny_default("gpt2")
     texts = [f"document number {i} " * (3 + i % 4) for i in range(12)] + ["   "]
     iterable = datasets.Dataset.from_dict({"text": texts}).to_iterable_dataset()
     from_list = TokenStream(model, texts=texts, seq_len=8)
@@ -181,7 +182,7 @@ def test_stream_from_a_streaming_dataset_resumes(tmp_path):
 
 
 def test_training_on_a_stream_interrupted_and_resumed_equals_uninterrupted(tmp_path):
-    model = tiny_hooked("gpt2")
+    model = tiny_default("gpt2")
     _corpus(tmp_path / "c")
     kw = dict(recipe="fast", steps=5, batch_size=2, ls_tokens=64, lr=1e-2, progress=False,
               checkpoint_every=1)
@@ -227,7 +228,7 @@ def test_clock_sizes_pieces_to_the_time_left():
 
 
 def test_a_budget_too_small_for_a_kl_row_skips_the_kl_phase_and_says_so():
-    model = tiny_hooked("gpt2")
+    model = tiny_default("gpt2")
     result = train_tuned_lens(model, _tokens(), steps=3, time_budget=1e-6, progress=False)
     assert result.kl_skipped and result.stop_reason == "time_budget"
     assert result.steps == 0 and result.losses == []
@@ -236,7 +237,7 @@ def test_a_budget_too_small_for_a_kl_row_skips_the_kl_phase_and_says_so():
 
 
 def test_a_budget_below_the_floor_is_reported(caplog):
-    model = tiny_hooked("gpt2")
+    model = tiny_default("gpt2")
     with caplog.at_level("WARNING", logger="tl_lenses"):
         result = train_tuned_lens(model, _tokens(), steps=3, time_budget=1e-6, progress=False)
     assert result.seconds > 1.1e-6 and "below this call's floor" in caplog.text
@@ -261,7 +262,7 @@ def test_an_unmeasured_kl_row_predicted_not_to_fit_is_not_started(monkeypatch):
     from tl_lenses.lenses.tuned.loop import Trainer
 
     monkeypatch.setattr(Trainer, "_kl_prior", lambda self: 1e9)   # a row "costs" 30 years
-    model = tiny_hooked("gpt2")
+    model = tiny_default("gpt2")
     for recipe, ls_tokens in (("reference", 0), ("fast", 0)):
         result = train_tuned_lens(model, _tokens(), recipe=recipe, steps=3, ls_tokens=ls_tokens,
                                   time_budget=100.0, progress=False)
