@@ -5,7 +5,7 @@
 import the ``tuned-lens`` library's files), ``view.py``, ``cli.py``. Training's parts:
 ``config.py``, ``loop.py`` (micro-batches, all-reduce, checkpoints), ``kl.py`` (the KL
 step), ``least_squares.py`` (the warm start), ``budget.py`` (the clock),
-``distributed.py`` (torch.distributed), ``checkpoint.py``.
+``distributed.py`` (torch.distributed), ``checkpoint.py``, ``checks.py`` (argument checks).
 """
 
 from tl_lenses.data import TokenSplit, token_split
