@@ -44,17 +44,22 @@ def read_text_files(paths: str | Path | Sequence[str | Path]) -> list[str]:
     read whatever its name. Files are read as UTF-8 (undecodable bytes replaced), in
     sorted order, so a corpus always yields the same documents.
     """
+    texts = [f.read_text(encoding="utf-8", errors="replace") for f in text_file_paths(paths)]
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        raise ValueError(f"the text files in {paths} are all empty")
+    return texts
+
+
+def text_file_paths(paths: str | Path | Sequence[str | Path]) -> list[Path]:
+    """The files named by paths, folders (recursive) or globs, each once, in order."""
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     if not paths:
         raise ValueError("paths must name at least one file, folder or glob")
     files: list[Path] = []
     for entry in paths:
         files += _expand(entry)
-    texts = [f.read_text(encoding="utf-8", errors="replace") for f in dict.fromkeys(files)]
-    texts = [t for t in texts if t.strip()]
-    if not texts:
-        raise ValueError(f"the text files in {paths} are all empty")
-    return texts
+    return list(dict.fromkeys(files))
 
 
 def _expand(entry) -> list[Path]:

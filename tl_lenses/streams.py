@@ -18,14 +18,13 @@ end at line breaks (the tokens at a chunk boundary may differ from tokenising it
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Sequence
 
 import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from tl_lenses.data import _expand, _separator
+from tl_lenses.data import _separator, text_file_paths
 from tl_lenses.inputs import require_tokenizer
 
 
@@ -94,7 +93,7 @@ class TokenStream:
         require_tokenizer(model)
         self.tokenizer, self.separator = model.tokenizer, _separator(model)
         self.seq_len, self.chunk_bytes, self.column = seq_len, chunk_bytes, column
-        self.files = _files(paths) if paths is not None else None
+        self.files = text_file_paths(paths) if paths is not None else None
         self.dataset = _check_dataset(dataset, column) if dataset is not None else None
         if texts is not None and (isinstance(texts, str)
                                   or not all(isinstance(t, str) for t in texts)):
@@ -192,16 +191,6 @@ class TokenStream:
 def _document(text: str) -> str:
     """Whitespace-only text is skipped, as ``read_text_files``/``dataset_texts`` skip it."""
     return text if text.strip() else ""
-
-
-def _files(paths) -> list[Path]:
-    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
-    if not paths:
-        raise ValueError("paths must name at least one file, folder or glob")
-    files: list[Path] = []
-    for entry in paths:
-        files += _expand(entry)
-    return list(dict.fromkeys(files))
 
 
 def _check_dataset(dataset, column: str):
