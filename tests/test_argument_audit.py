@@ -297,3 +297,19 @@ def test_analyze_causal_rejects_options_it_would_ignore(flags, named, capsys, tm
     assert code == 2
     assert named in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("k", [0, -1, 2.5])
+def test_dla_top_and_with_attention_check_k(model, k):
+    """k of top/with_attention: an int >= 1, named in the error (k=0 rendered nothing).
+
+    A float is a TypeError under the tests' runtime type check, a ValueError without it.
+    """
+    result = tll.dla(model, "ab cd", ("a", "b"))
+    for call in (lambda: result.top(k), lambda: result.with_attention(model, k)):
+        if isinstance(k, int):
+            with pytest.raises(ValueError, match="k must be an int >= 1"):
+                call()
+        else:
+            with pytest.raises((TypeError, ValueError), match=r"\bk\b"):
+                call()

@@ -4,7 +4,7 @@ One subpackage per method: ``lenses/`` (logit lens; ``tuned/``, ``attribute/``),
 ``patchscopes/``, ``attribution/`` (direct logit attribution); ``readout/`` is the shared
 lens readout, ``analysis/`` the lecture notes' open questions as tools, ``viz/`` the drawing
 primitives. The top level holds the entry points and
-result types; everything else is one level down (``tl_lenses.tuned``,
+result types; everything else is one level down, as attributes (``tl_lenses.tuned``,
 ``tl_lenses.attribute``, ``tl_lenses.patchscopes``, ``tl_lenses.attribution``,
 ``tl_lenses.readout``, ``tl_lenses.analysis``).
 """

@@ -138,7 +138,13 @@ class DLAResult(NotebookView):
 
     def top(self, k: int = 10, *, batch: int = 0, pos: int = -1, direction: int = 0,
             absolute: bool = True) -> "DLAResult":
-        """The ``k`` largest components (by magnitude when ``absolute``), largest first."""
+        """The ``k`` largest components (by magnitude when ``absolute``), largest first.
+
+        Raises:
+            ValueError: ``k`` is not an int >= 1.
+        """
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise ValueError(f"k must be an int >= 1 (components to keep), got {k!r}")
         k = min(k, len(self))
         order = _key(self.cell(batch, pos, direction), absolute).topk(k).indices
         return self[order]
