@@ -228,6 +228,8 @@ def test_patchscope_command_keeps_a_zero(capsys, tmp_path):
     (["logit-lens", "ab cd", "--k", "0"], "k must"),
     (["logit-lens", "ab cd", "--target", "abc"], "target"),
     (["logit-lens", "ab cd", "--statistic", "size"], "--statistic"),
+    (["logit-lens", "ab cd", "--statistic", "rank"], "give --png"),
+    (["logit-lens", "ab cd", "--target-id", "999999"], "target id 999999"),
     (["dla", "ab cd", "--answer", "a", "--position", "9"], "positions"),
     (["dla", "ab cd", "--answer", "ab"], "directions"),
     (["dla", "ab cd", "--answer", "a", "--k", "0"], "--k"),

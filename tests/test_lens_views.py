@@ -80,3 +80,19 @@ def test_command_line_writes_report(tmp_path, monkeypatch, capsys):
     assert code == 0 and out.exists() and png.exists()
     assert cli.main(["logit-lens", "hello", "--statistic", "loss"]) == 2
     assert "--statistic must be one of" in capsys.readouterr().err
+
+
+def test_command_line_target_id_reads_that_token(tmp_path, monkeypatch):
+    model = tiny_default("llama-gqa")
+    monkeypatch.setattr("tl_lenses.models.load_default_model", lambda backend="hooked": model)
+    seen = []
+    real = tll.lenses.logit.logit_lens
+    monkeypatch.setattr(tll.lenses.logit, "logit_lens",
+                        lambda *a, **kw: seen.append(real(*a, **kw)) or seen[-1])
+    out = tmp_path / "r.html"
+    assert cli.main(["logit-lens", "hello", "--out", str(out), "--target-id", "7"]) == 0
+    expected = tll.logit_lens(model, "hello", target=7)
+    assert seen[0].target_rank.equal(expected.target_rank)
+    assert (seen[0].target_ids == 7).all()
+    with pytest.raises(SystemExit):  # argparse: not allowed with --target
+        cli.main(["logit-lens", "hello", "--target", "next", "--target-id", "7"])
