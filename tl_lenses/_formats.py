@@ -47,9 +47,13 @@ FORMATS = {
 
 
 def model_info(model) -> dict:
-    """The shape of ``model`` and a fingerprint of its final norm + unembedding."""
-    check_model(model)
-    unembed = Unembed.from_model(model)
+    """The shape of ``model`` and a fingerprint of its final norm + unembedding.
+
+    A model spread over several devices is accepted (its decoder is gathered on W_U's).
+    """
+    check_model(model, spread=True)
+    unembed = Unembed.from_model(model, spread=True)
+    unembed = unembed.to(unembed.W_U.device)
     cfg = model.cfg
     return {
         "model_name": str(getattr(cfg, "model_name", "")), "n_layers": cfg.n_layers,

@@ -3,10 +3,11 @@
 Every method runs on the device that holds the model's weights and returns its tensors
 there. TransformerLens moves inputs to ``model.cfg.device``, so that field must name the
 weights' device: :func:`model_device` checks it (and that no parameter sits elsewhere), and
-every method calls it through :func:`tl_lenses.models.check_model`. The check reads each
-model's parameter and buffer dicts, found once per module tree (torch's global registration
-hooks say when any tree changes), so it costs microseconds, not a walk over thousands of
-modules.
+every method calls it through :func:`tl_lenses.models.check_model`, except tuned-lens
+training, which accepts a model spread over several devices (:func:`lens_device`). The
+check reads each model's parameter and buffer dicts, found once per module tree (torch's
+global registration hooks say when any tree changes), so it costs microseconds, not a walk
+over thousands of modules.
 
 :func:`compiled` wraps a pure tensor function in ``torch.compile`` for CUDA tensors (Inductor
 emits Triton kernels that fuse the softmax statistics into one or two passes over the
@@ -72,9 +73,11 @@ def model_device(model, *, argument: str = "model") -> torch.device:
     if len(devices) > 1:
         raise ValueError(
             f"{argument} has parameters on several devices "
-            f"({', '.join(sorted(map(str, devices)))}); tl_lenses needs the whole model on one "
-            f"device: build it there (for a TransformerBridge move the HF model first, then "
-            f"wrap it) or call {argument}.to(device)"
+            f"({', '.join(sorted(map(str, devices)))}); this method needs the whole model on "
+            f"one device: build it there (for a TransformerBridge move the HF model first, "
+            f"then wrap it) or call {argument}.to(device). Only tuned-lens training "
+            f"(train_tuned_lens, TunedLens.for_model) accepts a model spread over several "
+            f"devices (see lens_device)"
         )
     device = devices.pop()
     if device.type == "meta":
@@ -87,6 +90,87 @@ def model_device(model, *, argument: str = "model") -> torch.device:
             f"{argument}.to({str(device)!r})"
         )
     return device
+
+
+def lens_device(model, device=None, *, argument: str = "model") -> torch.device:
+    """The device a tuned lens trains on for ``model``, which may be spread over devices.
+
+    A model on one device (checked as :func:`model_device` does) gives that device. A
+    model spread over several (TL 3.x ``HookedTransformer`` with ``n_devices > 1``, a
+    ``TransformerBridge`` booted with ``device_map``/``n_devices``) gives the device of its
+    unembedding ``W_U``: the KL targets are computed there, so only the per-layer residuals
+    travel. ``device`` overrides either choice.
+
+    Args:
+        model: a HookedTransformer or TransformerBridge.
+        device: ``None``, or the device to use (a name or ``torch.device``); an index-less
+            ``"cuda"`` means the current CUDA device.
+        argument: the name used in error messages.
+
+    Returns:
+        The lens's device.
+
+    Raises:
+        TypeError: ``device`` is not a device name or ``torch.device``.
+        ValueError: ``device`` names no usable device; a spread model with weights on the
+            meta device (offloaded to CPU/disk by accelerate, or not loaded) or whose
+            ``cfg.device`` names none of its devices; a one-device model as
+            :func:`model_device` refuses it.
+    """
+    requested = _requested_device(device)
+    found = _devices(model)
+    if len(found) > 1:
+        found = _devices(model, fresh=True)
+    if len(found) <= 1:
+        home = model_device(model, argument=argument)
+        return home if requested is None else requested
+    names = ", ".join(sorted(map(str, found)))
+    if any(d.type == "meta" for d in found):
+        raise ValueError(
+            f"{argument} has weights on the meta device besides {names}: a device_map with "
+            f"'cpu'/'disk' offload targets (accelerate keeps meta placeholders) or a model "
+            f"not loaded; tuned-lens training needs every weight on a real device")
+    configured = getattr(model.cfg, "device", None)
+    if configured is not None and not any(_matches(torch.device(configured), d)
+                                          for d in found):
+        raise ValueError(f"{argument}.cfg.device is {configured!r}, none of the devices "
+                         f"holding its weights ({names}); TransformerLens moves inputs there")
+    return requested if requested is not None else model.W_U.device
+
+
+def input_device(model) -> torch.device:
+    """Where TransformerLens puts a forward pass's tokens.
+
+    The model's one device, or for a model spread over several (checked by
+    :func:`lens_device`) ``cfg.device``.
+    """
+    if len(_devices(model)) <= 1:
+        return model_device(model)
+    return torch.device(model.cfg.device)
+
+
+def _requested_device(device) -> torch.device | None:
+    """``device`` as a concrete ``torch.device`` (None stays None), checked."""
+    if device is None:
+        return None
+    if not isinstance(device, (str, torch.device)):
+        raise TypeError(f"lens_device must be a device name or torch.device, got "
+                        f"{type(device).__name__}")
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"lens_device {device!r} is not a device name") from None
+    if parsed.type == "meta":
+        raise ValueError("lens_device must be a real device, not 'meta'")
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"lens_device {device!r}: CUDA is not available")
+        if parsed.index is None:
+            parsed = torch.device("cuda", torch.cuda.current_device())
+        elif parsed.index >= torch.cuda.device_count():
+            raise ValueError(f"lens_device {device!r}: only {torch.cuda.device_count()} "
+                             "CUDA device(s)")
+    return parsed
 
 
 # Bumped whenever any module registers a submodule, parameter or buffer (torch's global

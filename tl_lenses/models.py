@@ -33,7 +33,7 @@ from tl_lenses._compat import (
     official_model_name,
     weight_converter,
 )
-from tl_lenses.devices import model_device
+from tl_lenses.devices import lens_device, model_device
 
 logger = logging.getLogger("tl_lenses")
 
@@ -271,11 +271,12 @@ def is_bridge(model) -> bool:
     return type(model).__name__ == "TransformerBridge" or hasattr(model, "adapter")
 
 
-def check_model(model, *, argument: str = "model") -> None:
+def check_model(model, *, argument: str = "model", spread: bool = False) -> None:
     """Fail early unless ``model`` is a usable HookedTransformer or TransformerBridge.
 
     A Bridge must be in compatibility mode; either must have its weights on one device, the
-    one ``cfg.device`` names (:func:`tl_lenses.devices.model_device`).
+    one ``cfg.device`` names (:func:`tl_lenses.devices.model_device`), or with ``spread``
+    (tuned-lens training) on several real devices (:func:`tl_lenses.devices.lens_device`).
     """
     if is_bridge(model):
         if not getattr(model, "compatibility_mode", False):
@@ -289,7 +290,10 @@ def check_model(model, *, argument: str = "model") -> None:
             f"{argument} must be a HookedTransformer or a TransformerBridge, got "
             f"{type(model).__name__}"
         )
-    model_device(model, argument=argument)
+    if spread:
+        lens_device(model, argument=argument)
+    else:
+        model_device(model, argument=argument)
 
 
 # --- any model a user has: a HF folder, a GGUF file, or a TransformerLens model name -------

@@ -52,6 +52,16 @@ class TensorRows:
         self.index += 1
         return self.tokens[order[j * size:(j + 1) * size]]
 
+    def batches_before_repeat(self, n_rows: int) -> int:
+        """How many more ``next_batch(n_rows)`` calls return rows not yet drawn.
+
+        The batches left in the current epoch's shuffle (its last ``rows % n_rows`` rows
+        are never drawn); the next batch after them starts a new epoch and repeats rows.
+        """
+        n, size = self.tokens.shape[0], min(n_rows, self.tokens.shape[0])
+        per_epoch = max(1, n // size)
+        return per_epoch - self.index % per_epoch
+
     def state_dict(self) -> dict:
         """The position: the index of the next batch."""
         return {"kind": "tensor", "index": self.index}

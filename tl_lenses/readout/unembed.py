@@ -46,9 +46,13 @@ class Unembed:
     soft_cap: float | None = None
 
     @classmethod
-    def from_model(cls, model) -> "Unembed":
-        """Read the final norm and unembedding of a HookedTransformer or Bridge."""
-        check_model(model)
+    def from_model(cls, model, *, spread: bool = False) -> "Unembed":
+        """Read the final norm and unembedding of a HookedTransformer or Bridge.
+
+        ``spread``: accept a model spread over several devices (tuned-lens training), whose
+        final norm and unembedding may sit on different devices (see :meth:`to`).
+        """
+        check_model(model, spread=spread)
         if model.cfg.normalization_type is None:  # no final norm: HT has no ln_final at all
             kind, weight, bias = "none", None, None
         else:
@@ -57,6 +61,16 @@ class Unembed:
         if b_U is not None and not b_U.detach().any():
             b_U = None  # all zeros (Llama): a plain matmul is ~5% faster than addmm
         return cls(kind, float(model.cfg.eps), weight, bias, model.W_U, b_U, soft_cap(model))
+
+    def to(self, device: torch.device | str) -> "Unembed":
+        """This decoder with its tensors on ``device`` (itself when they are all there)."""
+        device = torch.device(device)
+        tensors = (self.weight, self.bias, self.W_U, self.b_U)
+        if all(t is None or t.device == device for t in tensors):
+            return self
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return replace(self, weight=move(self.weight), bias=move(self.bias),
+                       W_U=move(self.W_U), b_U=move(self.b_U))
 
     def at_least_float32(self) -> "Unembed":
         """This decoder with half-precision tensors cast to float32 once (a copy).

@@ -16,7 +16,19 @@ REFERENCE_LR = 0.1
 
 @dataclass
 class TrainConfig:
-    """Settings of :func:`train_tuned_lens`; ``None`` fields take the recipe's default."""
+    """Settings of :func:`train_tuned_lens`; ``None`` fields take the recipe's default.
+
+    ``steps`` counts KL steps only: ``steps=0`` with the fast recipe trains the
+    least-squares lens alone (the warm start, no KL refinement). ``ls_tokens`` is what the
+    fast recipe's warm start reads at most, rounded up to whole batches and never more
+    than one pass over the data: a tensor's rows are each read at most once (the rows of
+    one shuffled epoch, in whole batches), a stream is read until ``ls_tokens`` or its
+    end. ``ls_tokens=0`` skips the warm start (KL from the identity, as the reference
+    recipe, which ignores ``ls_tokens``); with ``steps=0`` too the lens stays the identity
+    (the logit lens). ``lens_device``: where the lens, its optimizer and the KL targets
+    live (default: the model's device; for a model spread over several devices, the one
+    holding the unembedding).
+    """
 
     recipe: str = "fast"                # "fast" or "reference"
     steps: int | None = None            # KL steps (reference 250, fast 30)
@@ -28,7 +40,8 @@ class TrainConfig:
     weight_decay: float = 1e-3
     clip: float = 1.0
     bf16: bool | None = None            # reference False, fast True where bf16 is fast
-    ls_tokens: int = 32768              # fast: tokens for the least-squares warm start
+    ls_tokens: int = 32768              # fast: most tokens the least-squares warm start
+    #                                     reads (whole batches, at most one pass)
     ls_time_fraction: float = 0.5       # ...at most this share of time_budget
     ridge: float = 1e-2                 # ridge towards the identity, relative to E[x x^T]
     max_chunk_elements: int | None = None  # bounds [layers x tokens x d_vocab] per matmul
@@ -37,11 +50,13 @@ class TrainConfig:
     checkpoint_dir: str | None = None
     checkpoint_every: int = 20
     progress: bool = True
+    lens_device: str | None = None      # None: the model's (spread: the unembedding's)
 
     def resolved(self, device: torch.device | str = "cpu") -> "TrainConfig":
         """A copy with the recipe's defaults filled in (ValueError for bad settings).
 
-        Batch and matmul sizes depend on ``device`` (larger on a GPU); so does the fast
+        ``device`` is the lens's (recorded as ``lens_device``). Batch and matmul sizes
+        depend on it (larger on a GPU); so does the fast
         recipe's ``bf16``: only where the device has fast bf16 matmuls
         (:func:`tl_lenses.devices.fast_bf16`), since emulated ones ran ~60x slower than
         float32 on an AVX2-only CPU.
@@ -63,6 +78,7 @@ class TrainConfig:
             batch_size=self.batch_size if self.batch_size is not None else (32 if gpu else 8),
             max_chunk_elements=self.max_chunk_elements if self.max_chunk_elements is not None
             else (400_000_000 if gpu else 100_000_000),
+            lens_device=str(torch.device(device)),
         )
 
 
@@ -77,6 +93,12 @@ class TrainResult:
     call could have been: the time to its first row of work (set-up and one row's forward
     pass, the smallest piece) plus one least-squares solve (fast recipe); a ``time_budget``
     below it cannot be kept (a warning says so).
+
+    ``warm_start_stop`` says why the fast recipe's warm start ended: ``"ls_tokens"`` (it
+    read ``ls_tokens``, rounded up to whole batches), ``"data"`` (the data held fewer: a
+    tensor's rows were each read once, or a stream ended), ``"time_budget"``, or
+    ``"none"`` (no warm start: the reference recipe or ``ls_tokens=0``).
+    ``lens_device`` is the device the lens was trained on.
     """
 
     lens: TunedLens
@@ -88,10 +110,12 @@ class TrainResult:
     warm_start_tokens: int = 0
     stop_reason: str = "steps"
     kl_skipped: bool = False
+    warm_start_stop: str = "none"
     micro_batches: int = 0               # KL forward passes on each process
     world_size: int = 1
     floor_seconds: float = 0.0
     warm_start_seconds: float = 0.0      # clock time when the warm start (and solve) ended
+    lens_device: str = "cpu"
 
 
 def _optimizer(lens: TunedLens, cfg: TrainConfig):

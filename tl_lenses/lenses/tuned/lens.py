@@ -72,9 +72,9 @@ class TunedLens(nn.Module):
         Default: every ``resid_pre`` (``blocks.0.hook_resid_pre`` is the embedding).
         ``layers`` picks some of them by block index; ``hook_names`` any residual-width hook
         points (``resid_mid``, ``attn_out``, ...). The final ``resid_post`` is dropped from
-        either: it needs no translator.
+        either: it needs no translator. ``model`` may be spread over several devices.
         """
-        check_model(model)
+        check_model(model, spread=True)
         names = _lens_hook_names(model, hook_names, layers)
         return cls(names, model.cfg.d_model, final_name=final_resid_name(model), kind=kind,
                    model_info=model_info(model))

@@ -15,6 +15,7 @@ from dataclasses import asdict
 import torch
 from torch import Tensor
 
+from tl_lenses import devices
 from tl_lenses.lenses.tuned.budget import SAFETY, Clock
 from tl_lenses.lenses.tuned.checkpoint import load_checkpoint, save_checkpoint
 from tl_lenses.lenses.tuned.config import TrainConfig, TrainResult, _optimizer
@@ -34,7 +35,10 @@ class Trainer:
                  clock: Clock):
         self.model, self.lens, self.source, self.cfg = model, lens, source, cfg
         self.callback, self.world, self.clock = callback, world, clock
-        self.unembed = Unembed.from_model(model)
+        # The lens's device holds the decoder and the KL targets; a model spread over
+        # several devices sends each layer's residual there (kl.residuals).
+        self.unembed = Unembed.from_model(model, spread=True).to(lens.bias.device)
+        self.input_device = devices.input_device(model)
         self.W = self.unembed.W_U.detach().to(torch.bfloat16 if cfg.bf16 else torch.float32)
         self.optimizer = _optimizer(lens, cfg)
         self.step, self.tokens_seen = 0, 0
@@ -43,6 +47,7 @@ class Trainer:
         self._first_row_done: float | None = None   # seconds at the end of the first piece
         self._fitted = -1                     # this rank's moments count at the last solve
         self.stop_reason, self.kl_skipped = "steps", False
+        self.warm_stop = "none"
         self.batch_rows = cfg.batch_size
         if isinstance(source, TensorRows):
             self.batch_rows = min(cfg.batch_size, source.tokens.shape[0])
@@ -59,7 +64,8 @@ class Trainer:
             warm_start_tokens=self.warm_tokens, stop_reason=self.stop_reason,
             kl_skipped=self.kl_skipped, micro_batches=self.micro_batches,
             world_size=self.world.size, floor_seconds=self._floor(),
-            warm_start_seconds=self.warm_seconds)
+            warm_start_seconds=self.warm_seconds, warm_start_stop=self.warm_stop,
+            lens_device=str(self.lens.bias.device))
 
     def _floor(self) -> float:
         """Seconds to the end of the first piece of work plus one solve (see TrainResult)."""
@@ -94,7 +100,7 @@ class Trainer:
         batch = self.source.next_batch(self.batch_rows)
         if batch.shape[0] < self.batch_rows:
             return None
-        return batch[self.world.rank::self.world.size].to(self.lens.bias.device)
+        return batch[self.world.rank::self.world.size].to(self.input_device)
 
     def _rows_now(self, kind: str, wanted: int, reserve: float, prior=None) -> int:
         """Rows for the next micro-batch, decided by rank 0's clock (0: stop)."""
@@ -129,26 +135,38 @@ class Trainer:
     # --- the fast recipe's warm start ------------------------------------------------------
 
     def warm_start(self) -> None:
-        """Accumulate least-squares moments (this rank's rows), sum over ranks, solve."""
+        """Accumulate least-squares moments (this rank's rows), sum over ranks, solve.
+
+        At most one pass over the data: ``ls_tokens`` in whole batches, capped at the
+        batches an in-memory tensor gives before its rows repeat; a stream stops at its end.
+        """
         cfg, moments = self.cfg, Moments.zeros(len(self.lens.hook_names), self.lens.d_model,
                                                self.lens.bias.device)
         per_batch = self.batch_rows * self.source.seq_len
-        n_batches = max(1, -(-cfg.ls_tokens // per_batch))
+        n_batches, self.warm_stop = max(1, -(-cfg.ls_tokens // per_batch)), "ls_tokens"
+        if isinstance(self.source, TensorRows):
+            distinct = self.source.batches_before_repeat(self.batch_rows)
+            if distinct < n_batches:          # more would re-read rows: the data held fewer
+                n_batches, self.warm_stop = distinct, "data"
         bar = _progress(range(n_batches), cfg.progress and self.world.is_main,
                         "least-squares warm start")
         kl_share = None                   # seconds kept for the KL phase, once known
         for i in bar if bar is not None else range(n_batches):
             reserve = self._solve_reserve() + (kl_share or 0.0) + self._end_reserve()
             if self._rows_now("ls", 1, reserve) == 0:
+                self.warm_stop = "time_budget"
                 break
             batch = self._next_local()
             if batch is None:
-                self.stop_reason = "data"
+                self.stop_reason = self.warm_stop = "data"
                 break
+            done = self.warm_tokens
             for piece in self._pieces(batch, "ls", reserve):
                 moments.add(*regression_pairs(*residuals(self.model, self.lens, piece),
                                               self.unembed))
                 self.warm_tokens += piece.numel() * self.world.size
+            if self.warm_tokens - done < batch.numel() * self.world.size:
+                self.warm_stop = "time_budget"     # the clock cut this batch short
             # A callback sees every interim fit; under a budget the first fit times the solve.
             if self.callback is not None or (i == 0 and self.clock.budget is not None):
                 self._fit(moments)
@@ -363,7 +381,7 @@ class Trainer:
             "elapsed": self.clock.elapsed(), "hook_names": self.lens.hook_names,
             "recipe": self.cfg.recipe, "batch_rows": self.batch_rows,
             "data": self.source.state_dict(), "rng": torch.get_rng_state(),
-            "warm_start_tokens": self.warm_tokens})
+            "warm_start_tokens": self.warm_tokens, "warm_start_stop": self.warm_stop})
         self.clock.record("save", time.perf_counter() - begin)
 
     def load(self) -> bool:
@@ -383,6 +401,8 @@ class Trainer:
         self.losses, self.clock.offset = list(state["losses"]), state["elapsed"]
         self.source.load_state_dict(state["data"])
         self.warm_tokens = state["warm_start_tokens"]
+        self.warm_stop = state.get("warm_start_stop",       # older checkpoints lack it
+                                   "ls_tokens" if self.warm_tokens else "none")
         torch.set_rng_state(state["rng"])
         return True
 

@@ -102,11 +102,12 @@ def train_tuned_lens(model, tokens: Int[Tensor, "batch pos"] | TokenStream | Ten
     (2, True)
     """
     clock = Clock()                      # the budget covers everything from here
-    check_model(model)
-    device = devices.model_device(model)
+    check_model(model, spread=True)
     if config is not None and not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig or None, got {type(config).__name__}")
-    cfg = replace(config or TrainConfig(), **overrides).resolved(device)
+    cfg = replace(config or TrainConfig(), **overrides)
+    device = devices.lens_device(model, cfg.lens_device)
+    cfg = cfg.resolved(device)
     # Every argument is checked before anything is built or moved (nothing is mutated).
     check_training(model, tokens, lens, cfg, callback=callback, resume=resume)
     clock.budget = cfg.time_budget
