@@ -25,7 +25,11 @@ from tl_lenses.tiny import tiny_bridge, tiny_default, tiny_hooked
 # reference recipe, float32) and the fast recipe (least-squares moments, then Adam, bf16).
 RUNS = {"reference": dict(recipe="reference", bf16=False, steps=4, batch_size=4, seed=5),
         "fast": dict(recipe="fast", bf16=True, steps=4, batch_size=4, ls_tokens=128, lr=1e-2,
-                     seed=5)}
+                     seed=5),
+        # ls_tokens beyond the data: the warm start reads the 24 rows once (6 batches)
+        "fast_capped": dict(recipe="fast", bf16=True, steps=4, batch_size=4, ls_tokens=10**6,
+                            lr=1e-2, seed=5)}
+WARM_TOKENS = {"reference": 0, "fast": 128, "fast_capped": 24 * 16}
 
 
 def _tokens() -> torch.Tensor:
@@ -72,7 +76,7 @@ def test_two_gloo_processes_train_the_same_lens_as_one(tmp_path):
         one = train_tuned_lens(_model(DEFAULT_BACKEND), _tokens(), progress=False, **kw)
         assert two[name]["world_size"] == 2 and one.world_size == 1
         assert two[name]["tokens"] == one.tokens_seen == 4 * 4 * 16
-        assert two[name]["warm"] == one.warm_start_tokens == (128 if name == "fast" else 0)
+        assert two[name]["warm"] == one.warm_start_tokens == WARM_TOKENS[name]
         _assert_same_training(one, two[name]["state"], two[name]["losses"], name)
 
 
