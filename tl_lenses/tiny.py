@@ -160,3 +160,78 @@ def tiny_pair(arch: Arch = "llama-gqa", **kwargs):
 
 __all__ = ["byte_tokenizer", "tiny_hf_model", "tiny_hooked", "tiny_bridge", "tiny_default",
            "tiny_pair", "PROCESSING"]
+
+
+def tiny_spread(arch: Arch = "llama-gqa", backend: str | None = None,
+                devices=("cuda:0", "cuda:1"), **kwargs):
+    """A tiny random model split over two devices the way TransformerLens splits one.
+
+    ``backend="hooked"`` (TL 3.x): ``cfg.n_devices = 2`` with the blocks placed where
+    ``HookedTransformer.forward`` moves the residual for them
+    (``get_device_for_block_index``): the embeddings and the first half of the blocks on
+    ``cfg.device``, the rest with the final norm and unembedding on the next CUDA device.
+    ``devices`` must then be two consecutive CUDA devices (or twice ``"cpu"``, where TL
+    keeps everything on the CPU).
+
+    ``backend="bridge"``: the HF model dispatched by accelerate over an explicit all-device
+    map (embeddings and the first half of the layers on ``devices[0]``, the rest with the
+    final norm and ``lm_head`` on ``devices[1]``; Llama only, GPT-2 ties ``lm_head`` to the
+    embedding), then wrapped in compatibility mode. Twice ``"cpu"`` attaches accelerate's
+    hooks all the same (a check of this code path on a CPU-only machine).
+
+    Args:
+        arch: ``"llama"`` or ``"llama-gqa"`` (either backend) or ``"gpt2"`` (hooked only).
+        backend: ``"hooked"`` or ``"bridge"`` (default: this TransformerLens' default).
+        devices: the two devices.
+        **kwargs: as :func:`tiny_hf_model`.
+
+    Returns:
+        The split model (same weights as ``tiny_hooked``/``tiny_bridge`` with ``kwargs``).
+
+    Raises:
+        ValueError: a hooked split over devices that are not consecutive CUDA devices, or
+            a GPT-2 Bridge.
+    """
+    first, second = (torch.device(d) for d in devices)
+    backend = backend or DEFAULT_BACKEND
+    if backend == "hooked":
+        return _hooked_split(arch, first, second, **kwargs)
+    if arch == "gpt2":
+        raise ValueError("a GPT-2 Bridge cannot be split: lm_head shares the embedding")
+    from accelerate import dispatch_model
+
+    hf_model = tiny_hf_model(arch, **kwargs)
+    n = hf_model.config.num_hidden_layers
+    device_map = {"model.embed_tokens": first, "model.rotary_emb": first,
+                  "model.norm": second, "lm_head": second}
+    device_map.update({f"model.layers.{i}": first if i < n // 2 else second for i in range(n)})
+    hf_model = dispatch_model(hf_model, device_map={k: str(v) for k, v in device_map.items()},
+                              main_device=str(first), force_hooks=True)
+    if first.type == "cpu" and second.type == "cpu":
+        # The weights stay real, but TL 4.x reads any "cpu" entry of hf_device_map as
+        # offload and refuses compatibility mode: the CPU self-check hides the map.
+        del hf_model.hf_device_map
+    return bridge_from_hf(hf_model, byte_tokenizer(), _architecture(arch))
+
+
+def _hooked_split(arch: Arch, first: torch.device, second: torch.device, **kwargs):
+    from transformer_lens.utilities.multi_gpu import get_device_for_block_index
+
+    cuda_pair = first.type == second.type == "cuda" and (second.index or 0) == \
+        (first.index or 0) + 1
+    if not (cuda_pair or first.type == second.type == "cpu"):
+        raise ValueError(f"a HookedTransformer splits over consecutive CUDA devices, got "
+                         f"{first} and {second}")
+    model = tiny_hooked(arch, **kwargs)
+    model.cfg.n_devices, model.cfg.device = 2, str(first)
+    n = model.cfg.n_layers
+    for i, block in enumerate(model.blocks):
+        block.to(get_device_for_block_index(i, model.cfg))
+    for module in (model.embed, getattr(model, "pos_embed", None)):
+        if module is not None:
+            module.to(first)
+    last = get_device_for_block_index(n - 1, model.cfg)
+    for module in (getattr(model, "ln_final", None), model.unembed):
+        if module is not None:
+            module.to(last)
+    return model
