@@ -7,7 +7,9 @@
 TransformerBridge) built on the CPU and on the device; the logit lens (top-k, entropy, KL,
 ranks), DLA parts with neurons, a patchscope's logits and greedy generation, a patchscope
 sweep, tuned-lens training and LRE must agree; bf16 and fp16 models must run every method and
-agree with float32 on the top-1 almost everywhere.
+agree with float32 on the top-1 almost everywhere. With two or more GPUs, a tiny model split
+over two of them (TL's ``n_devices``, an accelerate device map on the Bridge) must train the
+tuned lens the one-GPU model does (skipped with fewer).
 
 (b) Speed on a SmolLM2-135M-shaped model with random weights built from its config (no
 download): the all-layer readout (31 rows, vocab 49152; top-5, entropy, KL, rank of the final
@@ -85,7 +87,7 @@ from tl_lenses.patchscopes.core import patchscope  # noqa: E402
 from tl_lenses.patchscopes.sweep import patchscope_sweep  # noqa: E402
 from tl_lenses.readout.apply import apply_lens, apply_lens_to_cache  # noqa: E402
 from tl_lenses.readout.unembed import Unembed  # noqa: E402
-from tl_lenses.tiny import byte_tokenizer, tiny_bridge, tiny_hooked  # noqa: E402
+from tl_lenses.tiny import byte_tokenizer, tiny_bridge, tiny_hooked, tiny_spread  # noqa: E402
 
 PROMPTS = ["The cat sat on the mat.", "Paris is in France, Rome"]
 TOY = Relation("toy", ("{} =",), tuple(Sample(s, o) for s, o in
@@ -208,6 +210,47 @@ def correctness(device, *, smoke: bool = False) -> dict[str, dict]:
                                       small=smoke)
                 ok, detail = _compare_low_precision(low, ref)
                 rows[f"{tag}: {str(dtype)[6:]} every method"] = {"ok": ok, "detail": detail}
+        except Exception as error:
+            rows[f"{tag}: ran"] = {"ok": False, "detail": f"{type(error).__name__}: {error}",
+                                   "traceback": traceback.format_exc()}
+    return rows
+
+
+def spread_checks(*, smoke: bool = False) -> dict[str, dict]:
+    """A tiny model split over two GPUs as TL splits it trains the lens the whole one does.
+
+    HookedTransformer ``n_devices=2`` (TL 3.x) and an accelerate-dispatched Bridge, each
+    against the same weights on the first GPU: the fast and reference recipes' lenses and
+    loss curves, and the lens's device (the unembedding's, the second GPU). Skipped with
+    fewer than two CUDA devices: TL splits over GPUs only (``n_devices`` is CUDA-only; a
+    Bridge ``device_map`` mixing CPU and GPU is CPU offload, which TL refuses). ``smoke``:
+    the same code over ("cpu", "cpu").
+    """
+    n = torch.cuda.device_count()
+    if not smoke and n < 2:
+        return {"spread over 2 GPUs: skipped": {
+            "ok": True, "detail": f"needs >= 2 CUDA devices, found {n} (TL splits over GPUs "
+                                  "only)"}}
+    pair = ("cpu", "cpu") if smoke else ("cuda:0", "cuda:1")
+    rows = {}
+    tokens = torch.randint(0, 256, (16, 24), generator=torch.Generator().manual_seed(0))
+    for backend in ("hooked", "bridge") if HAS_HOOKED else ("bridge",):
+        tag = f"spread {backend} over {'+'.join(pair)}"
+        try:
+            split, whole = tiny_spread("llama-gqa", backend, pair), _build(backend,
+                                                                        "llama-gqa", pair[0])
+            placed = sorted({str(p.device) for p in split.parameters()})
+            for recipe, tolerance in (("reference", 1e-4), ("fast", 1e-2)):
+                kw = dict(recipe=recipe, steps=4, batch_size=4, ls_tokens=192, progress=False)
+                a = train_tuned_lens(split, tokens, **kw)
+                b = train_tuned_lens(whole, tokens, **kw)
+                d = max(_close(a.lens.state_dict()[k], v) for k, v in b.lens.state_dict().items())
+                dl = _close(torch.tensor(a.losses), torch.tensor(b.losses))
+                where = torch.device(a.lens_device) == torch.device(pair[1])
+                rows[f"{tag}: {recipe} lens"] = {
+                    "ok": d < tolerance and dl < tolerance and where,
+                    "detail": f"weights on {placed}, lens on {a.lens_device}; lens rel diff "
+                              f"{d:.1e}, losses rel diff {dl:.1e} vs one device"}
         except Exception as error:
             rows[f"{tag}: ran"] = {"ok": False, "detail": f"{type(error).__name__}: {error}",
                                    "traceback": traceback.format_exc()}
@@ -458,6 +501,7 @@ def main(argv=None) -> int:
     print(f"device {out['device_name']}, torch {torch.__version__}, "
           f"TL {out.get('transformer_lens')}, transformers {out.get('transformers')}")
     out["correctness"] = correctness(device, smoke=smoke)
+    out["correctness"].update(spread_checks(smoke=smoke))
     print(f"correctness done in {time.perf_counter() - begin:.0f} s", flush=True)
     if not args.correctness_only:
         model = smol_shaped(device, smoke=smoke)
