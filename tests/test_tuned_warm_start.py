@@ -108,3 +108,22 @@ def test_batches_before_repeat_counts_the_rest_of_the_epoch():
     rows.next_batch(8), rows.next_batch(8)
     assert rows.batches_before_repeat(8) == 3                   # a new epoch
     assert TensorRows(_rows(5)).batches_before_repeat(8) == 1   # one batch of all 5 rows
+
+
+def test_the_command_line_says_what_the_warm_start_did(tmp_path, capsys):
+    import json
+
+    from tl_lenses._compat import DEFAULT_BACKEND
+    from tl_lenses.cli import main
+
+    out = tmp_path / "lens"
+    argv = ["train-tuned", "--model", "tiny-gpt2", "--backend", DEFAULT_BACKEND, "--generate",
+            "4", "--seq-len", "16", "--held-out", "0.25", "--out", str(out), "--steps", "0",
+            "--batch-size", "2", "--lens-device", "cpu"]
+    assert main(argv) == 0
+    assert "stopped by data" in capsys.readouterr().out
+    training = json.loads((out / "lens.json").read_text())["training"]
+    assert training["warm_start_stop"] == "data" and training["lens_device"] == "cpu"
+    assert training["steps"] == 0 and training["warm_start_tokens"] == 2 * 16  # 3 rows: 1 batch
+    code = main([*argv[:-1], "nonsense"])
+    assert code == 2 and "lens_device" in capsys.readouterr().err

@@ -37,3 +37,37 @@ def load_checkpoint(folder: str | Path | None) -> dict | None:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         raise ValueError(f"checkpoint {path} is corrupt or truncated: {error}") from None
+
+
+def trainer_state(trainer) -> dict:
+    """What a resumed run needs of a :class:`~.loop.Trainer`.
+
+    Lens, optimizer, step, losses, clock, data position, RNG, and what the warm start did.
+    """
+    return {
+        "lens": trainer.lens.state_dict(), "optimizer": trainer.optimizer.state_dict(),
+        "step": trainer.step, "tokens_seen": trainer.tokens_seen,
+        "losses": trainer.loss_values(), "elapsed": trainer.clock.elapsed(),
+        "hook_names": trainer.lens.hook_names, "recipe": trainer.cfg.recipe,
+        "batch_rows": trainer.batch_rows, "data": trainer.source.state_dict(),
+        "rng": torch.get_rng_state(), "warm_start_tokens": trainer.warm_tokens,
+        "warm_start_stop": trainer.warm_stop}
+
+
+def restore_trainer(trainer, state: dict) -> None:
+    """Put a :func:`trainer_state` back (ValueError for another lens, recipe or batch)."""
+    folder = trainer.cfg.checkpoint_dir
+    if state["hook_names"] != trainer.lens.hook_names or state["recipe"] != trainer.cfg.recipe:
+        raise ValueError(f"checkpoint in {folder} is for another lens or recipe")
+    if state["batch_rows"] != trainer.batch_rows:
+        raise ValueError(f"checkpoint in {folder} has batches of {state['batch_rows']} rows, "
+                         f"not {trainer.batch_rows}")
+    trainer.lens.load_state_dict(state["lens"])
+    trainer.optimizer.load_state_dict(state["optimizer"])
+    trainer.step, trainer.tokens_seen = state["step"], state["tokens_seen"]
+    trainer.losses, trainer.clock.offset = list(state["losses"]), state["elapsed"]
+    trainer.source.load_state_dict(state["data"])
+    trainer.warm_tokens = state["warm_start_tokens"]
+    trainer.warm_stop = state.get("warm_start_stop",        # older checkpoints lack it
+                                  "ls_tokens" if trainer.warm_tokens else "none")
+    torch.set_rng_state(state["rng"])

@@ -38,7 +38,11 @@ def add_parser(subparsers) -> None:
     train.add_argument("--dataset-column", default="text")
     train.add_argument("--lr", type=float, default=None)
     train.add_argument("--ls-tokens", type=int, default=32768,
-                       help="tokens for the fast recipe's least-squares warm start")
+                       help="most tokens the fast recipe's least-squares warm start reads "
+                       "(whole batches, at most one pass over the data; 0: none). With "
+                       "--steps 0 the lens is the warm start alone")
+    train.add_argument("--lens-device", default=None,
+                       help="device of the lens and its KL targets (default: the model's)")
     train.add_argument("--no-bf16", action="store_true", help="float32 unembedding matmuls")
     train.add_argument("--checkpoint", default=None, help="checkpoint folder (resumable)")
     train.add_argument("--resume", action="store_true", help="continue from --checkpoint")
@@ -110,19 +114,21 @@ def _train(args, world) -> int:
         model, rows, lens, recipe=args.recipe, steps=args.steps,
         time_budget=args.time_budget, batch_size=args.batch_size,
         micro_batch_size=args.micro_batch_size, lr=args.lr, ls_tokens=args.ls_tokens,
-        bf16=False if args.no_bf16 else None, seed=args.seed,
+        bf16=False if args.no_bf16 else None, seed=args.seed, lens_device=args.lens_device,
         checkpoint_dir=args.checkpoint, resume=args.resume, progress=world.is_main,
     )
     if not world.is_main:
         return 0
     training = {"steps": result.steps, "tokens_seen": result.tokens_seen,
                 "warm_start_tokens": result.warm_start_tokens,
+                "warm_start_stop": result.warm_start_stop, "lens_device": result.lens_device,
                 "seconds": round(result.seconds, 1), "config": result.config,
                 "processes": result.world_size, "stop_reason": result.stop_reason,
                 "kl_skipped": result.kl_skipped, "text": args.text, "dataset": args.dataset,
                 "seq_len": args.seq_len, "seed": args.seed}
     path = save_tuned_lens(result.lens, args.out, training=training)
-    print(f"wrote {path} ({result.warm_start_tokens} warm-start tokens, {result.steps} KL "
+    print(f"wrote {path} ({result.warm_start_tokens} warm-start tokens (stopped by "
+          f"{result.warm_start_stop}), {result.steps} KL "
           f"steps, {result.seconds:.0f} s, {result.world_size} process(es), stopped by "
           f"{result.stop_reason})")
     return 0

@@ -17,7 +17,12 @@ from torch import Tensor
 
 from tl_lenses import devices
 from tl_lenses.lenses.tuned.budget import SAFETY, Clock
-from tl_lenses.lenses.tuned.checkpoint import load_checkpoint, save_checkpoint
+from tl_lenses.lenses.tuned.checkpoint import (
+    load_checkpoint,
+    restore_trainer,
+    save_checkpoint,
+    trainer_state,
+)
 from tl_lenses.lenses.tuned.config import TrainConfig, TrainResult, _optimizer
 from tl_lenses.lenses.tuned.distributed import World
 from tl_lenses.lenses.tuned.kl import kl_backward, residuals
@@ -375,36 +380,15 @@ class Trainer:
         if not self.world.is_main:
             return
         begin = time.perf_counter()
-        save_checkpoint(self.cfg.checkpoint_dir, {
-            "lens": self.lens.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "step": self.step, "tokens_seen": self.tokens_seen, "losses": self.loss_values(),
-            "elapsed": self.clock.elapsed(), "hook_names": self.lens.hook_names,
-            "recipe": self.cfg.recipe, "batch_rows": self.batch_rows,
-            "data": self.source.state_dict(), "rng": torch.get_rng_state(),
-            "warm_start_tokens": self.warm_tokens, "warm_start_stop": self.warm_stop})
+        save_checkpoint(self.cfg.checkpoint_dir, trainer_state(self))
         self.clock.record("save", time.perf_counter() - begin)
 
     def load(self) -> bool:
         """Restore from ``checkpoint_dir``; False when there is no checkpoint."""
         state = load_checkpoint(self.cfg.checkpoint_dir)
-        if state is None:
-            return False
-        if state["hook_names"] != self.lens.hook_names or state["recipe"] != self.cfg.recipe:
-            raise ValueError(f"checkpoint in {self.cfg.checkpoint_dir} is for another lens "
-                             "or recipe")
-        if state["batch_rows"] != self.batch_rows:
-            raise ValueError(f"checkpoint in {self.cfg.checkpoint_dir} has batches of "
-                             f"{state['batch_rows']} rows, not {self.batch_rows}")
-        self.lens.load_state_dict(state["lens"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
-        self.losses, self.clock.offset = list(state["losses"]), state["elapsed"]
-        self.source.load_state_dict(state["data"])
-        self.warm_tokens = state["warm_start_tokens"]
-        self.warm_stop = state.get("warm_start_stop",       # older checkpoints lack it
-                                   "ls_tokens" if self.warm_tokens else "none")
-        torch.set_rng_state(state["rng"])
-        return True
+        if state is not None:
+            restore_trainer(self, state)
+        return state is not None
 
 
 def _progress(iterable, enabled: bool, desc: str, **kwargs):
