@@ -69,8 +69,15 @@ def train_tuned_lens(model, tokens: Int[Tensor, "batch pos"] | TokenStream | Ten
     rank runs the model on its share of every global batch and the ranks' gradients and
     least-squares moments are summed, so N processes train the lens one process does.
 
+    The warm start reads at most ``ls_tokens`` (whole batches) and at most one pass over
+    the data; ``steps`` counts KL steps (``steps=0``: the least-squares lens alone). The
+    model may be spread over several devices of this process (TL's ``n_devices``, a
+    Bridge's ``device_map``): the lens then lives on the unembedding's device (or
+    ``lens_device``) and each layer's residual is moved there.
+
     Args:
-        model: a ``HookedTransformer`` or ``TransformerBridge``.
+        model: a ``HookedTransformer`` or ``TransformerBridge``, on one device or spread
+            over several (:func:`tl_lenses.devices.lens_device`).
         tokens: int token rows ``[batch, pos]`` (e.g. ``token_split(...).train``; shuffled
             per epoch, seeded, never runs out) or a :class:`~tl_lenses.streams.TokenStream`
             (read in order; training stops when it ends). Every rank passes the same data.
@@ -82,7 +89,7 @@ def train_tuned_lens(model, tokens: Int[Tensor, "batch pos"] | TokenStream | Ten
             schedule, RNG and data position: the result equals an uninterrupted run).
         **overrides: :class:`TrainConfig` fields (``recipe``, ``steps``, ``time_budget``
             in seconds, ``batch_size`` in rows over all processes, ``micro_batch_size``,
-            ``lr``, ``seed``, ...).
+            ``lr``, ``seed``, ``ls_tokens``, ``lens_device``, ...).
 
     Returns:
         A :class:`TrainResult`: the lens, the per-step mean KL over layers (nats), steps,
@@ -92,7 +99,9 @@ def train_tuned_lens(model, tokens: Int[Tensor, "batch pos"] | TokenStream | Ten
     Raises:
         ValueError: naming the argument: tokens that are not int ``[batch, pos]`` ids of the
             vocabulary, an unknown ``recipe`` or config field, ``batch_size`` not a multiple
-            of the number of processes, a checkpoint for another lens or recipe.
+            of the number of processes, a checkpoint for another lens or recipe, a
+            ``lens_device`` that is no usable device, a spread model with offloaded
+            (meta) weights.
         TypeError: ``lens`` is not a :class:`TunedLens`.
         RuntimeError: launched by ``torchrun`` without a process group.
 
