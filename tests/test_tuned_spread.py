@@ -148,3 +148,13 @@ def test_tiny_spread_refuses_what_tl_cannot_split():
     if HAS_HOOKED:
         with pytest.raises(ValueError, match="consecutive CUDA"):
             tiny_spread("gpt2", "hooked", ("cpu", "cuda:0"))
+
+
+def test_training_refuses_a_model_with_offloaded_weights():
+    """Real weights beside meta placeholders (accelerate's CPU/disk offload): refused."""
+    model = tiny_default("gpt2")
+    model.register_buffer("stray", torch.zeros(1, device="meta"))
+    with pytest.raises(ValueError, match="meta device.*offload"):
+        train_tuned_lens(model, _rows(), steps=1, progress=False)
+    with pytest.raises(ValueError, match="meta device.*offload"):
+        TunedLens.for_model(model)
