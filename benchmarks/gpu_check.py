@@ -246,7 +246,9 @@ def spread_checks(*, smoke: bool = False) -> dict[str, dict]:
                 b = train_tuned_lens(whole, tokens, **kw)
                 d = max(_close(a.lens.state_dict()[k], v) for k, v in b.lens.state_dict().items())
                 dl = _close(torch.tensor(a.losses), torch.tensor(b.losses))
-                where = torch.device(a.lens_device) == torch.device(pair[1])
+                # the lens on the unembedding's GPU, and the weights really on two GPUs
+                where = torch.device(a.lens_device) == torch.device(pair[1]) and \
+                    (smoke or len(placed) == 2)
                 rows[f"{tag}: {recipe} lens"] = {
                     "ok": d < tolerance and dl < tolerance and where,
                     "detail": f"weights on {placed}, lens on {a.lens_device}; lens rel diff "
