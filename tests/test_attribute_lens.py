@@ -11,6 +11,7 @@ from conftest import assert_no_hooks, assert_weights_unchanged, weights_snapshot
 from tl_lenses.lenses.attribute.lens import AttributeLens, attribute_lens
 from tl_lenses.lenses.attribute.lre import (
     LRE,
+    _jacobian_kv_cache,
     estimate_lre,
     lre_from_jacobians,
     relation_jacobian,
@@ -34,7 +35,13 @@ from tl_lenses.lenses.attribute.relations import (
 )
 from tl_lenses.lenses.logit import logit_lens
 from tl_lenses.models import bridge_from_hf, hooked_from_hf, llama_config
-from tl_lenses.tiny import byte_tokenizer, gpt2_config, tiny_default, tiny_hf_model
+from tl_lenses.tiny import (
+    byte_tokenizer,
+    gpt2_config,
+    tiny_default,
+    tiny_hf_model,
+    tiny_hooked,
+)
 
 PROMPT = "ab cd ef gh"
 
@@ -80,6 +87,18 @@ def test_kv_cache_jacobian_matches_hooks_on_both_backends(tiny_models, layer):
         torch.testing.assert_close(fast.jacobian, sample.jacobian, atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(fast.s, sample.s, atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(fast.z, sample.z, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama-gqa", "gpt2"])
+def test_kv_cache_jacobian_keeps_no_reverse_mode_graph(arch):
+    """Forward mode needs no backward pass: the Jacobian must not hold an autograd graph
+    (it did, through the weights, and kept every vmapped activation: 12 GB on SmolLM2)."""
+    model = tiny_hooked(arch)
+    tokens, pos = subject_position(model, PROMPT, "cd")
+    s, z, jac = _jacobian_kv_cache(model, tokens, 1, pos)
+    assert not (s.requires_grad or z.requires_grad or jac.requires_grad)
+    assert jac.grad_fn is None and jac.abs().max() > 1e-4
+    assert all(p.grad is None for p in model.parameters())
 
 
 def test_z_is_the_final_residual_before_the_norm(tiny_model):

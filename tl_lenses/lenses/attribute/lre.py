@@ -197,8 +197,14 @@ def _jacobian_kv_cache(model, tokens: Tensor, layer: int, pos: int):
         suffix = model(tokens[:, pos:], past_kv_cache=cache, stop_at_layer=layer)
 
     def final_residual(s: Tensor) -> Tensor:
-        resid = torch.cat([s[None, None], suffix[:, 1:]], dim=1)
-        out = model(resid, start_at_layer=layer, stop_at_layer=n_layers, past_kv_cache=cache)
+        # no_grad inside: torch.func transforms turn grad mode back on, and the weights
+        # require grad, so autograd kept every vmapped activation of every chunk for a
+        # backward pass that never comes (12 GB on SmolLM2). Forward-mode tangents do not
+        # depend on grad mode.
+        with torch.no_grad():
+            resid = torch.cat([s[None, None], suffix[:, 1:]], dim=1)
+            out = model(resid, start_at_layer=layer, stop_at_layer=n_layers,
+                        past_kv_cache=cache)
         return out[0, -1]
 
     s = suffix[0, 0].clone()
