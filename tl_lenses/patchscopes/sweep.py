@@ -29,6 +29,7 @@ from tl_lenses.patchscopes.core import (
     AffineMap,
     Transform,
     apply_transform,
+    check_context,
     check_generation,
     run_patched,
     source_states,
@@ -180,6 +181,8 @@ def patchscope_sweep(
                          f"({len(t_tokens)}), got {target_position!r}")
     t_pos = [resolve_position(p, t.shape[1], argument="target_position")
              for p, t in zip(wanted, t_tokens)]
+    for t in t_tokens:
+        check_context(target_model, t.shape[1], max_new_tokens, argument="target_prompts")
     with model.hooks(fwd_hooks=list(source_fwd_hooks)):
         cases, values = _source_cases(model, sources, s_layers, positions, t_layers, pairs)
     patched = apply_transform(transform, values, target_model.cfg.d_model)
