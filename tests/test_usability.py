@@ -8,6 +8,7 @@ import tl_lenses as tll
 from tests.conftest import assert_no_hooks
 from tl_lenses.patchscopes import presets
 from tl_lenses.tiny import tiny_bridge, tiny_hooked
+from tl_lenses.viz.notebook import NotebookView
 
 
 def _small_ctx(arch: str, backend: str):
@@ -46,3 +47,56 @@ def test_generation_past_n_ctx_is_refused_on_every_path(short_model):
     # The longest generation that fits runs, and fills the context exactly.
     result = tll.patchscope(model, "hello world", target, source_layer=1, max_new_tokens=fits)
     assert result.generated_ids.shape == (fits,)
+
+
+def _public_result_classes():
+    import dataclasses
+    import importlib
+    import inspect
+    import pkgutil
+
+    import tl_lenses
+
+    found = {}
+    for info in pkgutil.walk_packages(tl_lenses.__path__, "tl_lenses."):
+        if "._" in info.name or info.name.endswith(("cli", "__main__")):
+            continue
+        module = importlib.import_module(info.name)
+        for name, cls in inspect.getmembers(module, inspect.isclass):
+            if cls.__module__ == info.name and not name.startswith("_") \
+                    and dataclasses.is_dataclass(cls) and hasattr(cls, "to_html"):
+                found[f"{info.name}.{name}"] = cls
+    return found
+
+
+def test_every_public_result_class_displays_itself_in_a_notebook():
+    classes = _public_result_classes()
+    assert {"AlignmentResult", "CausalResult", "CurrentNextResult", "DriftResult",
+            "LRECausalityResult", "ObjectivesResult", "RetrainedResult", "DLAResult",
+            "SweepResult"} <= {name.rsplit(".", 1)[1] for name in classes}
+    missing = [name for name, cls in classes.items()
+               if not issubclass(cls, NotebookView) or cls._view_html is NotebookView._view_html]
+    assert not missing
+
+
+def test_analysis_results_render_inline_and_current_next_says_never(tiny_model):
+    from tl_lenses import analysis
+
+    tokens = tiny_model.to_tokens(["the cat sat on the mat", "a dog ran in the park"])
+    result = analysis.current_vs_next(tiny_model, tokens, {"logit": tll.LogitLens()},
+                                      progress=False)
+    html = result._repr_html_()
+    assert html.startswith("<div class='tll'")
+    assert "from layer None" not in html and "nan" not in html.split("</style>", 1)[1]
+    if result.crossover("logit") is None:
+        assert "token never" in html
+    empty = [g for g, n in result.counts.items() if n == 0]
+    assert ("no tokens" in html) == bool(empty)
+
+
+def test_head_path_repr_is_short_and_names_the_top_paths(tiny_model):
+    paths = tll.head_path_dla(tiny_model, "the cat sat", [1, 2])
+    text = repr(paths)
+    assert len(text) < 600 and "tensor(" not in text
+    assert str(tuple(paths.values.shape)) in text
+    assert paths.top(1).items()[0][0] in text

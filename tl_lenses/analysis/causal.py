@@ -38,13 +38,14 @@ from tl_lenses.analysis._stream import (
 from tl_lenses.hooks import final_resid_name, resid_names, short_label
 from tl_lenses.lenses.logit import LogitLens
 from tl_lenses.readout.lens import Lens
+from tl_lenses.viz.notebook import NotebookView
 
 INTERVENTIONS = ("top-token", "resample")
 EFFECTS = ("lens_kl", "model_kl", "lens_drop", "model_drop")
 
 
 @dataclass
-class CausalResult:
+class CausalResult(NotebookView):
     """Per lens and layer: the effects of the intervention on the lens and on the model.
 
     ``effects[lens][name]`` is ``[layer, rows]`` (one sampled position per text row), with
@@ -77,6 +78,9 @@ class CausalResult:
         from tl_lenses.analysis.view import causal_html
 
         return causal_html(self)
+
+    def _view_html(self, full: bool = False, **view) -> str:
+        return self.to_html()
 
     def save_png(self, path) -> Path:
         """Mean lens vs model effect and their correlation per layer."""

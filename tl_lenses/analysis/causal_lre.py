@@ -29,12 +29,13 @@ from tl_lenses.lenses.attribute.metrics import (
     least_squares_lre,
 )
 from tl_lenses.lenses.attribute.relations import Relation
+from tl_lenses.viz.notebook import NotebookView
 
 DEFAULT_RANKS = (2, 4, 8, 16, 32, 64, 128, 256)
 
 
 @dataclass
-class LRECausalityResult:
+class LRECausalityResult(NotebookView):
     """Causality per operator (``"jacobian"`` = the LRE, ``"identity"``, ``"least squares"``).
 
     ``validation[method]``: causality at each of ``ranks`` on the validation pairs;
@@ -68,6 +69,9 @@ class LRECausalityResult:
         from tl_lenses.analysis.view import lre_causality_html
 
         return lre_causality_html(self)
+
+    def _view_html(self, full: bool = False, **view) -> str:
+        return self.to_html()
 
     def save_png(self, path) -> Path:
         """Validation causality against the rank of the inverse, one line per operator."""

@@ -28,10 +28,11 @@ from torch import Tensor
 from tl_lenses.analysis._stream import batches, cached, check_positive, check_tokens, frozen_unembed
 from tl_lenses.hooks import resid_names, short_label
 from tl_lenses.lenses.tuned.lens import TunedLens
+from tl_lenses.viz.notebook import NotebookView
 
 
 @dataclass
-class DriftResult:
+class DriftResult(NotebookView):
     """Layer x layer similarities of the residual stream (``n_layers + 1`` rows).
 
     ``cka`` and ``covariance``: ``[layer, layer]``, symmetric, 1 on the diagonal.
@@ -59,6 +60,9 @@ class DriftResult:
         from tl_lenses.analysis.view import drift_html
 
         return drift_html(self)
+
+    def _view_html(self, full: bool = False, **view) -> str:
+        return self.to_html()
 
     def save_png(self, path) -> Path:
         """CKA, covariance similarity and translator transfer side by side."""

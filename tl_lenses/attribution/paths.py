@@ -157,6 +157,14 @@ class HeadPathResult(NotebookView):
         patterns = head_patterns(model, self.tokens.to(model.cfg.device), pairs)
         return replace(self, attention=dict(zip(self.heads, patterns)))
 
+    def __repr__(self) -> str:
+        # The dataclass repr would print the whole values tensor.
+        top = self.top(3)
+        shown = ", ".join(f"{label}={v:+.3g}" for label, v in top.items())
+        return (f"HeadPathResult(values {tuple(self.values.shape)} [head, source, batch, "
+                f"src_pos, direction], position {self.position}, directions "
+                f"{self.directions}: top paths {shown})")
+
     def to_html(self, **view) -> str:
         """Head totals, the top paths and (when present) the heads' attention, as HTML."""
         return _view.paths_view(self, True, **view)
