@@ -100,3 +100,50 @@ def test_head_path_repr_is_short_and_names_the_top_paths(tiny_model):
     assert len(text) < 600 and "tensor(" not in text
     assert str(tuple(paths.values.shape)) in text
     assert paths.top(1).items()[0][0] in text
+
+
+@pytest.fixture(params=[pytest.param("hooked", marks=pytest.mark.hooked), "bridge"])
+def long_model(request):
+    """A tiny llama with room (n_ctx 256) for few-shot relation prompts in bytes."""
+    return (tiny_hooked if request.param == "hooked" else tiny_bridge)("llama-gqa", n_ctx=256)
+
+
+def test_a_relation_name_works_wherever_a_relation_does(long_model, tmp_path):
+    import json
+
+    from tl_lenses import analysis
+    from tl_lenses.lenses.attribute import metrics
+    from tl_lenses.lenses.attribute.relations import Relation, Sample, get_relation
+
+    model = long_model
+    swept = metrics.sweep(model, "country_capital", [1], n=4)
+    assert [lre.relation for lre in swept.lres] == [get_relation("country_capital").name]
+    # A random model knows no capitals: by name and by object it fails the same way,
+    # past the relation's resolution (the split ran).
+    for relation in ("country_capital", get_relation("country_capital")):
+        with pytest.raises(ValueError, match="too few held-out subjects of 'country capital"):
+            analysis.lre_causality(model, relation, 1, n=4, ranks=[2, 8])
+    # A relation file by path gives what the Relation object gives.
+    letters = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMN"
+    pairs = list(zip(letters[:30], letters[10:40]))
+    relation = Relation("at end", ("{}",), tuple(Sample(s, o) for s, o in pairs))
+    path = tmp_path / "at_end.json"
+    path.write_text(json.dumps({"name": "at end", "prompt_templates": ["{}"], "samples": [
+        {"subject": s, "object": o} for s, o in pairs]}))
+    by_path = analysis.lre_causality(model, str(path), 1, n=4, ranks=[2, 8], own_answers=True)
+    by_object = analysis.lre_causality(model, relation, 1, n=4, ranks=[2, 8], own_answers=True)
+    assert by_path.test == by_object.test and by_path.validation == by_object.validation
+    with pytest.raises(TypeError, match="relation must be a Relation"):
+        get_relation(3)
+    with pytest.raises(ValueError, match="relation must be a starter name"):
+        analysis.lre_causality(model, "no_such_relation", 1)
+
+
+def test_lre_causality_default_ranks_fit_d_model(tiny_model):
+    from tl_lenses.analysis.causal_lre import check_ranks
+
+    d = tiny_model.cfg.d_model
+    assert check_ranks(None, d) == [r for r in (2, 4, 8, 16, 32, 64, 128, 256) if r <= d]
+    for bad in ([], [0], [d + 1], "8", [2.5]):
+        with pytest.raises(ValueError, match="ranks must be"):
+            check_ranks(bad, d)
