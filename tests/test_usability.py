@@ -147,3 +147,49 @@ def test_lre_causality_default_ranks_fit_d_model(tiny_model):
     for bad in ([], [0], [d + 1], "8", [2.5]):
         with pytest.raises(ValueError, match="ranks must be"):
             check_ranks(bad, d)
+
+
+def _letters_relation(path):
+    import json
+
+    letters = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMN"
+    path.write_text(json.dumps({"name": "at end", "prompt_templates": ["{}"], "samples": [
+        {"subject": s, "object": o} for s, o in zip(letters[:30], letters[10:40])]}))
+    return str(path)
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--ranks", "2,64"], "--ranks"),                       # 64 > d_model = 32
+    (["--ranks", "0"], "--ranks"),
+    (["--lre-layer", "9"], "--lre-layer"),                  # the tiny model has 3 layers
+    (["--relation", "no_such_relation"], "--relation"),
+])
+def test_analyze_causal_checks_the_lre_settings_before_writing(flags, named, capsys, tmp_path):
+    from tl_lenses.cli import main
+
+    out = tmp_path / "r.html"
+    argv = ["analyze", "causal", "--model", "tiny-llama", "--generate", "4", "--seq-len", "16",
+            "--out", str(out), *flags]
+    if "--relation" not in flags:
+        argv += ["--relation", _letters_relation(tmp_path / "rel.json")]
+    assert main(argv) == 2
+    assert named in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_analyze_causal_puts_the_lre_table_in_the_report(capsys, tmp_path):
+    from tl_lenses.cli import main
+
+    out = tmp_path / "r.html"
+    code = main(["analyze", "causal", "--model", "tiny-llama", "--backend", "bridge",
+                 "--device", "cpu", "--dtype", "float32", "--generate", "4", "--seq-len", "16",
+                 "--rows", "2", "--relation", _letters_relation(tmp_path / "rel.json"),
+                 "--own-answers", "--out", str(out)])
+    assert code == 0
+    html = out.read_text()
+    # Default ranks fit d_model = 32; the default layer fits the 3-layer model.
+    assert "LRE causality" in html and "at end, layer 1" in html
+    header = html[html.index("validation causality by rank"):]
+    assert all(f"<th>{r}</th>" in header for r in (2, 4, 8, 16, 32))
+    assert "<th>64</th>" not in header
+    assert "jacobian" in capsys.readouterr().out
