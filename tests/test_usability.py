@@ -193,3 +193,51 @@ def test_analyze_causal_puts_the_lre_table_in_the_report(capsys, tmp_path):
     assert all(f"<th>{r}</th>" in header for r in (2, 4, 8, 16, 32))
     assert "<th>64</th>" not in header
     assert "jacobian" in capsys.readouterr().out
+
+
+def _refused(call, error, match, model):
+    with pytest.raises(error, match=match):
+        call()
+    assert_no_hooks(model)
+
+
+def test_bad_arguments_are_refused_naming_them(tiny_model):
+    from tl_lenses import analysis
+
+    m, prompt, directions = tiny_model, "the cat sat", [1, 2]
+    # Under the tests' runtime type check a wrong type may be caught (a TypeError naming
+    # the parameter) before the function's own check: accept either wording.
+    param = r"(parameter '{0}'|{0} must)"
+    _refused(lambda: tll.patchscope_sweep(m, "hello", "cat x", batch_size=0), ValueError,
+             "batch_size must be an int >= 1", m)
+    for positions in (1.0, "last", [0, 1.5]):
+        _refused(lambda: tll.dla(m, prompt, directions, positions=positions),
+                 (TypeError, ValueError), param.format("positions"), m)
+    _refused(lambda: tll.head_path_dla(m, prompt, directions, position=99), ValueError,
+             r"^position must", m)
+    _refused(lambda: tll.dla(m, prompt, directions, neurons="yes"), TypeError,
+             param.format("neurons"), m)
+    _refused(lambda: tll.logit_lens(m, prompt, layers=1), TypeError,
+             param.format("layers"), m)
+    _refused(lambda: analysis.current_vs_next(m, m.to_tokens(["ab cd ef"]), [tll.LogitLens()],
+                                              progress=False),
+             TypeError, param.format("lenses"), m)
+    _refused(lambda: presets.chain_of_thought(m, inner="", source_layers=[1]), ValueError,
+             "inner must be a non-empty string", m)
+    result = tll.dla(m, prompt, directions)
+    for key in (3.5, [0, 2.5], None):
+        with pytest.raises(TypeError, match="a DLAResult is indexed by"):
+            result[key]
+    assert result[[0, "b_U"]].labels == [result.labels[0], "b_U"]
+
+
+def test_layer_grid_refuses_a_missing_source_and_values_of_the_wrong_length(tiny_model):
+    sweep = tll.patchscope_sweep(tiny_model, "hello", "cat x", source_layers=[0, 1],
+                                 pairs="same")
+    values = list(range(len(sweep)))
+    grid, rows, cols = sweep.layer_grid(values)
+    assert [grid[i][i] for i in range(2)] == values and rows == cols == [0, 1]
+    with pytest.raises(ValueError, match=r"source_index must be one of .*\[0\], got 5"):
+        sweep.layer_grid(values, source_index=5)
+    with pytest.raises(ValueError, match=rf"one value per case \({len(sweep)}\), got 1"):
+        sweep.layer_grid([1])

@@ -30,6 +30,7 @@ from torch import Tensor
 from tl_lenses.analysis._stream import (
     batches,
     cached,
+    check_lenses,
     check_positive,
     check_tokens,
     frozen_unembed,
@@ -130,7 +131,7 @@ def causal_fidelity(
     check_positive(rank=rank, batch_size=batch_size)
     if rank > model.cfg.d_model:
         raise ValueError(f"rank must be <= d_model={model.cfg.d_model}, got {rank}")
-    lenses = dict(lenses or {"logit lens": LogitLens()})
+    lenses = check_lenses(lenses, {"logit lens": LogitLens()})
     names = _layer_names(model, layers)
     unembed = frozen_unembed(model)
     reads = {key: [_read_map(lens, name, model.cfg.d_model) for name in names]

@@ -19,7 +19,14 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from tl_lenses.analysis._stream import batches, cached, check_positive, check_tokens, frozen_unembed
+from tl_lenses.analysis._stream import (
+    batches,
+    cached,
+    check_lenses,
+    check_positive,
+    check_tokens,
+    frozen_unembed,
+)
 from tl_lenses.hooks import resid_names, short_label
 from tl_lenses.lenses.logit import LogitLens
 from tl_lenses.readout.lens import Lens
@@ -103,7 +110,7 @@ def current_vs_next(
     """
     check_tokens(model, tokens)
     check_positive(common=common, chunk=chunk)
-    lenses = dict(lenses or {"logit lens": LogitLens()})
+    lenses = check_lenses(lenses, {"logit lens": LogitLens()})
     names = resid_names(model)
     rare = ~common_ids(tokens, common, model.cfg.d_vocab)
     unembed = frozen_unembed(model)

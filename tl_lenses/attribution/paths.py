@@ -306,7 +306,7 @@ def head_path_dla(
     dirs = logit_directions(model, directions)
     if not isinstance(position, int) or isinstance(position, bool):
         raise ValueError(f"position must be one int (the destination token), got {position!r}")
-    selection = batch.select(position)
+    selection = batch.select(position, argument="position")
     if not bool(selection.mask.all()):
         raise ValueError(f"position {position} is beyond the end of prompts "
                          f"{(~selection.mask[:, 0]).nonzero()[:, 0].tolist()}")

@@ -39,6 +39,9 @@ def select_hook_names(model, hook_names=None, layers=None, incl_mid: bool = Fals
         return check_hook_names(model, hook_names)
     if layers is None:
         return resid_names(model, incl_mid=incl_mid)
+    if isinstance(layers, (int, str)) or not hasattr(layers, "__len__"):
+        raise TypeError(f"layers must be a list of ints (for one layer: [{layers!r}]), "
+                        f"got {layers!r}")
     if not len(layers):
         raise ValueError("layers must name at least one residual-stream layer")
     return [resolve_layer(model, layer, argument="layers")[1] for layer in layers]
