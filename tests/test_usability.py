@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 import tl_lenses as tll
 from tests.conftest import assert_no_hooks
@@ -241,3 +242,16 @@ def test_layer_grid_refuses_a_missing_source_and_values_of_the_wrong_length(tiny
         sweep.layer_grid(values, source_index=5)
     with pytest.raises(ValueError, match=rf"one value per case \({len(sweep)}\), got 1"):
         sweep.layer_grid([1])
+
+
+def test_residual_drift_refuses_one_row_minibatches_and_names_the_offset_given(tiny_model):
+    from tl_lenses import analysis
+
+    rows = tiny_model.to_tokens(["the cat sat on the mat", "a dog ran in the park"])
+    with pytest.raises(ValueError, match="cka_rows must be >= 2.*got 1"):
+        analysis.residual_drift(tiny_model, rows, cka_rows=1, progress=False)
+    with pytest.raises(ValueError, match="max_offset must be None or an int >= 0, got -5"):
+        analysis.residual_drift(tiny_model, rows, max_offset=-5, progress=False)
+    # Two rows per minibatch is the least with a defined CKA: the diagonal is exactly 1.
+    result = analysis.residual_drift(tiny_model, rows, cka_rows=2, progress=False)
+    assert torch.allclose(result.cka.diagonal(), torch.ones(len(result.hook_names)))
