@@ -255,3 +255,63 @@ def test_residual_drift_refuses_one_row_minibatches_and_names_the_offset_given(t
     # Two rows per minibatch is the least with a defined CKA: the diagonal is exactly 1.
     result = analysis.residual_drift(tiny_model, rows, cka_rows=2, progress=False)
     assert torch.allclose(result.cka.diagonal(), torch.ones(len(result.hook_names)))
+
+
+def test_collector_result_before_a_run_says_to_run_its_hooks(tiny_model):
+    from tl_lenses.readout.apply import LensCollector
+
+    collector = LensCollector(tiny_model)
+    tokens = tiny_model.to_tokens("the cat")
+    with pytest.raises(ValueError, match=r"fwd_hooks=collector\.fwd_hooks\(\)"):
+        collector.result(tokens)
+    tiny_model.run_with_hooks(tokens, fwd_hooks=collector.fwd_hooks())
+    expected = tll.logit_lens(tiny_model, tokens)
+    assert torch.equal(collector.result(tokens).top_ids, expected.top_ids)
+
+
+def test_cli_errors_name_the_flags_not_the_python_arguments(capsys, tmp_path):
+    from tl_lenses.cli import as_flags, main
+
+    out = tmp_path / "p.html"
+    assert main(["patchscope", "sweep", "hello", "--layers", "9", "--model", "tiny-llama",
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--layers must be" in err and "source_layers" not in err and not out.exists()
+    assert main(["dla", "ab cd", "--answer", "ab", "--model", "tiny-llama",
+                 "--out", str(tmp_path / "d.html")]) == 2
+    assert "error: --answer 'ab' is 2 tokens" in capsys.readouterr().err
+    # Prose holding the word is left alone; a clause that starts with it is mapped.
+    names = {"answer": "--answer"}
+    assert as_flags("the answer is", names) == "the answer is"
+    assert as_flags("x; answer must be one token", names) == "x; --answer must be one token"
+
+
+def test_tl4_refusal_of_hooked_names_what_was_asked(monkeypatch):
+    from tl_lenses import _compat
+
+    monkeypatch.setattr(_compat, "HAS_HOOKED", False)
+    with pytest.raises(NotImplementedError) as info:
+        _compat.hooked_classes()
+    message = str(info.value)
+    assert message.startswith("backend='hooked'") and "needs HookedTransformer" not in message
+    assert "backend='bridge'" in message
+
+
+def test_load_lre_takes_the_folder_or_its_config_file(tmp_path):
+    from tl_lenses.lenses.attribute import LRE, load_lre, save_lre
+    from tl_lenses.tiny import tiny_default
+
+    model = tiny_default("llama-gqa")
+    lre = LRE.identity(model.cfg.d_model, layer=1, relation="r", template="{}")
+    folder = save_lre(lre, tmp_path / "lre_a", model)
+    by_file = load_lre(folder / "lre.json", model)
+    assert torch.equal(by_file.weight, load_lre(folder, model).weight)
+    stray = tmp_path / "notes.txt"
+    stray.write_text("x")
+    with pytest.raises(FileNotFoundError, match="is a file: give the .* folder"):
+        load_lre(stray, model)
+    # Both models are built in memory (named 'external'): the message shows what differs.
+    other = tiny_default("gpt2")
+    with pytest.raises(ValueError, match="different model") as info:
+        load_lre(folder, other)
+    assert "'external' vs 'external'" not in str(info.value)

@@ -55,7 +55,10 @@ def add_parser(subparsers) -> None:
             parser.add_argument("--own-answers", action="store_true",
                                 help="score the LRE against the model's own answers (for "
                                      "models that do not know the relation)")
-        parser.set_defaults(func=RUNNERS[name])
+        # The library's argument names, as the user typed them (tl_lenses.cli.as_flags).
+        parser.set_defaults(func=RUNNERS[name], flag_names={
+            "batch_size": "--batch-size", "layers": "--layers", "steps": "--steps",
+            "lr": "--lr", "rank": "--rank", "relation": "--relation", "layer": "--lre-layer"})
 
 
 def _common(parser) -> None:
