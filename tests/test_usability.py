@@ -315,3 +315,40 @@ def test_load_lre_takes_the_folder_or_its_config_file(tmp_path):
     with pytest.raises(ValueError, match="different model") as info:
         load_lre(folder, other)
     assert "'external' vs 'external'" not in str(info.value)
+
+
+def _resolves(dotted: str) -> bool:
+    import importlib
+
+    parts = dotted.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        for name in parts[i:]:
+            if not hasattr(obj, name):
+                return False
+            obj = getattr(obj, name)
+        return True
+    return False
+
+
+def test_every_tl_lenses_name_in_the_docs_imports():
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    broken = []
+    for doc in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        text = doc.read_text(encoding="utf-8")
+        names = set(re.findall(r"\btl_lenses(?:\.[A-Za-z_]\w*)+", text))
+        for module, imported in re.findall(r"^\s*from (tl_lenses[\w.]*) import ([\w, ]+)$",
+                                           text, flags=re.M):
+            names |= {f"{module}.{n.split(' as ')[0].strip()}" for n in imported.split(",")}
+        broken += [f"{doc.name}: {name}" for name in sorted(names) if not _resolves(name)]
+        # Paths inside the package (a cache folder under ~/.cache is not one).
+        for path in set(re.findall(r"(?<![~/.\w])tl_lenses/[\w/.]*\w", text)):
+            if not (root / path).exists():
+                broken.append(f"{doc.name}: {path}")
+    assert not broken

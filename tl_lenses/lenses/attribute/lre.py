@@ -279,7 +279,9 @@ def estimate_lre(
         rank: truncate ``W`` to this rank (SVD), or None.
         template: which of the relation's prompt templates.
         seed: the draw of training subjects.
-        method: ``"auto"``, ``"jvp"`` (forward mode over a KV-cached prefix) or ``"hooks"``.
+        method: ``"auto"``, ``"kv-cache"`` (forward mode over a KV-cached prefix; a
+            HookedTransformer only) or ``"hooks"`` (re-runs the prompt with a hook); ``"auto"``
+            takes ``"kv-cache"`` where it can.
         progress: log each Jacobian.
 
     Returns:
