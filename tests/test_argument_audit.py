@@ -221,7 +221,7 @@ def test_patchscope_command_keeps_a_zero(capsys, tmp_path):
     code, err = _run(["patchscope", "describe", "ab cd", "--model", "tiny-gpt2", "--target",
                       "ab: x", "--max-new-tokens", "0", "--out", str(tmp_path / "d.html")],
                      capsys)
-    assert code == 2 and "max_new_tokens" in err
+    assert code == 2 and "--max-new-tokens" in err
 
 
 @pytest.mark.parametrize("argv, named", [
@@ -230,8 +230,8 @@ def test_patchscope_command_keeps_a_zero(capsys, tmp_path):
     (["logit-lens", "ab cd", "--statistic", "size"], "--statistic"),
     (["logit-lens", "ab cd", "--statistic", "rank"], "give --png"),
     (["logit-lens", "ab cd", "--target-id", "999999"], "target id 999999"),
-    (["dla", "ab cd", "--answer", "a", "--position", "9"], "positions"),
-    (["dla", "ab cd", "--answer", "ab"], "directions"),
+    (["dla", "ab cd", "--answer", "a", "--position", "9"], "--position"),
+    (["dla", "ab cd", "--answer", "ab"], "--answer 'ab'"),
     (["dla", "ab cd", "--answer", "a", "--k", "0"], "--k"),
     (["patchscope", "identity", "ab cd", "--layers", "0,9"], "layers"),
     (["patchscope", "sweep", "ab cd", "--layers", "x"], "--layers"),

@@ -63,9 +63,9 @@ def require_hooked(feature: str) -> None:
     """
     if not HAS_HOOKED:
         raise HookedTransformerUnavailable(
-            f"{feature} needs HookedTransformer, which TransformerLens {TL_VERSION} no "
-            "longer has; use a TransformerBridge (backend='bridge') or install "
-            "'transformer_lens>=3.5,<4'"
+            f"{feature} is unavailable: TransformerLens {TL_VERSION} has no "
+            "HookedTransformer (removed in 4.0); use a TransformerBridge (backend='bridge', "
+            "--backend bridge) or install 'transformer_lens>=3.5,<4'"
         )
 
 
@@ -75,7 +75,7 @@ def hooked_classes() -> tuple[Any, Any]:
     Raises:
         NotImplementedError: Under TL 4.x (see :func:`require_hooked`).
     """
-    require_hooked("HookedTransformer")
+    require_hooked("backend='hooked' (a HookedTransformer)")
     return _HookedTransformer, _HookedTransformerConfig
 
 

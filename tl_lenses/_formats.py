@@ -87,8 +87,7 @@ def check_same_model(info: dict, model, *, source: str = "lens") -> None:
         if info.get(key) != mine[key]:
             raise ValueError(
                 f"{source} was made for a different model: {key}={info.get(key)!r} there, "
-                f"{mine[key]!r} in this model ({info.get('model_name')!r} vs "
-                f"{mine['model_name']!r})"
+                f"{mine[key]!r} in this model{_names(info, mine)}"
             )
     if info.get("unembed_sha256") == mine["unembed_sha256"]:
         return
@@ -97,9 +96,14 @@ def check_same_model(info: dict, model, *, source: str = "lens") -> None:
                                                         atol=PROBE_RTOL):
         raise ValueError(
             f"{source} was made for a different model: the fingerprint of the final norm and "
-            f"unembedding (W_U) does not match ({info.get('model_name')!r} vs "
-            f"{mine['model_name']!r})"
+            f"unembedding (W_U) does not match{_names(info, mine)}"
         )
+
+
+def _names(info: dict, mine: dict) -> str:
+    # Model names only help when they differ (models built in memory are all 'external').
+    theirs = info.get("model_name")
+    return "" if theirs == mine["model_name"] else f" ({theirs!r} vs {mine['model_name']!r})"
 
 
 def write_folder(path, fmt: str, tensors: dict[str, torch.Tensor], config: dict) -> Path:
@@ -130,6 +134,8 @@ def read_folder(path, fmt: str, model, *, source: str) -> tuple[dict, dict[str, 
     """
     spec = FORMATS[fmt]
     folder = folder_path(path)
+    if folder.is_file() and folder.name in (spec.config, spec.weights):
+        folder = folder.parent          # a file of the folder names the folder
     config = read_json_config(folder, spec.config, fmt, spec.required)
     check_same_model(config["model"], model, source=source)
     return config, read_weights(folder / spec.weights, config)
@@ -149,6 +155,9 @@ def read_json_config(folder: Path, name: str, fmt: str, required: frozenset[str]
         FileNotFoundError: a missing folder or file.
         ValueError: invalid JSON (corrupt, truncated) or another format.
     """
+    if folder.is_file():
+        raise FileNotFoundError(f"{folder} is a file: give the {fmt} folder (the one that "
+                                f"holds {name})")
     if not folder.is_dir():
         raise FileNotFoundError(f"no folder at {folder}")
     path = folder / name

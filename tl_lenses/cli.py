@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import re
 import sys
 
 # Each module defines add_parser(subparsers), which registers a subcommand whose
@@ -39,8 +40,30 @@ def main(argv: list[str] | None = None) -> int:
     # OSError: a --model name that cannot be downloaded; NotImplementedError: a method or
     # backend that refuses the model's architecture.
     except (ValueError, OSError, ModuleNotFoundError, NotImplementedError) as error:
-        print(f"tl-lenses {args.command}: error: {error}", file=sys.stderr)
+        message = as_flags(str(error), getattr(args, "flag_names", {}))
+        print(f"tl-lenses {args.command}: error: {message}", file=sys.stderr)
         return 2
+
+
+def as_flags(message: str, flag_names: dict[str, str]) -> str:
+    """``message`` with the Python argument names a subcommand maps replaced by its flags.
+
+    The library names its arguments (``source_layers must be ...``); on the command line the
+    user typed ``--layers``. Only a name that starts a clause (the message, or after ``; ``,
+    ``: ``, ``, `` or ``(``) and is followed by ``must``, ``is``, ``has``, ``=`` or a quoted
+    value is replaced, so prose that happens to hold the word is left alone.
+
+    Args:
+        message: the error's text.
+        flag_names: Python argument name -> the flag (or positional) that sets it.
+
+    Returns:
+        The message with each mapped name replaced.
+    """
+    for name, flag in flag_names.items():
+        message = re.sub(rf"(^|[;:,] |\()({re.escape(name)})(?=( must| is | has |=| '))",
+                         lambda m, flag=flag: m.group(1) + flag, message)
+    return message
 
 
 if __name__ == "__main__":

@@ -293,23 +293,34 @@ class Batch:
             return {"attention_mask": self.mask.long()}
         return {}
 
-    def select(self, positions) -> Selection:
+    def select(self, positions, *, argument: str = "positions") -> Selection:
         """Per-prompt columns for ``positions`` counted within each prompt.
 
         ``None``: every position of the longest prompt; an int or a list of ints, where a
         negative one counts back from each prompt's own last token (-1 is every prompt's
         last real token). A position a shorter prompt lacks is a masked cell.
+
+        Raises:
+            TypeError: naming ``argument``, for anything but None, an int or a list of ints
+                (a float, a string such as ``"last"``: use -1).
+            ValueError: naming ``argument``, for an empty list or a position out of range.
         """
         longest = int(self.lengths.max())
         if positions is None:
             wanted = list(range(longest))
         else:
+            if isinstance(positions, (str, bytes, float, bool)) or not (
+                    isinstance(positions, int) or hasattr(positions, "__iter__")):
+                raise TypeError(f"{argument} must be None, an int or a list of ints (-1 = the "
+                                f"last token), got {positions!r}")
             wanted = [positions] if isinstance(positions, int) else list(positions)
             bad = [p for p in wanted
                    if isinstance(p, bool) or not isinstance(p, int) or not -longest <= p < longest]
             if bad or not wanted:
-                raise ValueError(f"positions must be non-empty ints in [-{longest}, {longest}) "
-                                 f"(the longest prompt's length), got {bad or wanted}")
+                one = isinstance(positions, int)
+                raise ValueError(f"{argument} must {'be in' if one else 'be non-empty ints in'} "
+                                 f"[-{longest}, {longest}) (the longest prompt's length), got "
+                                 f"{positions if one else bad or wanted}")
         requested = torch.tensor(wanted, device=self.tokens.device)
         lengths = self.lengths[:, None]
         within = torch.where(requested < 0, requested + lengths, requested)   # [batch, n]

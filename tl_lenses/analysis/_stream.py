@@ -8,7 +8,7 @@ analysis keeps), whatever the amount of text.
 from __future__ import annotations
 
 import logging
-from typing import Iterator, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import torch
 from jaxtyping import Int
@@ -38,6 +38,21 @@ def check_positive(**values) -> None:
     for name, value in values.items():
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def check_lenses(lenses, default: dict) -> dict:
+    """``lenses`` as a dict name -> lens (``default`` when None or empty).
+
+    Raises:
+        TypeError: naming ``lenses``, for anything but a mapping of string names to lenses
+            (a list ``[LogitLens()]`` is refused: results are keyed by the names).
+    """
+    if not lenses:
+        return dict(default)
+    if not isinstance(lenses, Mapping) or not all(isinstance(k, str) for k in lenses):
+        raise TypeError(f"lenses must be a dict name -> lens, e.g. {{'logit lens': LogitLens()}}"
+                        f", got {type(lenses).__name__}")
+    return dict(lenses)
 
 
 def batches(model, tokens: Int[Tensor, "batch pos"], batch_size: int, *, desc: str,

@@ -25,12 +25,13 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from tl_lenses.analysis._stream import batches, check_positive, check_tokens
+from tl_lenses.viz.notebook import NotebookView
 
 SUBLAYERS = ("attn", "mlp", "both")
 
 
 @dataclass
-class AlignmentResult:
+class AlignmentResult(NotebookView):
     """Cosine(update, -gradient) per sublayer (:data:`SUBLAYERS`) and block, over tokens.
 
     ``mean[s, l]``: mean cosine; ``histogram[s, l, i]``: token counts in ``bins`` equal bins
@@ -70,6 +71,9 @@ class AlignmentResult:
         from tl_lenses.analysis.view import alignment_html
 
         return alignment_html(self)
+
+    def _view_html(self, full: bool = False, **view) -> str:
+        return self.to_html()
 
     def save_png(self, path) -> Path:
         """Mean cosine with the 10-90 % band per sublayer, by block."""

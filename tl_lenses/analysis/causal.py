@@ -30,6 +30,7 @@ from torch import Tensor
 from tl_lenses.analysis._stream import (
     batches,
     cached,
+    check_lenses,
     check_positive,
     check_tokens,
     frozen_unembed,
@@ -38,13 +39,14 @@ from tl_lenses.analysis._stream import (
 from tl_lenses.hooks import final_resid_name, resid_names, short_label
 from tl_lenses.lenses.logit import LogitLens
 from tl_lenses.readout.lens import Lens
+from tl_lenses.viz.notebook import NotebookView
 
 INTERVENTIONS = ("top-token", "resample")
 EFFECTS = ("lens_kl", "model_kl", "lens_drop", "model_drop")
 
 
 @dataclass
-class CausalResult:
+class CausalResult(NotebookView):
     """Per lens and layer: the effects of the intervention on the lens and on the model.
 
     ``effects[lens][name]`` is ``[layer, rows]`` (one sampled position per text row), with
@@ -77,6 +79,9 @@ class CausalResult:
         from tl_lenses.analysis.view import causal_html
 
         return causal_html(self)
+
+    def _view_html(self, full: bool = False, **view) -> str:
+        return self.to_html()
 
     def save_png(self, path) -> Path:
         """Mean lens vs model effect and their correlation per layer."""
@@ -126,7 +131,7 @@ def causal_fidelity(
     check_positive(rank=rank, batch_size=batch_size)
     if rank > model.cfg.d_model:
         raise ValueError(f"rank must be <= d_model={model.cfg.d_model}, got {rank}")
-    lenses = dict(lenses or {"logit lens": LogitLens()})
+    lenses = check_lenses(lenses, {"logit lens": LogitLens()})
     names = _layer_names(model, layers)
     unembed = frozen_unembed(model)
     reads = {key: [_read_map(lens, name, model.cfg.d_model) for name in names]

@@ -13,6 +13,7 @@ the object?", which a fitted map can answer and the identity cannot.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
@@ -28,13 +29,14 @@ from tl_lenses.lenses.attribute.metrics import (
     faithfulness,
     least_squares_lre,
 )
-from tl_lenses.lenses.attribute.relations import Relation
+from tl_lenses.lenses.attribute.relations import Relation, get_relation
+from tl_lenses.viz.notebook import NotebookView
 
 DEFAULT_RANKS = (2, 4, 8, 16, 32, 64, 128, 256)
 
 
 @dataclass
-class LRECausalityResult:
+class LRECausalityResult(NotebookView):
     """Causality per operator (``"jacobian"`` = the LRE, ``"identity"``, ``"least squares"``).
 
     ``validation[method]``: causality at each of ``ranks`` on the validation pairs;
@@ -69,6 +71,9 @@ class LRECausalityResult:
 
         return lre_causality_html(self)
 
+    def _view_html(self, full: bool = False, **view) -> str:
+        return self.to_html()
+
     def save_png(self, path) -> Path:
         """Validation causality against the rank of the inverse, one line per operator."""
         from tl_lenses.analysis.view import lre_causality_png
@@ -76,18 +81,43 @@ class LRECausalityResult:
         return lre_causality_png(self, path)
 
 
+def default_ranks(d_model: int) -> list[int]:
+    """The ranks of :data:`DEFAULT_RANKS` that fit ``d_model`` (at most ``d_model``)."""
+    return [r for r in DEFAULT_RANKS if r <= d_model]
+
+
+def check_ranks(ranks, d_model: int) -> list[int]:
+    """``ranks`` sorted and deduplicated (None: :func:`default_ranks`), each in [1, d_model].
+
+    Raises:
+        ValueError: naming ``ranks``, for an empty list, a non-int or a rank out of range.
+    """
+    if ranks is None:
+        return default_ranks(d_model)
+    if isinstance(ranks, (str, int)) or not all(
+            isinstance(r, numbers.Integral) and not isinstance(r, bool) for r in ranks):
+        raise ValueError(f"ranks must be a list of ints in [1, d_model={d_model}], got {ranks!r}")
+    ranks = sorted({int(r) for r in ranks})
+    if not ranks or ranks[0] < 1 or ranks[-1] > d_model:
+        raise ValueError(f"ranks must be non-empty ints in [1, d_model={d_model}], got {ranks}")
+    return ranks
+
+
 def lre_causality(
-    model, relation: Relation, layer: int, *, n: int = 8, ranks: Sequence[int] = DEFAULT_RANKS,
+    model, relation: Relation | str, layer: int, *, n: int = 8,
+    ranks: Sequence[int] | None = None,
     seed: int = 0, lre: LRE | None = None, own_answers: bool = False, progress: bool = False,
 ) -> LRECausalityResult:
     """Score an LRE and its baselines with a low-rank inverse chosen on held-out pairs.
 
     Args:
         model: a HookedTransformer or compatibility-mode TransformerBridge.
-        relation: the relation (its held-out subjects give the validation and test pairs).
+        relation: the relation (its held-out subjects give the validation and test pairs):
+            a :class:`Relation`, a starter relation's name or a relation file.
         layer: residual-stream layer of the subject (0 = embedding).
         n: training subjects for the LRE and the least-squares baseline.
-        ranks: candidate ranks of the inverse (each in [1, d_model]).
+        ranks: candidate ranks of the inverse (each in [1, d_model]); default those of
+            :data:`DEFAULT_RANKS` (2, 4, ..., 256) that fit ``d_model``.
         seed: the train / held-out split and the validation / test split.
         lre: an LRE already estimated on ``relation.split(n, seed)[0]`` (else estimated).
         own_answers: score against the model's own top-1 answers instead of the relation's
@@ -116,10 +146,8 @@ def lre_causality(
     sec. 4.2 (causality with a low-rank pseudoinverse); the identity and least-squares
     baselines as in :mod:`tl_lenses.lenses.attribute.metrics`.
     """
-    ranks = sorted({int(r) for r in ranks})
-    if not ranks or ranks[0] < 1 or ranks[-1] > model.cfg.d_model:
-        raise ValueError(f"ranks must be non-empty ints in [1, d_model={model.cfg.d_model}], "
-                         f"got {list(ranks)}")
+    relation = get_relation(relation)
+    ranks = check_ranks(ranks, model.cfg.d_model)
     train, held = relation.split(n, seed=seed)
     if lre is None:
         lre = estimate_lre(model, relation, layer, train=train, progress=progress)

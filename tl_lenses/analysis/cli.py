@@ -12,10 +12,9 @@ import argparse
 import logging
 import math
 
-from tl_lenses._compat import DEFAULT_BACKEND
+from tl_lenses.model_args import add_model_arguments
 
 logger = logging.getLogger("tl_lenses")
-MODELS = ("smollm", "tiny-gpt2", "tiny-llama")
 ANALYSES = ("objectives", "retrained", "current-next", "drift", "alignment", "causal")
 
 
@@ -44,11 +43,22 @@ def add_parser(subparsers) -> None:
             parser.add_argument("--layers", type=_int_list, default=None,
                                 help="comma-separated blocks")
             parser.add_argument("--relation", default=None,
-                                help="also score an LRE of this starter relation at a "
-                                     "held-out rank (e.g. country_capital)")
+                                help="also score an LRE of this relation (a starter name such "
+                                     "as country_capital, or a relation .json file) at a "
+                                     "held-out rank")
             parser.add_argument("--lre-layer", type=int, default=None,
-                                help="the LRE's layer (with --relation; default 6)")
-        parser.set_defaults(func=RUNNERS[name])
+                                help="the LRE's layer (with --relation; default 6, or the "
+                                     "middle layer of a model with 6 layers or fewer)")
+            parser.add_argument("--ranks", type=_int_list, default=None,
+                                help="comma-separated candidate ranks of the inverse (with "
+                                     "--relation; default 2,4,...,256 up to d_model)")
+            parser.add_argument("--own-answers", action="store_true",
+                                help="score the LRE against the model's own answers (for "
+                                     "models that do not know the relation)")
+        # The library's argument names, as the user typed them (tl_lenses.cli.as_flags).
+        parser.set_defaults(func=RUNNERS[name], flag_names={
+            "batch_size": "--batch-size", "layers": "--layers", "steps": "--steps",
+            "lr": "--lr", "rank": "--rank", "relation": "--relation", "layer": "--lre-layer"})
 
 
 def _common(parser) -> None:
@@ -60,22 +70,15 @@ def _common(parser) -> None:
     parser.add_argument("--rows", type=_positive, default=16, help="held-out rows analysed")
     parser.add_argument("--batch-size", type=_positive, default=8)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--backend", default=DEFAULT_BACKEND, choices=["hooked", "bridge"])
-    parser.add_argument("--model", default="smollm", choices=MODELS,
-                        help="the embedded model (default) or a tiny random one")
+    add_model_arguments(parser)
     parser.add_argument("--out", default="analysis.html", help="HTML report path")
     parser.add_argument("--png", default=None, help="also write the figure as a PNG")
 
 
 def _model(args):
-    from tl_lenses import tiny
-    from tl_lenses.models import load_default_model
+    from tl_lenses.model_args import model_from_args
 
-    if args.model == "smollm":
-        logger.info("loading SmolLM2-135M-Instruct")
-        return load_default_model(backend=args.backend)
-    arch = "gpt2" if args.model == "tiny-gpt2" else "llama-gqa"
-    return (tiny.tiny_hooked if args.backend == "hooked" else tiny.tiny_bridge)(arch)
+    return model_from_args(args)
 
 
 def _split(model, args):
@@ -131,11 +134,11 @@ def _lenses(model, args) -> dict:
     return lenses
 
 
-def _write(result, args, title: str) -> int:
+def _write(result, args, title: str, extra: str = "") -> int:
     from tl_lenses.viz.html import page
 
     with open(args.out, "w", encoding="utf-8") as file:
-        file.write(page(title, result.to_html()))
+        file.write(page(title, result.to_html() + extra))
     print(f"wrote {args.out}")
     if args.png:
         print(f"wrote {result.save_png(args.png)}")
@@ -206,24 +209,55 @@ def run_causal(args) -> int:
     # Options the chosen run would ignore are refused, not dropped.
     if args.rank is not None and args.intervention != "resample":
         raise ValueError("--rank sets the resampled subspace: it needs --intervention resample")
-    if args.lre_layer is not None and not args.relation:
-        raise ValueError("--lre-layer is the LRE's layer: it needs --relation")
+    for flag, value in (("--lre-layer", args.lre_layer), ("--ranks", args.ranks),
+                        ("--own-answers", args.own_answers or None)):
+        if value is not None and not args.relation:
+            raise ValueError(f"{flag} is a setting of the LRE: it needs --relation")
+    relation = _relation(args)
     model = _model(args)
+    layer, ranks = _lre_settings(model, args) if relation is not None else (None, None)
     _, held = _split(model, args)
+    # Everything is computed before anything is written: a failing LRE leaves no report.
+    lre = None
+    if relation is not None:
+        from tl_lenses.analysis.causal_lre import lre_causality
+
+        lre = lre_causality(model, relation, layer, ranks=ranks, seed=args.seed,
+                            own_answers=args.own_answers)
     result = causal_fidelity(model, held, _lenses(model, args), intervention=args.intervention,
                              rank=8 if args.rank is None else args.rank,
                              layers=args.layers,
                              batch_size=args.batch_size, seed=args.seed)
-    code = _write(result, args, "Causal fidelity")
-    if args.relation:
-        from tl_lenses.analysis.causal_lre import lre_causality
-        from tl_lenses.lenses.attribute.relations import get_relation
-
-        layer = 6 if args.lre_layer is None else args.lre_layer
-        lre = lre_causality(model, get_relation(args.relation), layer, seed=args.seed)
+    extra = ""
+    if lre is not None:
         for row in lre.table()[1]:
             print("  ".join(str(x) for x in row))
-    return code
+        extra = "<h2>LRE causality</h2>" + lre.to_html()
+    return _write(result, args, "Causal fidelity", extra)
+
+
+def _relation(args):
+    if not args.relation:
+        return None
+    from tl_lenses.lenses.attribute.relations import get_relation
+
+    return get_relation(args.relation, argument="--relation")
+
+
+def _lre_settings(model, args) -> tuple[int, list[int]]:
+    """``(layer, ranks)`` of the LRE: checked against the model, named by their flags."""
+    from tl_lenses.analysis.causal_lre import check_ranks
+    from tl_lenses.hooks import resolve_layer
+
+    n_layers = model.cfg.n_layers
+    # Layer 6 suits SmolLM2's 30 layers; a small model gets its middle layer instead.
+    layer = (6 if n_layers > 6 else n_layers // 2) if args.lre_layer is None else args.lre_layer
+    layer = resolve_layer(model, layer, argument="--lre-layer", negative=False)[0]
+    try:
+        ranks = check_ranks(args.ranks, model.cfg.d_model)
+    except ValueError as error:
+        raise ValueError(f"--{error}") from None
+    return layer, ranks
 
 
 RUNNERS = {"objectives": run_objectives, "retrained": run_retrained,

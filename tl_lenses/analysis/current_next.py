@@ -19,17 +19,25 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from tl_lenses.analysis._stream import batches, cached, check_positive, check_tokens, frozen_unembed
+from tl_lenses.analysis._stream import (
+    batches,
+    cached,
+    check_lenses,
+    check_positive,
+    check_tokens,
+    frozen_unembed,
+)
 from tl_lenses.hooks import resid_names, short_label
 from tl_lenses.lenses.logit import LogitLens
 from tl_lenses.readout.lens import Lens
+from tl_lenses.viz.notebook import NotebookView
 
 GROUPS = ("current", "next", "copy", "novel")
 STATS = ("prob", "rank", "top1")
 
 
 @dataclass
-class CurrentNextResult:
+class CurrentNextResult(NotebookView):
     """``stats[lens][f"{group}_{stat}"]``: a ``[layer]`` tensor of means over tokens.
 
     Groups (:data:`GROUPS`): ``current`` (the input token), ``next`` (the true next token),
@@ -58,6 +66,9 @@ class CurrentNextResult:
         from tl_lenses.analysis.view import current_next_html
 
         return current_next_html(self)
+
+    def _view_html(self, full: bool = False, **view) -> str:
+        return self.to_html()
 
     def save_png(self, path) -> Path:
         """Probability of the current / next / copy / novel token per layer, per lens."""
@@ -99,7 +110,7 @@ def current_vs_next(
     """
     check_tokens(model, tokens)
     check_positive(common=common, chunk=chunk)
-    lenses = dict(lenses or {"logit lens": LogitLens()})
+    lenses = check_lenses(lenses, {"logit lens": LogitLens()})
     names = resid_names(model)
     rare = ~common_ids(tokens, common, model.cfg.d_vocab)
     unembed = frozen_unembed(model)

@@ -28,10 +28,11 @@ from torch import Tensor
 from tl_lenses.analysis._stream import batches, cached, check_positive, check_tokens, frozen_unembed
 from tl_lenses.hooks import resid_names, short_label
 from tl_lenses.lenses.tuned.lens import TunedLens
+from tl_lenses.viz.notebook import NotebookView
 
 
 @dataclass
-class DriftResult:
+class DriftResult(NotebookView):
     """Layer x layer similarities of the residual stream (``n_layers + 1`` rows).
 
     ``cka`` and ``covariance``: ``[layer, layer]``, symmetric, 1 on the diagonal.
@@ -59,6 +60,9 @@ class DriftResult:
         from tl_lenses.analysis.view import drift_html
 
         return drift_html(self)
+
+    def _view_html(self, full: bool = False, **view) -> str:
+        return self.to_html()
 
     def save_png(self, path) -> Path:
         """CKA, covariance similarity and translator transfer side by side."""
@@ -112,7 +116,7 @@ def residual_drift(
         tuned: a tuned lens covering the ``resid_pre`` points; without it, no transfer.
         max_offset: translator transfer for ``|m - l| <= max_offset`` (None: every pair).
         drop_first: leave position 0 out (see the module docstring).
-        cka_rows: tokens per CKA minibatch (memory ``layers x cka_rows^2`` floats).
+        cka_rows: tokens per CKA minibatch, >= 2 (memory ``layers x cka_rows^2`` floats).
         batch_size: rows of ``tokens`` per forward pass.
         progress: a tqdm bar.
 
@@ -133,8 +137,12 @@ def residual_drift(
     """
     check_tokens(model, tokens, min_pos=3 if drop_first else 2)
     check_positive(cka_rows=cka_rows)
-    if max_offset is not None:
-        check_positive(max_offset=max_offset + 1)
+    if cka_rows < 2:
+        # One row centred is zero: every HSIC, and so every CKA, would be 0 / 0.
+        raise ValueError(f"cka_rows must be >= 2 (tokens per CKA minibatch), got {cka_rows}")
+    if max_offset is not None and (isinstance(max_offset, bool) or not isinstance(max_offset, int)
+                                   or max_offset < 0):
+        raise ValueError(f"max_offset must be None or an int >= 0, got {max_offset!r}")
     names = resid_names(model)
     d, n = model.cfg.d_model, len(names)
     hsic = torch.zeros(n, n, dtype=torch.float64)

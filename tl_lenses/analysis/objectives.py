@@ -23,12 +23,13 @@ from tl_lenses.analysis._stream import check_tokens, spearman
 from tl_lenses.hooks import resid_names, short_label
 from tl_lenses.lenses.logit import LogitLens
 from tl_lenses.lenses.tuned.lens import TunedLens
+from tl_lenses.viz.notebook import NotebookView
 
 DEFAULT_OBJECTIVES = ("kl", "mse_logits", "mse_resid", "cosine")
 
 
 @dataclass
-class ObjectivesResult:
+class ObjectivesResult(NotebookView):
     """Held-out metrics per lens (``"objective / kind"``, plus ``"logit lens"``) and layer.
 
     ``metrics[lens][metric]`` is a ``[layer]`` tensor of means over held-out tokens
@@ -70,6 +71,9 @@ class ObjectivesResult:
         from tl_lenses.analysis.view import objectives_html
 
         return objectives_html(self)
+
+    def _view_html(self, full: bool = False, **view) -> str:
+        return self.to_html()
 
     def save_png(self, path) -> Path:
         """Per-layer held-out KL, CE and top-1 agreement, one line per lens."""

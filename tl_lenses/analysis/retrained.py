@@ -23,10 +23,11 @@ from tl_lenses.analysis._stream import check_tokens
 from tl_lenses.hooks import final_resid_name, resid_names, short_label
 from tl_lenses.lenses.logit import LogitLens
 from tl_lenses.lenses.tuned.lens import TunedLens
+from tl_lenses.viz.notebook import NotebookView
 
 
 @dataclass
-class RetrainedResult:
+class RetrainedResult(NotebookView):
     """Held-out metrics per lens (``"logit lens"``, ``"tuned lens"``, ``"retrained"``) and layer.
 
     ``metrics[lens][metric]``: ``[layer]`` means over held-out tokens, with ``ce`` the
@@ -60,6 +61,9 @@ class RetrainedResult:
         from tl_lenses.analysis.view import retrained_html
 
         return retrained_html(self)
+
+    def _view_html(self, full: bool = False, **view) -> str:
+        return self.to_html()
 
     def save_png(self, path) -> Path:
         """Per-layer held-out CE and top-1 accuracy, one line per lens."""

@@ -105,14 +105,21 @@ def current_next_html(result: "CurrentNextResult") -> str:
     parts = ["<p class='note'>tokens: " + ", ".join(f"{g} {n}" for g, n in result.counts.items())
              + "</p>"]
     for lens, s in result.stats.items():
-        parts.append(f"<h3>{esc(lens)}: the next token beats the input token from layer "
-                     f"{esc(result.crossover(lens))}</h3>")
+        layer = result.crossover(lens)
+        when = "never" if layer is None else f"from layer {layer}"
+        parts.append(f"<h3>{esc(lens)}: the next token beats the input token {esc(when)}</h3>")
         header = ["layer"] + [f"{g} p" for g in groups] + [f"{g} rank" for g in groups]
-        rows = [[label] + [f"{float(s[f'{g}_prob'][i]):.3f}" for g in groups] +
-                [f"{float(s[f'{g}_rank'][i]):.1f}" for g in groups]
+        rows = [[label] + [_mean_cell(s[f"{g}_prob"][i], result.counts.get(g), ".3f")
+                           for g in groups] +
+                [_mean_cell(s[f"{g}_rank"][i], result.counts.get(g), ".1f") for g in groups]
                 for i, label in enumerate(result.labels)]
         parts.append(table_html(header, rows))
     return "\n".join(parts)
+
+
+def _mean_cell(value, count: int | None, spec: str) -> str:
+    # A group with no tokens has no mean: say so rather than print "nan".
+    return "no tokens" if count == 0 else format(float(value), spec)
 
 
 def _matrix_html(matrix, row_labels, col_labels, caption, cmap="viridis") -> str:

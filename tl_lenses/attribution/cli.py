@@ -27,7 +27,10 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--paths", type=int, default=3,
                         help="trace source -> head paths for this many top heads (0: none)")
     add_model_arguments(parser)
-    parser.set_defaults(func=run)
+    # The library's argument names, as the user typed them (tl_lenses.cli.as_flags).
+    parser.set_defaults(func=run, flag_names={
+        "answer": "--answer", "directions": "--answer", "wrong": "--wrong",
+        "positions": "--position", "position": "--position", "k": "--k", "input": "the text"})
 
 
 def run(args) -> int:

@@ -64,6 +64,9 @@ def has_pos_embed(model) -> bool:
 
 def needed_hooks(model, *, heads: bool = True, neurons: bool = False) -> list[str]:
     """The hook points :func:`dla` reads (a ``names_filter`` for ``run_with_cache``)."""
+    for name, flag in (("heads", heads), ("neurons", neurons)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {flag!r}")
     names = ["hook_embed", final_resid_name(model)]
     if has_pos_embed(model):
         names.append("hook_pos_embed")

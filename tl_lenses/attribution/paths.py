@@ -157,6 +157,14 @@ class HeadPathResult(NotebookView):
         patterns = head_patterns(model, self.tokens.to(model.cfg.device), pairs)
         return replace(self, attention=dict(zip(self.heads, patterns)))
 
+    def __repr__(self) -> str:
+        # The dataclass repr would print the whole values tensor.
+        top = self.top(3)
+        shown = ", ".join(f"{label}={v:+.3g}" for label, v in top.items())
+        return (f"HeadPathResult(values {tuple(self.values.shape)} [head, source, batch, "
+                f"src_pos, direction], position {self.position}, directions "
+                f"{self.directions}: top paths {shown})")
+
     def to_html(self, **view) -> str:
         """Head totals, the top paths and (when present) the heads' attention, as HTML."""
         return _view.paths_view(self, True, **view)
@@ -298,7 +306,7 @@ def head_path_dla(
     dirs = logit_directions(model, directions)
     if not isinstance(position, int) or isinstance(position, bool):
         raise ValueError(f"position must be one int (the destination token), got {position!r}")
-    selection = batch.select(position)
+    selection = batch.select(position, argument="position")
     if not bool(selection.mask.all()):
         raise ValueError(f"position {position} is beyond the end of prompts "
                          f"{(~selection.mask[:, 0]).nonzero()[:, 0].tolist()}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import numbers
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
@@ -85,6 +86,10 @@ class DLAResult(NotebookView):
             key = [key]
         elif isinstance(key, Tensor):
             key = (key.nonzero().flatten() if key.dtype == torch.bool else key).tolist()
+        if not hasattr(key, "__iter__") or any(
+                isinstance(k, bool) or not isinstance(k, (str, numbers.Integral)) for k in key):
+            raise TypeError(f"a DLAResult is indexed by a component label, an int, a slice, "
+                            f"a list of labels or ints, or a bool mask; got {key!r}")
         index = [self.index(k) if isinstance(k, str) else int(k) for k in key]
         bad = [i for i in index if not -len(self) <= i < len(self)]
         if bad:

@@ -50,7 +50,14 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--out", default="patchscope.html", help="HTML report path")
     parser.add_argument("--png", default=None, help="also write the heatmap as a PNG")
     add_model_arguments(parser)
-    parser.set_defaults(func=run)
+    # The library's argument names, as the user typed them (tl_lenses.cli.as_flags).
+    parser.set_defaults(func=run, flag_names={
+        "source_layers": "--layers", "layers": "--layers", "target_layers": "--target-layers",
+        "max_new_tokens": "--max-new-tokens", "source_positions": "--position",
+        "source_position": "--position", "position": "--position", "target_prompt": "--target",
+        "target_prompts": "--target", "placeholder": "--placeholder", "inner": "--inner",
+        "outer": "the text", "prompt": "the text", "source_prompt": "the text",
+        "source_prompts": "the text"})
 
 
 def parse_layers(text: str | None, argument: str = "--layers") -> list[int] | None:

@@ -345,7 +345,8 @@ def patchscope(
 
     Raises:
         ValueError: naming the argument: layers or positions out of range, a negative
-            ``max_new_tokens``, a transform landing in the wrong width.
+            ``max_new_tokens`` (or one running past ``n_ctx``), a transform landing in the
+            wrong width.
 
     >>> r = patchscope(model, "hello world", "cat -> cat; x", source_layer=1, max_new_tokens=2)
     >>> r.logits.shape == (model.cfg.d_vocab,), r.generated_ids.shape
@@ -362,6 +363,7 @@ def patchscope(
                                   else target_layer, argument="target_layer")
     s_pos = resolve_position(source_position, s_tokens.shape[1], argument="source_position")
     t_pos = resolve_position(target_position, t_tokens.shape[1], argument="target_position")
+    check_context(target_model, t_tokens.shape[1], max_new_tokens, argument="target_prompt")
     hidden = source_states(model, s_tokens, [s_layer], [s_pos])[0]
     patched = apply_transform(transform, hidden, target_model.cfg.d_model)
     logits, new = run_patched(target_model, t_tokens, [t_hook], [t_pos], patched,
@@ -378,3 +380,24 @@ def check_generation(max_new_tokens, *, allow_zero: bool = False) -> int:
             or max_new_tokens < low:
         raise ValueError(f"max_new_tokens must be an int >= {low}, got {max_new_tokens!r}")
     return max_new_tokens
+
+
+def check_context(model, prompt_len: int, max_new_tokens: int, *,
+                  argument: str = "target_prompt") -> None:
+    """Refuse a generation that would run past the model's ``n_ctx``.
+
+    The prompt's ``prompt_len`` tokens and all but the last of the ``max_new_tokens``
+    generated ones are fed back, so ``prompt_len + max_new_tokens - 1`` positions must fit.
+    Checked before any forward pass: past ``n_ctx`` a HookedTransformer raises a bare
+    IndexError and some TransformerBridge models silently read positions they never learnt.
+
+    Raises:
+        ValueError: naming ``max_new_tokens``, the prompt's length and ``n_ctx``.
+    """
+    n_ctx = model.cfg.n_ctx
+    if max_new_tokens and prompt_len + max_new_tokens - 1 > n_ctx:
+        room = n_ctx - prompt_len + 1
+        raise ValueError(
+            f"max_new_tokens={max_new_tokens} runs past the model's context: {argument} is "
+            f"{prompt_len} tokens long and n_ctx={n_ctx}, so at most {room} new tokens fit"
+        )

@@ -276,6 +276,9 @@ def chain_of_thought(
     """
     check_model(model)
     check_generation(max_new_tokens)
+    for name, text in (("outer", outer), ("inner", inner)):
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"{name} must be a non-empty string, got {text!r}")
     outer_tokens = one_prompt(model, outer, argument="outer")
     if not composed:
         source, hooks = inner, []

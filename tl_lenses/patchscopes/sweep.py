@@ -29,6 +29,7 @@ from tl_lenses.patchscopes.core import (
     AffineMap,
     Transform,
     apply_transform,
+    check_context,
     check_generation,
     run_patched,
     source_states,
@@ -81,11 +82,19 @@ class SweepResult(NotebookView):
         Returns ``(grid, source_layers, target_layers)``; ``source_position`` picks one
         position when the sweep had several (default: the only one, else an error).
         """
+        if len(values) != len(self):
+            raise ValueError(f"values must hold one value per case ({len(self)}), got "
+                             f"{len(values)}")
+        sources = sorted(set(self.source_index.tolist()))
+        if source_index not in sources:
+            raise ValueError(f"source_index must be one of the sweep's source prompts "
+                             f"{sources}, got {source_index!r}")
         keep = self.source_index == source_index
         positions = sorted(set(self.source_position[keep].tolist()))
         if source_position is None:
             if len(positions) != 1:
-                raise ValueError(f"source_position must pick one of {positions}")
+                raise ValueError(f"source_position must pick one of {positions} (source "
+                                 f"{source_index} was read at several positions)")
             source_position = positions[0]
         keep &= self.source_position == source_position
         if not bool(keep.any()):
@@ -162,6 +171,9 @@ def patchscope_sweep(
         raise ValueError(f"pairs must be 'all' or 'same', got {pairs!r}")
     if not isinstance(k, int) or not 1 <= k <= target_model.cfg.d_vocab:
         raise ValueError(f"k must be an int in [1, d_vocab], got {k!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1 (cases per forward pass), got "
+                         f"{batch_size!r}")
     sources = _prompt_list(source_prompts, "source_prompts")
     targets = _prompt_list(target_prompts, "target_prompts")
     if len(targets) not in (1, len(sources)):
@@ -180,6 +192,8 @@ def patchscope_sweep(
                          f"({len(t_tokens)}), got {target_position!r}")
     t_pos = [resolve_position(p, t.shape[1], argument="target_position")
              for p, t in zip(wanted, t_tokens)]
+    for t in t_tokens:
+        check_context(target_model, t.shape[1], max_new_tokens, argument="target_prompts")
     with model.hooks(fwd_hooks=list(source_fwd_hooks)):
         cases, values = _source_cases(model, sources, s_layers, positions, t_layers, pairs)
     patched = apply_transform(transform, values, target_model.cfg.d_model)

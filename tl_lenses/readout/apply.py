@@ -39,6 +39,9 @@ def select_hook_names(model, hook_names=None, layers=None, incl_mid: bool = Fals
         return check_hook_names(model, hook_names)
     if layers is None:
         return resid_names(model, incl_mid=incl_mid)
+    if isinstance(layers, (int, str)) or not hasattr(layers, "__len__"):
+        raise TypeError(f"layers must be a list of ints (for one layer: [{layers!r}]), "
+                        f"got {layers!r}")
     if not len(layers):
         raise ValueError("layers must name at least one residual-stream layer")
     return [resolve_layer(model, layer, argument="layers")[1] for layer in layers]
@@ -169,9 +172,11 @@ class LensCollector:
     >>> model.run_with_hooks(tokens, fwd_hooks=collector.fwd_hooks())            # doctest: +SKIP
     >>> collector.result(tokens, k=5)                                            # doctest: +SKIP
 
-    The hooks keep only the d_model-wide residuals at the chosen positions (never logits)
-    and return None, so the forward pass is unchanged; the readout happens in ``result``,
-    once the final residual (needed for KL and the final top-1) has been seen.
+    The hooks keep the d_model-wide residuals of the chosen hook points, whole (``[batch,
+    pos, d_model]``: which columns ``positions`` picks depends on each prompt's padding,
+    known only from the tokens given to ``result``), never logits, and return None, so the
+    forward pass is unchanged; the readout happens in ``result``, once the final residual
+    (needed for KL and the final top-1) has been seen, at the chosen positions only.
     """
 
     def __init__(self, model, lens: Lens | None = None, *, hook_names=None, layers=None,
@@ -202,7 +207,16 @@ class LensCollector:
                 for name in dict.fromkeys([*self.hook_names, self.final])]
 
     def result(self, tokens, **readout) -> LensResult:
-        """The readout of what the hooks saw (``tokens``: the input of that forward pass)."""
+        """The readout of what the hooks saw (``tokens``: the input of that forward pass).
+
+        Raises:
+            ValueError: before any forward pass ran with :meth:`fwd_hooks`, and every error
+                of :func:`apply_lens_to_cache`.
+        """
+        if not self.store:
+            raise ValueError("the collector has seen no forward pass yet: run the model with "
+                             "its hooks first, e.g. model.run_with_hooks(tokens, "
+                             "fwd_hooks=collector.fwd_hooks()), then call result(tokens)")
         return apply_lens_to_cache(self.model, self.store, tokens, self.lens,
                                    hook_names=self.hook_names, positions=self.positions,
                                    **readout)

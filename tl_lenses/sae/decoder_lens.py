@@ -24,10 +24,11 @@ from tl_lenses.models import check_model
 from tl_lenses.readout.lens import Lens
 from tl_lenses.readout.unembed import Unembed
 from tl_lenses.sae.latents import decoder_rows, sae_site, site_prefix
+from tl_lenses.viz.notebook import NotebookView
 
 
 @dataclass(frozen=True)
-class LatentLensResult:
+class LatentLensResult(NotebookView):
     """Top and bottom tokens of each latent's decoder row, read through one lens.
 
     ``top_tokens[i, j]`` is the j-th most promoted token of ``latents[i]`` with value
@@ -66,6 +67,11 @@ class LatentLensResult:
         if path is not None:
             Path(path).write_text(html, encoding="utf-8")
         return html
+
+    def _view_html(self, full: bool = False, **view) -> str:
+        from tl_lenses.sae.view import latent_lens_html
+
+        return latent_lens_html(self, **view)
 
 
 def readout_matrix(model) -> Float[Tensor, "d_model d_vocab"]:

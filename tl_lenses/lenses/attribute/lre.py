@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -286,7 +285,9 @@ def estimate_lre(
         rank: truncate ``W`` to this rank (SVD), or None.
         template: which of the relation's prompt templates.
         seed: the draw of training subjects.
-        method: ``"auto"``, ``"jvp"`` (forward mode over a KV-cached prefix) or ``"hooks"``.
+        method: ``"auto"``, ``"kv-cache"`` (forward mode over a KV-cached prefix; a
+            HookedTransformer only) or ``"hooks"`` (re-runs the prompt with a hook); ``"auto"``
+            takes ``"kv-cache"`` where it can.
         progress: log each Jacobian.
 
     Returns:
@@ -305,7 +306,7 @@ def estimate_lre(
     >>> lre.weight.shape == (model.cfg.d_model, model.cfg.d_model)
     True
     """
-    relation = _relation(relation)
+    relation = get_relation(relation)
     _check_scalars(beta=beta, seed=seed, progress=progress)
     train = _training_samples(relation, n, train, seed)
     template_text = _template(relation, template)
@@ -319,15 +320,6 @@ def estimate_lre(
     lre = lre_from_jacobians(samples, beta=beta, layer=layer, relation=relation.name,
                              template=template_text, train=tuple(train))
     return lre if rank is None else lre.low_rank(rank)
-
-
-def _relation(relation) -> Relation:
-    if isinstance(relation, Relation):
-        return relation
-    if not isinstance(relation, (str, os.PathLike)):
-        raise TypeError(f"relation must be a Relation, a starter relation's name or a "
-                        f"relation file, got {type(relation).__name__}")
-    return get_relation(relation)
 
 
 def _check_scalars(*, beta, seed, progress) -> None:

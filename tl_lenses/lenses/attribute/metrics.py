@@ -42,7 +42,7 @@ from tl_lenses.hooks import (
 from tl_lenses.inputs import to_batch
 from tl_lenses.lenses.attribute import view as _view
 from tl_lenses.lenses.attribute.lre import LRE, estimate_lre, subject_position
-from tl_lenses.lenses.attribute.relations import Relation, Sample, object_token
+from tl_lenses.lenses.attribute.relations import Relation, Sample, get_relation, object_token
 from tl_lenses.readout.unembed import Unembed
 from tl_lenses.viz.notebook import NotebookView
 
@@ -267,10 +267,15 @@ class Sweep(NotebookView):
         return _view.sweep_view(self.rows, full)
 
 
-def sweep(model, relation: Relation, layers: Sequence[int], *, n: int = 8,
+def sweep(model, relation: Relation | str, layers: Sequence[int], *, n: int = 8,
           betas: Sequence[float] = (1.0,), ranks: Sequence[int | None] = (None,),
           seed: int = 0, progress: bool = False) -> Sweep:
-    """Estimate at each layer once; score every (beta, rank) with the baselines."""
+    """Estimate at each layer once; score every (beta, rank) with the baselines.
+
+    ``relation`` is a :class:`Relation`, a starter relation's name or a relation file
+    (read by :func:`~tl_lenses.lenses.attribute.relations.get_relation`).
+    """
+    relation = get_relation(relation)
     train, test = relation.split(n, seed=seed)
     result = Sweep()
     prompts = LRE.identity(1, template=relation.prompt_templates[0], train=tuple(train))
@@ -289,9 +294,10 @@ def sweep(model, relation: Relation, layers: Sequence[int], *, n: int = 8,
     return result
 
 
-def sweep_n(model, relation: Relation, layer: int, ns: Sequence[int], *, beta: float = 1.0,
+def sweep_n(model, relation: Relation | str, layer: int, ns: Sequence[int], *, beta: float = 1.0,
             seed: int = 0, progress: bool = False) -> Sweep:
     """Faithfulness and causality as the number of training subjects grows."""
+    relation = get_relation(relation)
     result = Sweep()
     for n in ns:
         one = sweep(model, relation, [layer], n=n, betas=[beta], seed=seed, progress=progress)

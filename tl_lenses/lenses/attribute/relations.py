@@ -17,6 +17,7 @@ several tokens is kept, and everything that scores an object uses its FIRST toke
 from __future__ import annotations
 
 import json
+import os
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -158,16 +159,27 @@ def starter_relations() -> dict[str, Relation]:
             for f in files}
 
 
-def get_relation(name_or_path) -> Relation:
-    """A starter relation by name (``"country_capital"``) or a relation file by path."""
+def get_relation(name_or_path, *, argument: str = "relation") -> Relation:
+    """A starter relation by name (``"country_capital"``) or a relation file by path.
+
+    The one resolver behind every function taking a ``relation``: a :class:`Relation` is
+    returned as it is.
+
+    Raises:
+        TypeError: naming ``argument``, for anything but a Relation, a str or a path.
+        ValueError: for a name that is neither a starter relation nor a ``.json`` file.
+    """
     if isinstance(name_or_path, Relation):
         return name_or_path
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise TypeError(f"{argument} must be a Relation, a starter relation's name or a "
+                        f"relation file, got {type(name_or_path).__name__}")
     starters = starter_relations()
     if str(name_or_path) in starters:
         return starters[str(name_or_path)]
     if Path(name_or_path).suffix == ".json" or Path(name_or_path).exists():
         return load_relation(name_or_path)
-    raise ValueError(f"relation must be a starter name {sorted(starters)} or a .json file, "
+    raise ValueError(f"{argument} must be a starter name {sorted(starters)} or a .json file, "
                      f"got {name_or_path!r}")
 
 
