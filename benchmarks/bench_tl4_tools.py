@@ -20,7 +20,7 @@ mmap threshold pinned (``MALLOC_MMAP_THRESHOLD_``, set by re-executing) so that 
 tensors leave the resident set and the order of contenders does not matter; time is the
 best of ``--repeat`` runs. Ratios are TL / tl_lenses (above 1: tl_lenses is faster or smaller).
 
-    python benchmarks/bench_tl4_tools.py [--shapes 1x64,16x256] [--repeat 2]
+    python benchmarks/bench_tl4_tools.py [--shapes 1x64,16x256] [--repeat 2] [--only dla]
 """
 
 from __future__ import annotations
@@ -166,6 +166,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shapes", default="1x64,16x256")
     parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--only", choices=("lens", "dla"), default=None,
+                        help="run one contender pair (the 16 x 256 logit lens takes minutes)")
     args = parser.parse_args()
     model = tll.load_default_model(backend="bridge")
     print(f"torch threads: {torch.get_num_threads()}, cpu count: {os.cpu_count()}")
@@ -174,8 +176,10 @@ def main() -> None:
         batch, pos = map(int, shape.split("x"))
         tokens = torch.randint(0, model.cfg.d_vocab, (batch, pos), generator=gen)
         print(f"\n== {batch} x {pos} tokens ==")
-        bench_logit_lens(model, tokens, args.repeat)
-        bench_dla(model, tokens, args.repeat)
+        if args.only != "dla":
+            bench_logit_lens(model, tokens, args.repeat)
+        if args.only != "lens":
+            bench_dla(model, tokens, args.repeat)
     print("\n| measurement | tl_lenses | TL 4.3 tool | TL / tl_lenses |")
     print("| --- | --- | --- | --- |")
     print("\n".join(TABLE))

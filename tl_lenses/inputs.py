@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -59,7 +60,7 @@ def one_prompt(model, input, *, argument: str = "prompt") -> Int[Tensor, "1 pos"
 def to_batch(
     model, input, *, padding_side: str | None = None,
     attention_mask: Int[Tensor, "batch pos"] | Bool[Tensor, "batch pos"] | None = None,
-    argument: str = "input",
+    argument: str = "input", device: torch.device | None = None,
 ) -> "Batch":
     """A checked :class:`Batch` (tokens + attention mask) for what a user passes.
 
@@ -74,6 +75,9 @@ def to_batch(
             padding; each row one contiguous run of real tokens at one side. None: every
             cell is a token.
         argument: the name used in error messages.
+        device: where the tokens go: the model's device when the caller has found it
+            already (:func:`~tl_lenses.devices.model_device` walks every parameter); None
+            finds it.
 
     Returns:
         The batch; every prompt tokenized alone (so its tokens equal the prompt's own),
@@ -100,7 +104,7 @@ def to_batch(
             raise ValueError(f"attention_mask is only for token ids: {argument} is text, "
                              "whose padding tl_lenses makes itself (choose padding_side=)")
         return _text_batch(model, [input] if isinstance(input, str) else list(input),
-                           padding_side or _tokenizer_side(model), argument)
+                           padding_side or _tokenizer_side(model), argument, device)
     if isinstance(input, Tensor):
         tokens = input.unsqueeze(0) if input.dim() == 1 else input
         if tokens.dim() != 2 or tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
@@ -109,7 +113,7 @@ def to_batch(
                 f"got dtype {input.dtype} and shape {tuple(input.shape)}"
             )
         check_ids(model, tokens, argument)
-        tokens = _check_length(model, tokens, argument)
+        tokens = _check_length(model, tokens, argument, device)
         if attention_mask is None:
             mask = torch.ones_like(tokens, dtype=torch.bool)
             return Batch(tokens, mask, padding_side or _tokenizer_side(model))
@@ -134,13 +138,15 @@ def _tokenizer_side(model) -> str:
     return side if side in PADDING_SIDES else "right"
 
 
-def _text_batch(model, texts: list[str], side: str, argument: str) -> "Batch":
+def _text_batch(model, texts: list[str], side: str, argument: str,
+                device: torch.device | None) -> "Batch":
     if not texts or any(text == "" for text in texts):
         raise ValueError(f"{argument} must be non-empty text, got {texts!r}")
     require_tokenizer(model)
     # Each prompt alone: its tokens are exactly those of the prompt run by itself.
     # truncate=False: TL would silently cut a prompt longer than n_ctx.
-    rows = [_check_length(model, model.to_tokens(text, truncate=False), argument)[0]
+    device = device or model_device(model)
+    rows = [_check_length(model, model.to_tokens(text, truncate=False), argument, device)[0]
             for text in texts]
     width = max(len(row) for row in rows)
     tokens = torch.full((len(rows), width), _pad_id(model), dtype=torch.long,
@@ -188,7 +194,8 @@ def _check_mask(tokens: Tensor, mask, side: str | None) -> tuple[Tensor, str]:
     return mask, shown
 
 
-def _check_length(model, tokens: Tensor, argument: str) -> Tensor:
+def _check_length(model, tokens: Tensor, argument: str,
+                  device: torch.device | None = None) -> Tensor:
     if tokens.shape[-1] == 0:
         raise ValueError(f"{argument} has no tokens")
     n_ctx = model.cfg.n_ctx
@@ -196,7 +203,7 @@ def _check_length(model, tokens: Tensor, argument: str) -> Tensor:
         raise ValueError(
             f"{argument} is {tokens.shape[-1]} tokens long, more than the model's n_ctx={n_ctx}"
         )
-    return tokens.to(model_device(model))
+    return tokens.to(device or model_device(model))
 
 
 def single_token(model, token, *, argument: str = "target") -> int:
@@ -224,23 +231,48 @@ def str_tokens(model, tokens: Tensor) -> list[list[str]]:
     """Each prompt's tokens as strings (token ids as text when the model has no tokenizer).
 
     The same strings as ``model.to_str_tokens(row)`` (each id decoded alone, no clean-up),
-    but each distinct id is decoded once, in one batch through a fast tokenizer's Rust core:
-    decoding 64 x 1024 ids one by one in Python costs about as long as a GPU lens readout.
+    but each distinct id is decoded once per tokenizer (:func:`token_pieces`): decoding
+    16 x 256 ids cost more than a whole per-sublayer DLA of them.
     """
     rows = tokens.tolist()
     tokenizer = getattr(model, "tokenizer", None)
     if tokenizer is None:
         return [[str(t) for t in row] for row in rows]
-    unique = sorted({i for row in rows for i in row})
+    table = token_pieces(tokenizer, {i for row in rows for i in row})
+    return [[table[i] for i in row] for row in rows]
+
+
+# tokenizer -> ((vocabulary size, id of its Rust core), {id: string}): what was decoded.
+_PIECES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def token_pieces(tokenizer, ids) -> dict[int, str]:
+    """A table holding each of ``ids`` decoded alone (no clean-up), as ``to_str_tokens`` does.
+
+    Decoded strings are kept per tokenizer (held weakly) and only new ids are decoded, in
+    one batch through a fast tokenizer's Rust core. The table is dropped when the
+    tokenizer's vocabulary size or its Rust core changes (added tokens, a new backend).
+    """
     core = getattr(tokenizer, "_tokenizer", None) if getattr(tokenizer, "is_fast", False) \
         else None
+    try:
+        key = (len(tokenizer), id(core))
+        known = _PIECES.get(tokenizer)
+        if known is None or known[0] != key:
+            known = _PIECES[tokenizer] = (key, {})
+        table = known[1]
+    except TypeError:  # an unsized, unhashable or not weakly referable tokenizer
+        table = {}
+    missing = sorted(set(ids) - table.keys())
+    if missing:
+        table.update(zip(missing, _decode_alone(tokenizer, core, missing)))
+    return table
+
+
+def _decode_alone(tokenizer, core, ids: list[int]) -> list[str]:
     if core is not None and hasattr(core, "decode_batch"):
-        pieces = core.decode_batch([[i] for i in unique], skip_special_tokens=False)
-    else:
-        pieces = tokenizer.batch_decode([[i] for i in unique],
-                                        clean_up_tokenization_spaces=False)
-    table = dict(zip(unique, pieces))
-    return [[table[i] for i in row] for row in rows]
+        return core.decode_batch([[i] for i in ids], skip_special_tokens=False)
+    return tokenizer.batch_decode([[i] for i in ids], clean_up_tokenization_spaces=False)
 
 
 PADDING_SIDES = ("right", "left")
@@ -305,7 +337,8 @@ class Batch:
                 (a float, a string such as ``"last"``: use -1).
             ValueError: naming ``argument``, for an empty list or a position out of range.
         """
-        longest = int(self.lengths.max())
+        padded = self.padded
+        longest = int(self.lengths.max()) if padded else self.tokens.shape[1]
         if positions is None:
             wanted = list(range(longest))
         else:
@@ -321,12 +354,26 @@ class Batch:
                 raise ValueError(f"{argument} must {'be in' if one else 'be non-empty ints in'} "
                                  f"[-{longest}, {longest}) (the longest prompt's length), got "
                                  f"{positions if one else bad or wanted}")
+        if padded:
+            return self._per_prompt(wanted, longest)
+        return self._shared(wanted, longest)
+
+    def _per_prompt(self, wanted: list[int], longest: int) -> Selection:
+        """Each prompt's own columns for ``wanted`` (the general case: padding)."""
         requested = torch.tensor(wanted, device=self.tokens.device)
         lengths = self.lengths[:, None]
         within = torch.where(requested < 0, requested + lengths, requested)   # [batch, n]
         mask = (within >= 0) & (within < lengths)
         columns = self.offsets[:, None] + within.clamp(min=0).minimum(lengths - 1)
         return Selection([p % longest for p in wanted], columns, mask)
+
+    def _shared(self, wanted: list[int], longest: int) -> Selection:
+        """What :meth:`_per_prompt` gives for an unpadded batch, in three tensor ops."""
+        positions = [p % longest for p in wanted]
+        device, batch = self.tokens.device, self.tokens.shape[0]
+        columns = torch.tensor([positions] * batch, device=device)
+        mask = torch.ones(batch, len(positions), dtype=torch.bool, device=device)
+        return Selection(positions, columns, mask)
 
 
 @dataclass(frozen=True)

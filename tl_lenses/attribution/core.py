@@ -49,6 +49,7 @@ from tl_lenses.attribution.directions import (
 )
 from tl_lenses.attribution.norms import SublayerNorm, sublayer_norm
 from tl_lenses.attribution.result import DLAResult, parse_head_label
+from tl_lenses.attribution.sublayers import project_stacked, sublayer_parts
 from tl_lenses.hooks import final_resid_name, flowing_name, run_cache
 from tl_lenses.inputs import Selection, str_tokens, to_batch
 from tl_lenses.readout.unembed import Unembed
@@ -182,7 +183,8 @@ def dla(
             "neurons=True: the model's MLPs are mixtures of experts (cfg.num_experts), whose "
             "neurons belong to routed experts; use neurons=False (each layer's MoE output)"
         )
-    batch = to_batch(model, input, padding_side=padding_side, attention_mask=attention_mask)
+    batch = to_batch(model, input, padding_side=padding_side, attention_mask=attention_mask,
+                     device=unembed.W_U.device)  # checked by Unembed.from_model
     dirs = logit_directions(model, directions, unembed=unembed)
     selection = batch.select(positions)
     names = needed_hooks(model, heads=heads, neurons=neurons)
@@ -190,10 +192,15 @@ def dla(
         cache = run_cache(model, batch, [*names, *split_hooks(model, saes)])
     check_cache(cache, batch.tokens, names)
     u, const = residual_readout(model, dirs, unembed=unembed)
-    sites = split_sites(model, getattr(cache, "cache_dict", cache), saes)
-    labels, parts = _component_parts(model, cache, selection, u, heads, neurons, sites)
+    keys = getattr(cache, "cache_dict", cache)
+    sites = split_sites(model, keys, saes)
+    if heads or neurons or sites:
+        labels, parts = _component_parts(model, cache, selection, u, heads, neurons, sites)
+        values = torch.cat(parts)
+    else:  # whole sublayers only: one stack, one projection (same numbers)
+        labels, values = sublayer_parts(model, keys, _gather(selection), u)
     scale = _final_scale(model, cache, selection).to(u.device)
-    values = torch.cat(parts).div_(scale[None, :, :, None])
+    values = values.div_(scale[None, :, :, None])
     bias = const[None, None, None, :].expand(1, *values.shape[1:])
     values = torch.cat([values, bias])
     values = _missing_as_nan(values, selection.mask.to(values.device), labels + ["b_U"])
@@ -212,6 +219,8 @@ def _is_moe(model) -> bool:
 
 def _missing_as_nan(values: Tensor, mask: Tensor, labels: list[str]) -> Tensor:
     """Pad cells as NaN; warn once naming the components whose parts are not finite."""
+    if bool(mask.all()) and bool(values.isfinite().all()):
+        return values  # the usual case, in one pass and no copy
     real = values[:, mask]                                            # [component, n, dir]
     bad = ~real.isfinite().flatten(1).all(1)
     if bool(bad.any()):
@@ -311,21 +320,13 @@ def _component_parts(model, cache, positions, u, heads, neurons, sites=None):
     return labels, parts
 
 
-def _project_pending(parts: list, pending: list[tuple[int, Tensor]], u: Tensor,
-                     max_elements: int = 1 << 22) -> None:
-    """Fill ``parts[i]`` with ``value @ u`` for every pending ``(i, value)``.
-
-    Values are stacked in groups of at most ``max_elements`` (bounded memory for long,
-    all-position reads).
-    """
-    start = 0
-    while start < len(pending):
-        size = max(1, max_elements // max(1, pending[start][1].numel()))
-        group = pending[start:start + size]
-        projected = torch.stack([value for _, value in group]) @ u   # [g, batch, pos, dir]
-        for j, (index, _) in enumerate(group):
-            parts[index] = projected[j:j + 1]
-        start += size
+def _project_pending(parts: list, pending: list[tuple[int, Tensor]], u: Tensor) -> None:
+    """Fill ``parts[i]`` with ``value @ u`` for every pending ``(i, value)``."""
+    if not pending:
+        return
+    projected = project_stacked([value for _, value in pending], u)   # [n, batch, pos, dir]
+    for j, (index, _) in enumerate(pending):
+        parts[index] = projected[j:j + 1]
 
 
 @functools.lru_cache(maxsize=256)

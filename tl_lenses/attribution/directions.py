@@ -15,7 +15,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from tl_lenses.inputs import single_token
+from tl_lenses.inputs import single_token, token_pieces
 from tl_lenses.models import check_model
 from tl_lenses.readout.unembed import Unembed
 
@@ -73,14 +73,14 @@ def logit_directions(model, directions: DirectionSpec, *,
 
 
 def _token_label(model, token: int) -> str:
-    if getattr(model, "tokenizer", None) is None:
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is None:
         return f"#{token}"
-    return repr(model.to_string([token]))
+    return repr(token_pieces(tokenizer, [token])[token])  # model.to_string([token]), memoised
 
 
 def _one_direction(model, unembed: Unembed, item, i: int):
     W_U = unembed.W_U.detach()
-    b_U = unembed.b_U.detach() if unembed.b_U is not None else torch.zeros(unembed.d_vocab)
     if isinstance(item, Tensor) and item.is_floating_point():
         vectors = item[None] if item.dim() == 1 else item
         _check_width(model, vectors)
@@ -98,9 +98,18 @@ def _one_direction(model, unembed: Unembed, item, i: int):
                 "difference is identically 0"
             )
         label = f"{_token_label(model, a)} - {_token_label(model, b)}"
-        return (W_U[:, a] - W_U[:, b])[None], (b_U[a] - b_U[b])[None], [label], [(a, b)]
+        offset = _bias(unembed, a) - _bias(unembed, b)
+        return (W_U[:, a] - W_U[:, b])[None], offset, [label], [(a, b)]
     token = _output_token(model, unembed, item, "directions")
-    return W_U[:, token][None], b_U[token][None], [_token_label(model, token)], [(token, -1)]
+    return W_U[:, token][None], _bias(unembed, token), [_token_label(model, token)], \
+        [(token, -1)]
+
+
+def _bias(unembed: Unembed, token: int) -> Float[Tensor, " 1"]:
+    """``b_U[token]`` as a one-element tensor (zero where the model has no ``b_U``)."""
+    if unembed.b_U is None:
+        return torch.zeros(1, device=unembed.W_U.device)
+    return unembed.b_U.detach()[token:token + 1]
 
 
 def _output_token(model, unembed: Unembed, token, argument: str) -> int:
