@@ -75,9 +75,8 @@ def to_batch(
             padding; each row one contiguous run of real tokens at one side. None: every
             cell is a token.
         argument: the name used in error messages.
-        device: where the tokens go: the model's device when the caller has found it
-            already (:func:`~tl_lenses.devices.model_device` walks every parameter); None
-            finds it.
+        device: the model's device when the caller has checked it already (None: found
+            with :func:`~tl_lenses.devices.model_device`, a walk over every parameter).
 
     Returns:
         The batch; every prompt tokenized alone (so its tokens equal the prompt's own),
@@ -231,8 +230,7 @@ def str_tokens(model, tokens: Tensor) -> list[list[str]]:
     """Each prompt's tokens as strings (token ids as text when the model has no tokenizer).
 
     The same strings as ``model.to_str_tokens(row)`` (each id decoded alone, no clean-up),
-    but each distinct id is decoded once per tokenizer (:func:`token_pieces`): decoding
-    16 x 256 ids cost more than a whole per-sublayer DLA of them.
+    but each distinct id is decoded once per tokenizer (:func:`token_pieces`).
     """
     rows = tokens.tolist()
     tokenizer = getattr(model, "tokenizer", None)
@@ -249,9 +247,9 @@ _PIECES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 def token_pieces(tokenizer, ids) -> dict[int, str]:
     """A table holding each of ``ids`` decoded alone (no clean-up), as ``to_str_tokens`` does.
 
-    Decoded strings are kept per tokenizer (held weakly) and only new ids are decoded, in
-    one batch through a fast tokenizer's Rust core. The table is dropped when the
-    tokenizer's vocabulary size or its Rust core changes (added tokens, a new backend).
+    Strings are kept per tokenizer (held weakly); only new ids are decoded, in one batch
+    through a fast tokenizer's Rust core. The table is dropped when the vocabulary size or
+    the Rust core object changes (a decoder edited in place is not noticed).
     """
     core = getattr(tokenizer, "_tokenizer", None) if getattr(tokenizer, "is_fast", False) \
         else None
@@ -264,15 +262,13 @@ def token_pieces(tokenizer, ids) -> dict[int, str]:
     except TypeError:  # an unsized, unhashable or not weakly referable tokenizer
         table = {}
     missing = sorted(set(ids) - table.keys())
-    if missing:
-        table.update(zip(missing, _decode_alone(tokenizer, core, missing)))
+    if missing and core is not None and hasattr(core, "decode_batch"):
+        table.update(zip(missing, core.decode_batch([[i] for i in missing],
+                                                    skip_special_tokens=False)))
+    elif missing:
+        table.update(zip(missing, tokenizer.batch_decode([[i] for i in missing],
+                                                         clean_up_tokenization_spaces=False)))
     return table
-
-
-def _decode_alone(tokenizer, core, ids: list[int]) -> list[str]:
-    if core is not None and hasattr(core, "decode_batch"):
-        return core.decode_batch([[i] for i in ids], skip_special_tokens=False)
-    return tokenizer.batch_decode([[i] for i in ids], clean_up_tokenization_spaces=False)
 
 
 PADDING_SIDES = ("right", "left")
@@ -354,9 +350,7 @@ class Batch:
                 raise ValueError(f"{argument} must {'be in' if one else 'be non-empty ints in'} "
                                  f"[-{longest}, {longest}) (the longest prompt's length), got "
                                  f"{positions if one else bad or wanted}")
-        if padded:
-            return self._per_prompt(wanted, longest)
-        return self._shared(wanted, longest)
+        return (self._per_prompt if padded else self._shared)(wanted, longest)
 
     def _per_prompt(self, wanted: list[int], longest: int) -> Selection:
         """Each prompt's own columns for ``wanted`` (the general case: padding)."""
@@ -370,10 +364,8 @@ class Batch:
     def _shared(self, wanted: list[int], longest: int) -> Selection:
         """What :meth:`_per_prompt` gives for an unpadded batch, in three tensor ops."""
         positions = [p % longest for p in wanted]
-        device, batch = self.tokens.device, self.tokens.shape[0]
-        columns = torch.tensor([positions] * batch, device=device)
-        mask = torch.ones(batch, len(positions), dtype=torch.bool, device=device)
-        return Selection(positions, columns, mask)
+        columns = torch.tensor([positions] * self.tokens.shape[0], device=self.tokens.device)
+        return Selection(positions, columns, torch.ones_like(columns, dtype=torch.bool))
 
 
 @dataclass(frozen=True)

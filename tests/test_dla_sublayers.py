@@ -1,0 +1,85 @@
+"""dla(heads=False)'s one-stack path and its helpers equal the general paths, bit for bit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tl_lenses.attribution.core import (
+    _component_parts,
+    _gather,
+    dla,
+    logit_directions,
+    needed_hooks,
+    residual_readout,
+)
+from tl_lenses.attribution.sublayers import sublayer_components, sublayer_parts
+from tl_lenses.hooks import run_cache
+from tl_lenses.inputs import str_tokens, to_batch, token_pieces
+
+PROMPTS = ["ab cd ef", "a", "abc abc abc a"]
+
+
+def _readout(model):
+    vector = torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(1))
+    return residual_readout(model, logit_directions(model, [("a", "b"), "c", vector]))[0]
+
+
+@pytest.mark.parametrize("side", ["right", "left", None])
+@pytest.mark.parametrize("positions", [-1, None, [0, -2]])
+def test_one_stack_equals_the_general_path(tiny_model, side, positions):
+    """Left-, right- and un-padded batches, any positions: same labels, same bits."""
+    batch = to_batch(tiny_model, PROMPTS if side else torch.randint(0, 256, (2, 7)),
+                     padding_side=side)
+    cache = run_cache(tiny_model, batch, needed_hooks(tiny_model, heads=False))
+    selection, u = batch.select(positions), _readout(tiny_model)
+    labels, parts = _component_parts(tiny_model, cache, selection, u, False, False, {})
+    fast_labels, values = sublayer_parts(tiny_model, cache.cache_dict, _gather(selection), u)
+    assert fast_labels == labels
+    assert torch.equal(values, torch.cat(parts))
+
+
+def test_heads_false_from_a_cache_equals_running_and_each_prompt_alone(tiny_model):
+    batch = to_batch(tiny_model, PROMPTS, padding_side="left")
+    cache = run_cache(tiny_model, batch, needed_hooks(tiny_model, heads=False))
+    ran = dla(tiny_model, batch, ("a", "b"), heads=False)
+    cached = dla(tiny_model, batch, ("a", "b"), heads=False, cache=cache)
+    assert torch.equal(ran.values, cached.values) and list(ran.labels) == list(cached.labels)
+    for i, prompt in enumerate(PROMPTS):
+        alone = dla(tiny_model, prompt, ("a", "b"), heads=False)
+        torch.testing.assert_close(ran.values[:, i], alone.values[:, 0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ran.total(), ran.logits, atol=1e-5, rtol=1e-5)
+
+
+def test_sublayer_labels_follow_the_model_shape():
+    labels, names = sublayer_components(2, True, False)
+    assert labels == ("embed", "pos_embed", "L0 attn", "L0 MLP", "L1 attn", "L1 MLP")
+    assert names[1:3] == ("hook_pos_embed", "blocks.0.hook_attn_out")
+    assert sublayer_components(2, False, True)[0] == ("embed", "L0 attn", "L1 attn")
+
+
+@pytest.mark.parametrize("positions", [-1, 0, None, [3, -1, 0], [-7, 6]])
+def test_unpadded_selection_equals_the_per_prompt_one(tiny_model, positions):
+    batch = to_batch(tiny_model, torch.randint(0, 256, (3, 7)))
+    longest = batch.tokens.shape[1]
+    wanted = list(range(longest)) if positions is None else (
+        [positions] if isinstance(positions, int) else positions)
+    shared, general = batch._shared(wanted, longest), batch._per_prompt(wanted, longest)
+    assert shared.positions == general.positions
+    assert torch.equal(shared.columns, general.columns)
+    assert torch.equal(shared.mask, general.mask)
+    assert batch.select(positions).positions == general.positions
+
+
+def test_token_strings_are_remembered_per_tokenizer_and_core(tiny_model):
+    """Memoised strings equal TL's own, and a new Rust core (another decoder) is re-read."""
+    import copy
+
+    tokenizer, tokens = tiny_model.tokenizer, torch.tensor([[10, 97, 98, 97], [256, 10, 0, 1]])
+    for _ in range(2):
+        assert str_tokens(tiny_model, tokens) == [tiny_model.to_str_tokens(row) for row in tokens]
+    assert token_pieces(tokenizer, [10])[10] == "\n"
+    core = copy.deepcopy(tokenizer._tokenizer)
+    core.decoder = None  # byte-level pieces come out as their printable stand-ins
+    tokenizer._tokenizer = core
+    assert token_pieces(tokenizer, [10])[10] == tokenizer.decode([10]) != "\n"
