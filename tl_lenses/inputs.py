@@ -236,8 +236,8 @@ def str_tokens(model, tokens: Tensor) -> list[list[str]]:
     tokenizer = getattr(model, "tokenizer", None)
     if tokenizer is None:
         return [[str(t) for t in row] for row in rows]
-    table = token_pieces(tokenizer, {i for row in rows for i in row})
-    return [[table[i] for i in row] for row in rows]
+    piece = token_pieces(tokenizer, tokens.unique().tolist()).__getitem__
+    return [list(map(piece, row)) for row in rows]
 
 
 # tokenizer -> ((vocabulary size, id of its Rust core), {id: string}): what was decoded.
@@ -261,7 +261,7 @@ def token_pieces(tokenizer, ids) -> dict[int, str]:
         table = known[1]
     except TypeError:  # an unsized, unhashable or not weakly referable tokenizer
         table = {}
-    missing = sorted(set(ids) - table.keys())
+    missing = sorted({i for i in ids if i not in table})
     if missing and core is not None and hasattr(core, "decode_batch"):
         table.update(zip(missing, core.decode_batch([[i] for i in missing],
                                                     skip_special_tokens=False)))
