@@ -38,6 +38,11 @@ def flowing_name(names, name: str) -> str:
 def spliced_sites(names) -> list[str]:
     """Hook points where sae-lens has spliced an SAE in (``names``: a hook_dict or cache)."""
     tail = f".{SAE_OUTPUT}"
+    names = list(names)
+    # Every DLA call asks this of a cache with thousands of names and almost never finds
+    # one: one substring search over the joined names answers the common case.
+    if tail not in "\n".join(names):
+        return []
     return [name[:-len(tail)] for name in names if name.endswith(tail)]
 
 
