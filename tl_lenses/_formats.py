@@ -6,10 +6,10 @@ the model's shape, a fingerprint of its decoder and the weights file's sha256; r
 checks all of it, so a lens or LRE made for another model, or a corrupt or truncated file,
 is an error and never a warning.
 
-The fingerprint has two parts. ``unembed_sha256`` hashes the final norm and unembedding
-exactly; when it differs (the same model on the other backend, or in another dtype, differs
-in the last bits) the ``probe`` decides: the decoder's logits of a few fixed random
-residuals must match to a relative 1e-3, which another model's decoder will not.
+The fingerprint (:mod:`tl_lenses.readout.fingerprint`) is the model's
+shape and its decoder's logits of a few fixed random residuals, which must match to a
+relative 1e-3: the same model on the other backend or in another dtype passes, another
+model's decoder does not.
 """
 
 from __future__ import annotations
@@ -22,10 +22,7 @@ from pathlib import Path
 
 import torch
 
-from tl_lenses.models import check_model
-from tl_lenses.readout.unembed import Unembed
-
-N_PROBES, N_PROBE_IDS, PROBE_RTOL = 4, 16, 1e-3
+from tl_lenses.readout.fingerprint import check_same_model
 
 
 @dataclass(frozen=True)
@@ -44,66 +41,6 @@ FORMATS = {
         {"d_model", "beta", "layer", "relation", "template", "train", "method", "model",
          "weights_sha256"})),
 }
-
-
-def model_info(model) -> dict:
-    """The shape of ``model`` and a fingerprint of its final norm + unembedding.
-
-    A model spread over several devices is accepted (its decoder is gathered on W_U's).
-    """
-    check_model(model, spread=True)
-    unembed = Unembed.from_model(model, spread=True)
-    unembed = unembed.to(unembed.W_U.device)
-    cfg = model.cfg
-    return {
-        "model_name": str(getattr(cfg, "model_name", "")), "n_layers": cfg.n_layers,
-        "d_model": cfg.d_model, "d_vocab": unembed.d_vocab, "norm": unembed.kind,
-        "unembed_sha256": _unembed_hash(unembed), "probe": _probe(unembed),
-    }
-
-
-def _unembed_hash(unembed: Unembed) -> str:
-    digest = hashlib.sha256()
-    for tensor in (unembed.weight, unembed.bias, unembed.W_U, unembed.b_U):
-        if tensor is not None:
-            digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
-def _probe(unembed: Unembed) -> list[list[float]]:
-    """Decoder logits of fixed random residuals at fixed vocabulary ids."""
-    generator = torch.Generator().manual_seed(1234)
-    resid = torch.randn(N_PROBES, unembed.d_model, generator=generator)
-    ids = torch.randint(0, unembed.d_vocab, (N_PROBE_IDS,), generator=generator)
-    with torch.no_grad():
-        logits = unembed(resid.to(unembed.W_U.device, torch.float32)).float().cpu()
-    return logits[:, ids].tolist()
-
-
-def check_same_model(info: dict, model, *, source: str = "lens") -> None:
-    """Raise ValueError unless ``info`` (a saved :func:`model_info`) describes ``model``."""
-    mine = model_info(model)
-    for key in ("n_layers", "d_model", "d_vocab", "norm"):
-        if info.get(key) != mine[key]:
-            raise ValueError(
-                f"{source} was made for a different model: {key}={info.get(key)!r} there, "
-                f"{mine[key]!r} in this model{_names(info, mine)}"
-            )
-    if info.get("unembed_sha256") == mine["unembed_sha256"]:
-        return
-    theirs, ours = torch.tensor(info.get("probe", [])), torch.tensor(mine["probe"])
-    if theirs.shape != ours.shape or not torch.allclose(theirs, ours, rtol=PROBE_RTOL,
-                                                        atol=PROBE_RTOL):
-        raise ValueError(
-            f"{source} was made for a different model: the fingerprint of the final norm and "
-            f"unembedding (W_U) does not match{_names(info, mine)}"
-        )
-
-
-def _names(info: dict, mine: dict) -> str:
-    # Model names only help when they differ (models built in memory are all 'external').
-    theirs = info.get("model_name")
-    return "" if theirs == mine["model_name"] else f" ({theirs!r} vs {mine['model_name']!r})"
 
 
 def write_folder(path, fmt: str, tensors: dict[str, torch.Tensor], config: dict) -> Path:

@@ -20,7 +20,7 @@ from typing import Sequence
 
 import torch
 
-from tl_lenses.lenses.attribute.lre import LRE, estimate_lre
+from tl_lenses.lenses.attribute.lre import LRE, check_lre, estimate_lre
 from tl_lenses.lenses.attribute.metrics import (
     causal_pairs,
     causality,
@@ -149,6 +149,8 @@ def lre_causality(
     relation = get_relation(relation)
     ranks = check_ranks(ranks, model.cfg.d_model)
     train, held = relation.split(n, seed=seed)
+    if lre is not None:
+        check_lre(model, lre)
     if lre is None:
         lre = estimate_lre(model, relation, layer, train=train, progress=progress)
     train_states = collect_states(model, lre, train, [layer])

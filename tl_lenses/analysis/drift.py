@@ -28,6 +28,7 @@ from torch import Tensor
 from tl_lenses.analysis._stream import batches, cached, check_positive, check_tokens, frozen_unembed
 from tl_lenses.hooks import resid_names, short_label
 from tl_lenses.lenses.tuned.lens import TunedLens
+from tl_lenses.readout.fingerprint import check_lens
 from tl_lenses.viz.notebook import NotebookView
 
 
@@ -137,6 +138,7 @@ def residual_drift(
     """
     check_tokens(model, tokens, min_pos=3 if drop_first else 2)
     check_positive(cka_rows=cka_rows)
+    check_lens(model, tuned, argument="tuned")
     if cka_rows < 2:
         # One row centred is zero: every HSIC, and so every CKA, would be 0 / 0.
         raise ValueError(f"cka_rows must be >= 2 (tokens per CKA minibatch), got {cka_rows}")

@@ -23,6 +23,7 @@ from tl_lenses.analysis._stream import check_tokens
 from tl_lenses.hooks import final_resid_name, resid_names, short_label
 from tl_lenses.lenses.logit import LogitLens
 from tl_lenses.lenses.tuned.lens import TunedLens
+from tl_lenses.readout.fingerprint import check_lens
 from tl_lenses.viz.notebook import NotebookView
 
 
@@ -114,6 +115,7 @@ def retrained_decoders(
     """
     check_tokens(model, train, argument="train")
     check_tokens(model, held_out, argument="held_out")
+    check_lens(model, tuned, argument="tuned")
     names = _rows(model, layers)
     inner = [n for n in names if n != final_resid_name(model)]
     config = FitConfig(steps=steps, lr=lr, batch_size=batch_size, seed=seed, progress=progress)

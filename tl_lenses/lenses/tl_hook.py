@@ -24,6 +24,7 @@ from torch import Tensor
 
 from tl_lenses.hooks import resid_names
 from tl_lenses.models import check_model
+from tl_lenses.readout.fingerprint import check_lens
 
 StackTranslator = Callable[[Tensor, int], Tensor]
 
@@ -45,16 +46,13 @@ def tl_lens_hook(model, lens, *, incl_mid: bool = False) -> StackTranslator:
         has ``entry``'s shape.
 
     Raises:
-        TypeError: If ``lens`` has no ``translate`` method.
-        ValueError: If ``lens`` was made for another width than ``model``'s d_model; when
+        TypeError: If ``lens`` has no ``translate`` method (a string, say).
+        ValueError: If ``lens`` was made for another model (its width or its
+            ``model_info`` fingerprint, :mod:`tl_lenses.readout.fingerprint`); when
             called, for an index outside the stack or a hook the lens does not cover.
     """
     check_model(model)
-    if not callable(getattr(lens, "translate", None)):
-        raise TypeError(f"lens must have translate(resid, hook_name), got {type(lens).__name__}")
-    d_model = getattr(lens, "d_model", model.cfg.d_model)
-    if d_model != model.cfg.d_model:
-        raise ValueError(f"lens has d_model={d_model} but the model has {model.cfg.d_model}")
+    check_lens(model, lens, allow_none=False)
     names = resid_names(model, incl_mid=incl_mid)
 
     def translate_entry(

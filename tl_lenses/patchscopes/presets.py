@@ -28,6 +28,7 @@ from tl_lenses.models import check_model
 from tl_lenses.patchscopes import view as _view
 from tl_lenses.patchscopes.core import check_generation, source_states
 from tl_lenses.patchscopes.sweep import SweepResult, patchscope_sweep
+from tl_lenses.readout.fingerprint import check_each_lens
 from tl_lenses.readout.lens import Lens
 from tl_lenses.readout.unembed import Unembed
 from tl_lenses.viz.notebook import NotebookView
@@ -121,6 +122,7 @@ def token_identity(
     >>> r.precision_at_1                                                   # doctest: +SKIP
     """
     check_model(model)
+    check_each_lens(model, lenses)
     tokens = one_prompt(model, prompt, argument="prompt")
     n_pos = tokens.shape[1]
     pos = [resolve_position(p, n_pos, argument="positions")

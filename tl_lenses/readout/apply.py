@@ -18,6 +18,7 @@ from tl_lenses.hooks import (
 from tl_lenses.inputs import Batch, Selection, to_batch
 from tl_lenses.models import check_model
 from tl_lenses.readout.engine import read_lens
+from tl_lenses.readout.fingerprint import check_lens
 from tl_lenses.readout.lens import Lens
 from tl_lenses.readout.result import LensResult
 
@@ -82,13 +83,16 @@ def apply_lens(
     Raises:
         ValueError: naming the argument: unknown or non-residual hook points, ``hook_names``
             with ``layers`` or ``incl_mid``, out-of-range layers or positions, a bad
-            ``k``/``target``/``padding_side``/``attention_mask``.
+            ``k``/``target``/``padding_side``/``attention_mask``, a ``lens`` made for
+            another model.
+        TypeError: a ``lens`` that is not a lens (a string, say: load it first).
 
     >>> result = apply_lens(model, "hello world", k=3)
     >>> result.top_ids.shape == (model.cfg.n_layers + 1, 1, 11, 3)
     True
     """
     check_model(model)
+    check_lens(model, lens)
     batch = to_batch(model, input, padding_side=padding_side, attention_mask=attention_mask)
     names = select_hook_names(model, hook_names, layers, incl_mid)
     batch.select(positions)  # fail on bad positions before the forward pass
@@ -133,6 +137,7 @@ def apply_lens_to_cache(
     True
     """
     check_model(model)
+    check_lens(model, lens)
     batch = to_batch(model, tokens, attention_mask=attention_mask, argument="tokens")
     names = select_hook_names(model, hook_names, layers, incl_mid)
     final = final_resid_name(model)
@@ -182,6 +187,7 @@ class LensCollector:
     def __init__(self, model, lens: Lens | None = None, *, hook_names=None, layers=None,
                  incl_mid: bool = False, positions=None):
         check_model(model)
+        check_lens(model, lens)
         self.model, self.lens = model, lens
         self.hook_names = select_hook_names(model, hook_names, layers, incl_mid)
         self.positions = positions

@@ -21,6 +21,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from tl_lenses.models import check_model
+from tl_lenses.readout.fingerprint import check_lens
 from tl_lenses.readout.lens import Lens
 from tl_lenses.readout.unembed import Unembed
 from tl_lenses.sae.latents import decoder_rows, sae_site, site_prefix
@@ -99,6 +100,7 @@ def latent_directions(
         ValueError: the SAE does not write d_model-wide vectors at a block hook, or a latent
             index is out of range.
     """
+    check_lens(model, lens)
     site = sae_site(sae)
     site_prefix(site)  # a d_model-wide block hook, or a clear error
     rows = decoder_rows(sae)

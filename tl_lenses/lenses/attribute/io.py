@@ -11,10 +11,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tl_lenses._formats import FORMATS, folder_path, model_info, read_folder, write_folder
+from tl_lenses._formats import FORMATS, folder_path, read_folder, write_folder
 from tl_lenses.hooks import resolve_layer
-from tl_lenses.lenses.attribute.lre import LRE
+from tl_lenses.lenses.attribute.lre import LRE, check_lre
 from tl_lenses.lenses.attribute.relations import Sample
+from tl_lenses.readout.fingerprint import model_info
 
 FORMAT = "tl_lenses.lre/1"
 WEIGHTS, CONFIG = FORMATS[FORMAT].weights, FORMATS[FORMAT].config
@@ -26,11 +27,8 @@ def save_lre(lre: LRE, path, model) -> Path:
     >>> lre = estimate_lre(model, relation, layer=6)                 # doctest: +SKIP
     >>> save_lre(lre, "lres/country_capital", model)                 # doctest: +SKIP
     """
-    if not isinstance(lre, LRE):
-        raise TypeError(f"lre must be an LRE, got {type(lre).__name__}")
+    check_lre(model, lre)
     info = model_info(model)
-    if lre.d_model != info["d_model"]:
-        raise ValueError(f"lre has d_model={lre.d_model}, the model {info['d_model']}")
     resolve_layer(model, lre.layer, negative=False)
     # in their own dtype (float32, or float64 from estimate_lre(dtype=...)): exact round trip
     tensors = {"weight": lre.weight.detach().cpu().contiguous(),
@@ -58,4 +56,4 @@ def load_lre(path, model) -> LRE:
                beta=float(config["beta"]), layer=config["layer"], relation=config["relation"],
                template=config["template"],
                train=tuple(Sample(subject, obj) for subject, obj in config["train"]),
-               method=config["method"])
+               method=config["method"], model_info=config["model"])

@@ -11,7 +11,7 @@ from __future__ import annotations
 from jaxtyping import Float
 from torch import Tensor
 
-from tl_lenses.lenses.attribute.lre import LRE
+from tl_lenses.lenses.attribute.lre import LRE, check_lre
 from tl_lenses.readout.apply import apply_lens
 from tl_lenses.readout.result import LensResult
 
@@ -31,6 +31,16 @@ class AttributeLens:
         self.lre = lre
         label = f" {lre.relation!r}," if lre.relation else ""
         self.name = f"attribute lens ({lre.method}{label} layer {lre.layer}, beta {lre.beta:g})"
+
+    @property
+    def d_model(self) -> int:
+        """The LRE's residual width."""
+        return self.lre.d_model
+
+    @property
+    def model_info(self) -> dict:
+        """The fingerprint of the model the LRE was estimated on (empty when unknown)."""
+        return self.lre.model_info
 
     def translate(
         self, resid: Float[Tensor, "*rows d_model"], hook_name: str
@@ -63,7 +73,10 @@ def attribute_lens(model, input, lre: LRE, **kwargs) -> LensResult:
         A :class:`~tl_lenses.readout.result.LensResult`.
 
     Raises:
-        ValueError: an LRE of another width, and every error of ``apply_lens``.
+        TypeError: ``lre`` is not an :class:`~tl_lenses.lenses.attribute.lre.LRE` (its
+            ``weight`` tensor, say).
+        ValueError: an LRE of another width or estimated on another model (its
+            ``model_info``), and every error of ``apply_lens``.
 
     >>> facts = tuple(Sample(s, o) for s, o in zip("abcdef", "uvwxyz"))
     >>> relation = Relation("toy", ("{} =",), facts)
@@ -71,7 +84,5 @@ def attribute_lens(model, input, lre: LRE, **kwargs) -> LensResult:
     >>> result.lens.startswith("attribute lens"), result.top_ids.shape[-1]
     (True, 2)
     """
-    if lre.d_model != model.cfg.d_model:
-        raise ValueError(f"lre has d_model={lre.d_model} but the model has "
-                         f"d_model={model.cfg.d_model}: it was estimated on another model")
+    check_lre(model, lre)
     return apply_lens(model, input, AttributeLens(lre), **kwargs)

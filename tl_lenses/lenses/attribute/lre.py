@@ -40,6 +40,7 @@ from tl_lenses.lenses.attribute.relations import (
     get_relation,
 )
 from tl_lenses.models import check_model, is_bridge
+from tl_lenses.readout.fingerprint import check_same_model, model_info
 
 logger = logging.getLogger("tl_lenses")
 
@@ -54,7 +55,9 @@ class LRE:
     ``weight`` is ``W`` laid out as ``[out, in]`` (``z = W @ s``). ``train`` and
     ``template`` rebuild the few-shot prompts it was estimated with (:meth:`prompt`);
     ``method`` says what made it: ``"jacobian"``, or a baseline (``"identity"``,
-    ``"least squares"``).
+    ``"least squares"``). ``model_info`` is the fingerprint of the model it was estimated
+    on (:func:`tl_lenses.readout.fingerprint.model_info`; empty when unknown): every use on a
+    model checks it, so an LRE of another model is an error.
     """
 
     weight: Float[Tensor, "d_model d_model"]
@@ -65,6 +68,7 @@ class LRE:
     template: str = "{}"
     train: tuple[Sample, ...] = ()
     method: str = "jacobian"
+    model_info: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     def __call__(self, s: Float[Tensor, "*rows d_model"]) -> Float[Tensor, "*rows d_model"]:
         """``beta * W s + b`` for every row of ``s`` (``[*rows, d_model]``)."""
@@ -114,6 +118,24 @@ class LRE:
         """``W = I``, ``b = 0``: as a lens it is the logit lens (the baseline operator)."""
         fields.setdefault("method", "identity")
         return cls(torch.eye(d_model), torch.zeros(d_model), **fields)
+
+
+def check_lre(model, lre, *, argument: str = "lre") -> None:
+    """An :class:`LRE` of ``model``'s width, estimated on ``model`` when it says which.
+
+    Raises:
+        TypeError: naming ``argument``: not an LRE (its ``weight`` tensor, say).
+        ValueError: naming ``argument``: another width, or a ``model_info`` fingerprint of
+            another model (:func:`~tl_lenses.readout.fingerprint.check_same_model`).
+    """
+    if not isinstance(lre, LRE):
+        raise TypeError(f"{argument} must be an LRE (from estimate_lre or load_lre), got "
+                        f"{type(lre).__name__}")
+    if lre.d_model != model.cfg.d_model:
+        raise ValueError(f"{argument} has d_model={lre.d_model} but the model has "
+                         f"d_model={model.cfg.d_model}: it was estimated on another model")
+    if lre.model_info:
+        check_same_model(lre.model_info, model, source=argument)
 
 
 @dataclass(frozen=True)
@@ -319,6 +341,7 @@ def estimate_lre(
                                          sample.subject, layer, method=method))
     lre = lre_from_jacobians(samples, beta=beta, layer=layer, relation=relation.name,
                              template=template_text, train=tuple(train))
+    lre = dataclasses.replace(lre, model_info=model_info(model))
     return lre if rank is None else lre.low_rank(rank)
 
 

@@ -41,7 +41,7 @@ from tl_lenses.hooks import (
 )
 from tl_lenses.inputs import to_batch
 from tl_lenses.lenses.attribute import view as _view
-from tl_lenses.lenses.attribute.lre import LRE, estimate_lre, subject_position
+from tl_lenses.lenses.attribute.lre import LRE, check_lre, estimate_lre, subject_position
 from tl_lenses.lenses.attribute.relations import Relation, Sample, get_relation, object_token
 from tl_lenses.readout.unembed import Unembed
 from tl_lenses.viz.notebook import NotebookView
@@ -140,6 +140,7 @@ def least_squares_lre(lre: LRE, s: Float[Tensor, "batch d_model"],
 def faithfulness(model, lre: LRE, s: Float[Tensor, "batch d_model"],
                  object_ids: Int[Tensor, " batch"]) -> float:
     """Fraction of rows where the decoded ``lre(s)`` ranks the object's token first."""
+    check_lre(model, lre)
     if len(s) == 0:
         return float("nan")
     with torch.no_grad():
@@ -162,6 +163,7 @@ def causal_pairs(states: SubjectStates, keep: Tensor) -> list[tuple[int, int]]:
 def causality(model, lre: LRE, states: SubjectStates, pairs: Sequence[tuple[int, int]],
               rank: int | None = None) -> float:
     """Fraction of pairs whose answer flips to the target's object after the edit."""
+    check_lre(model, lre)
     if not pairs:
         return float("nan")
     s = states.at_layer(lre.layer)
@@ -228,6 +230,7 @@ def score(model, lre: LRE, train_states: SubjectStates, test_states: SubjectStat
     Every operator's causal edit uses the same ``rank`` of its inverse (see the module
     docstring: at full rank the identity would score like any invertible map).
     """
+    check_lre(model, lre)
     keep = test_states.correct
     pairs = causal_pairs(test_states, keep)
     s_test = test_states.at_layer(lre.layer)[keep]

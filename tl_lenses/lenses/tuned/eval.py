@@ -31,6 +31,7 @@ from tl_lenses.lenses.tuned import view
 from tl_lenses.lenses.tuned.lens import TunedLens
 from tl_lenses.models import check_model
 from tl_lenses.readout.apply import apply_lens_to_cache
+from tl_lenses.readout.fingerprint import check_each_lens
 from tl_lenses.readout.lens import Lens
 from tl_lenses.readout.unembed import Unembed
 from tl_lenses.viz.notebook import NotebookView
@@ -137,6 +138,7 @@ def evaluate_lenses(model, tokens: Int[Tensor, "batch pos"],
     True
     """
     check_model(model)
+    check_each_lens(model, lenses)
     lenses = dict(lenses or {"logit": LogitLens()})
     if not lenses or not all(isinstance(l, Lens) for l in lenses.values()):
         raise TypeError("lenses must map names to Lens objects (name + translate)")

@@ -18,9 +18,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from tl_lenses._formats import model_info
 from tl_lenses.hooks import check_hook_names, final_resid_name, resid_names, resolve_layer
 from tl_lenses.models import check_model
+from tl_lenses.readout.fingerprint import model_info
 
 KINDS = ("affine", "bias")
 
