@@ -47,7 +47,9 @@ from tl_lenses.attribution.directions import (
     logit_directions,
     residual_readout,
 )
+from tl_lenses.attribution.identity import check_parts_sum
 from tl_lenses.attribution.norms import SublayerNorm, sublayer_norm
+from tl_lenses.attribution.provenance import stamp
 from tl_lenses.attribution.result import DLAResult, parse_head_label
 from tl_lenses.attribution.sublayers import project_stacked, sublayer_parts
 from tl_lenses.hooks import final_resid_name, flowing_name, run_cache
@@ -167,7 +169,9 @@ def dla(
 
     Raises:
         ValueError: naming the argument: a multi-token answer, positions out of range, a
-            cache lacking hook points, an SAE not at a d_model-wide hook point.
+            cache lacking hook points, an SAE not at a d_model-wide hook point; parts that
+            do not add up to the logit (hooks that edit the residual stream, another
+            model's ``cache``: :mod:`tl_lenses.attribution.identity`).
         TypeError: an entry of ``saes`` is not an SAE.
         NotImplementedError: an SAE whose output is not latents x W_dec + b_dec (+ error).
 
@@ -188,6 +192,7 @@ def dla(
     dirs = logit_directions(model, directions, unembed=unembed)
     selection = batch.select(positions)
     names = needed_hooks(model, heads=heads, neurons=neurons)
+    cache_given = cache is not None
     if cache is None:
         cache = run_cache(model, batch, [*names, *split_hooks(model, saes)])
     check_cache(cache, batch.tokens, names)
@@ -205,11 +210,13 @@ def dla(
     values = torch.cat([values, bias])
     values = _missing_as_nan(values, selection.mask.to(values.device), labels + ["b_U"])
     logits, capped = _model_logits(model, unembed, cache, selection, dirs)
+    check_parts_sum(model, values, logits, dtype=cache["hook_embed"].dtype,
+                    cache_given=cache_given)
     return DLAResult(
         values=values, labels=[*labels, "b_U"], directions=dirs.labels,
         positions=selection.positions, tokens=batch.tokens, logits=logits, scale=scale,
         str_tokens=str_tokens(model, batch.tokens), mask=selection.mask,
-        columns=selection.columns, capped_logits=capped,
+        columns=selection.columns, capped_logits=capped, source=stamp(model),
     )
 
 

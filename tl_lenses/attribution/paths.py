@@ -44,7 +44,9 @@ from tl_lenses.attribution.core import (
     parse_head_label,
     residual_readout,
 )
+from tl_lenses.attribution.identity import check_paths
 from tl_lenses.attribution.norms import sublayer_norm
+from tl_lenses.attribution.provenance import ModelStamp, check_source, stamp
 from tl_lenses.hooks import final_resid_name, run_cache, spliced_sites
 from tl_lenses.inputs import str_tokens, to_batch
 from tl_lenses.models import check_model, is_bridge
@@ -122,6 +124,7 @@ class HeadPathResult(NotebookView):
     mask: Bool[Tensor, "batch src_pos"] | None = None
     destinations: Int[Tensor, " batch"] | None = None
     attention: dict | None = field(default=None, repr=False, compare=False)
+    source: ModelStamp | None = field(default=None, repr=False, compare=False)
 
     def head_totals(self) -> Float[Tensor, "head_index batch direction"]:
         """Each head's DLA, rebuilt from its paths."""
@@ -137,6 +140,7 @@ class HeadPathResult(NotebookView):
             logits=self.logits[:, None], scale=self.scale[:, None],
             str_tokens=self.str_tokens,
             columns=None if self.destinations is None else self.destinations[:, None],
+            source=self.source,
         )
 
     def top(self, k: int = 10, *, batch: int = 0, direction: int = 0,
@@ -152,7 +156,12 @@ class HeadPathResult(NotebookView):
 
         Returns:
             A copy whose ``attention`` maps head labels to ``[batch, query_pos, key_pos]``.
+
+        Raises:
+            ValueError: ``model`` is not the model the paths came from
+                (:mod:`tl_lenses.attribution.provenance`).
         """
+        check_source(self.source, model)
         pairs = [parse_head_label(label) for label in self.heads]
         patterns = head_patterns(model, self.tokens.to(model.cfg.device), pairs)
         return replace(self, attention=dict(zip(self.heads, patterns)))
@@ -256,8 +265,8 @@ def path_hooks(model, last_layer: int) -> list[str]:
         names.append(f"blocks.{layer}.attn.hook_pattern")
         if model.cfg.normalization_type is not None:
             names.append(f"blocks.{layer}.ln1.hook_scale")
+        names.append(f"blocks.{layer}.attn.hook_z")  # the last layer's: to check the sum
         if layer < last_layer:
-            names.append(f"blocks.{layer}.attn.hook_z")
             names += [] if model.cfg.attn_only else [f"blocks.{layer}.hook_mlp_out"]
     return names
 
@@ -292,7 +301,9 @@ def head_path_dla(
         positions) equals each head's DLA.
 
     Raises:
-        ValueError: naming the argument: unknown heads, a position out of range.
+        ValueError: naming the argument: unknown heads, a position out of range; paths
+            that do not add up to the head's DLA (hooks that edit the residual stream,
+            another model's ``cache``: :mod:`tl_lenses.attribution.identity`).
 
     >>> paths = head_path_dla(model, "hello world", ("o", "a"), heads=["L1H0"])
     >>> heads = dla(model, "hello world", ("o", "a"))
@@ -315,6 +326,7 @@ def head_path_dla(
     last = max(layer for layer, _ in chosen)
     names = path_hooks(model, last)
     _refuse_saes(model, cache)
+    cache_given = cache is not None
     if cache is None:
         cache = run_cache(model, batch, names)
         _check_patterns(model, cache, last)
@@ -322,6 +334,7 @@ def head_path_dla(
     u, _ = residual_readout(model, dirs)
     s_f = _final_scale(model, cache, selection)[:, 0].to(u.device)
     sources, values = _all_paths(model, cache, chosen, dest, u, s_f, last)
+    check_paths(model, cache, chosen, dest, u, s_f, values, cache_given=cache_given)
     heads = [f"L{l}H{h}" for l, h in chosen]
     values = _non_finite_as_nan(values, heads, sources)
     unembed = Unembed.from_model(model)
@@ -331,6 +344,7 @@ def head_path_dla(
         values=values, heads=heads, sources=sources,
         position=selection.positions[0], directions=dirs.labels, tokens=tokens, logits=logits,
         scale=s_f, str_tokens=str_tokens(model, tokens), mask=batch.mask, destinations=dest,
+        source=stamp(model),
     )
 
 

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from tl_lenses.attribution import view as _views
 from tl_lenses.attribution.attention import head_patterns
+from tl_lenses.attribution.provenance import ModelStamp, check_source
 from tl_lenses.viz.notebook import NotebookView
 
 
@@ -30,7 +31,9 @@ class DLAResult(NotebookView):
     ``capped_logits`` the model's own output (``cap(z_a) - cap(z_b)``; NaN for free vector
     directions); None for a model without a cap. Indexing (``result["L3H5"]``,
     ``result[["L3H5", "L7 MLP"]]``, ``result[:10]``) selects components; ``top`` and
-    ``sort`` order them by one (batch, pos, direction) cell.
+    ``sort`` order them by one (batch, pos, direction) cell. ``source`` stamps the model
+    the result came from (:mod:`tl_lenses.attribution.provenance`): ``with_attention``
+    refuses another.
     """
 
     values: Float[Tensor, "component batch pos direction"]
@@ -45,6 +48,7 @@ class DLAResult(NotebookView):
     columns: Int[Tensor, "batch pos"] | None = None
     capped_logits: Float[Tensor, "batch pos direction"] | None = None
     attention: dict | None = field(default=None, repr=False, compare=False)
+    source: ModelStamp | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
         # Built without padding information: every prompt reads every position.
@@ -191,8 +195,11 @@ class DLAResult(NotebookView):
             patterns (``blocks.{l}.attn.hook_pattern``).
 
         Raises:
-            ValueError: if the result has no per-head components.
+            ValueError: if the result has no per-head components, or ``model`` is not the
+                model it came from (another shape, or another model object while that one
+                still exists: :mod:`tl_lenses.attribution.provenance`).
         """
+        check_source(self.source, model)
         heads = self.heads()
         if not len(heads):
             raise ValueError("with_attention needs per-head components (dla(..., heads=True))")

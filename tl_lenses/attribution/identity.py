@@ -1,0 +1,112 @@
+"""DLA's exact identities, checked on every result: a silent wrong decomposition is an error.
+
+DLA decomposes the model's own forward pass. Two identities hold exactly (to float rounding)
+whenever the cache is that forward pass, and each costs one sum over parts:
+
+* :func:`dla`: the parts add up to the model's logit (difference) read off the final
+  residual, ``values.sum(0) == logits``;
+* :func:`head_path_dla`: a head's paths add up to its own DLA, ``z[dest, h] @ W_O[h] · u /
+  s_f`` read off its cached ``hook_z``.
+
+They fail when something the parts do not see changed the residual stream: a hook that
+edits a hook point which is no component's output (``hook_resid_pre``, ``ln_final.hook_scale``,
+...), or a ``cache=`` computed by another model. (A hook that edits a component's own output,
+``hook_z`` or ``hook_mlp_out``, keeps them: the parts then decompose the edited run. A
+recording hook that returns None changes nothing.) The error names the hook points that
+carry hooks, found in ``O(number of hook points)`` only once an identity has failed.
+
+The tolerance scales with the activations' dtype: ``TOLERANCE * eps`` times the size of the
+sum (the parts' absolute values and the logit), so float32 and bfloat16 runs pass and an
+edit well above rounding does not.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+# Multiples of the dtype's eps: the largest error seen over the tiny families (tiny_families,
+# both backends) and the tiny models in float32 and bfloat16 is 2.7 (scripted in the report).
+TOLERANCE = 64.0
+
+
+def check_parts_sum(model, values: Tensor, logits: Tensor, *, dtype: torch.dtype,
+                    cache_given: bool) -> None:
+    """Raise ValueError unless ``values [component, batch, pos, dir]`` sum to ``logits``.
+
+    Cells that are NaN (pads, non-finite activations) are skipped.
+    """
+    logits = logits.to(values.device)
+    total = values.sum(0)
+    size = values.abs().sum(0) + logits.abs()
+    _check(model, total, logits, size, dtype, cache_given,
+           "the DLA parts do not add up to the model's logit")
+
+
+def check_head_totals(model, totals: Tensor, head_dla: Tensor, *, dtype: torch.dtype,
+                      cache_given: bool, size: Tensor) -> None:
+    """Raise ValueError unless head paths' ``totals [head, batch, dir]`` equal ``head_dla``."""
+    _check(model, totals, head_dla.to(totals.device), size + head_dla.abs(), dtype,
+           cache_given, "the head paths do not add up to the head's own DLA")
+
+
+def _check(model, got: Tensor, want: Tensor, size: Tensor, dtype: torch.dtype,
+           cache_given: bool, what: str) -> None:
+    eps = torch.finfo(dtype if dtype.is_floating_point else torch.float32).eps
+    eps = max(eps, torch.finfo(torch.float32).eps)  # the parts are summed in float32
+    error = (got - want).abs()
+    bad = (error > TOLERANCE * eps * size) & error.isfinite()
+    if not bool(bad.any()):
+        return
+    worst = float(error[bad].max())
+    raise ValueError(f"{what} (off by up to {worst:.3g}): {_cause(model, cache_given)}")
+
+
+def _cause(model, cache_given: bool) -> str:
+    hooked = hooked_points(model)
+    if hooked:
+        return (f"hooks on {hooked[:8]}{' ...' if len(hooked) > 8 else ''} change the "
+                "forward pass outside the components' outputs, and DLA decomposes the model's "
+                "own forward pass. Remove them (model.reset_hooks()), or make the edit on a "
+                "component's output (attn.hook_z, hook_mlp_out), which the parts then carry")
+    if cache_given:
+        return ("cache= does not hold this model's forward pass (another model's cache, or "
+                "one taken with hooks that edited it); pass cache=None to run the model")
+    return ("the model's forward pass is not the sum DLA decomposes (a module hook or a "
+            "patched forward?); run it without modifications")
+
+
+def hooked_points(model) -> list[str]:
+    """Names of the model's hook points that carry forward hooks (each point once)."""
+    seen, names = set(), []
+    for name, point in model.hook_dict.items():
+        if id(point) in seen:  # the Bridge lists aliases of one point
+            continue
+        seen.add(id(point))
+        if getattr(point, "_forward_hooks", None) or getattr(point, "fwd_hooks", None):
+            names.append(name)
+    return names
+
+
+def check_paths(model, cache, chosen, dest: Tensor, u: Tensor, s_f: Tensor, values: Tensor,
+                *, cache_given: bool) -> None:
+    """:func:`check_head_totals` for :func:`head_path_dla`'s ``values``.
+
+    Args:
+        model: the model.
+        cache: the cache the paths were read from (holding each chosen layer's ``hook_z``).
+        chosen: the destination heads ``(layer, head)``.
+        dest: each prompt's destination column ``[batch]``.
+        u: the readout directions ``[d_model, direction]``.
+        s_f: the final norm's scale at ``dest`` ``[batch]``.
+        values: ``[head, source, batch, src_pos, direction]``.
+        cache_given: whether the user passed the cache (for the message).
+    """
+    rows = torch.arange(len(dest))
+    own = torch.stack([
+        cache[f"blocks.{l}.attn.hook_z"][rows, dest, h].float().to(u.device)
+        @ (model.blocks[l].attn.W_O[h].detach().float() @ u)
+        for l, h in chosen]) / s_f[None, :, None]                       # [head, batch, dir]
+    dtype = cache["hook_embed"].dtype
+    check_head_totals(model, values.sum((1, 3)), own, dtype=dtype, cache_given=cache_given,
+                      size=values.abs().sum((1, 3)))
