@@ -96,8 +96,11 @@ def check_lens(model, lens, *, argument: str = "lens", allow_none: bool = True) 
         check_same_model(info, model, source=argument)
 
 
-def check_each_lens(model, lenses, *, argument: str = "lenses") -> None:
+def check_each_lens(model, lenses, *, argument: str = "lenses", allow_none: bool = False) -> None:
     """:func:`check_lens` on each lens of a ``{name: lens}`` mapping or a sequence of lenses.
+
+    ``allow_none``: whether an entry may be None (the logit lens), for consumers that read
+    through the shared readout.
 
     Raises:
         TypeError: ``lenses`` is neither (a string is not a sequence of lenses), or an entry
@@ -114,7 +117,7 @@ def check_each_lens(model, lenses, *, argument: str = "lenses") -> None:
         raise TypeError(f"{argument} must be a mapping {{name: lens}} or a list of lenses, got "
                         f"{type(lenses).__name__} {lenses!r}")
     for key, lens in items:
-        check_lens(model, lens, argument=f"{argument}[{key!r}]", allow_none=False)
+        check_lens(model, lens, argument=f"{argument}[{key!r}]", allow_none=allow_none)
 
 
 def _close(theirs, ours: list[list[float]]) -> bool:

@@ -1,0 +1,281 @@
+"""Silent wrong numbers turned into errors: DLA's identities, results and lenses tied to a model.
+
+* DLA decomposes the model's own forward pass: a hook that edits the residual stream (or a
+  cache of another model) breaks "the parts add up to the logit", which is checked on every
+  result and refused naming the hooks; an edit of a component's own output is decomposed.
+* ``with_attention`` refuses a model that is not the one the result came from.
+* A lens or LRE carries the fingerprint of its model, checked at every use by one function
+  (:func:`tl_lenses.readout.fingerprint.check_lens`); a string where a lens belongs is a
+  TypeError naming the argument.
+"""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+from conftest import assert_no_hooks
+
+import tl_lenses as tll
+from tl_lenses import analysis
+from tl_lenses.attribution.core import dla
+from tl_lenses.attribution.paths import head_path_dla
+from tl_lenses.lenses.attribute.io import load_lre, save_lre
+from tl_lenses.lenses.attribute.lens import attribute_lens
+from tl_lenses.lenses.attribute.lre import LRE, check_lre, estimate_lre
+from tl_lenses.lenses.attribute.relations import Relation, Sample
+from tl_lenses.lenses.tl_hook import tl_lens_hook
+from tl_lenses.lenses.tuned.eval import evaluate_lenses
+from tl_lenses.lenses.tuned.lens import TunedLens
+from tl_lenses.patchscopes.presets import token_identity
+from tl_lenses.readout.apply import LensCollector, apply_lens, apply_lens_to_cache
+from tl_lenses.readout.fingerprint import check_each_lens, check_lens
+from tl_lenses.sae.decoder_lens import latent_lens
+from tl_lenses.tiny import tiny_bridge, tiny_default, tiny_hooked
+
+PROMPT = "When Mary and John went"
+PAIR = ("M", "J")
+FACTS = tuple(Sample(s, o) for s, o in zip("abcdef", "uvwxyz"))
+
+
+def _rows(model, batch=2, n_pos=8, seed=0):
+    return torch.randint(0, 256, (batch, n_pos), generator=torch.Generator().manual_seed(seed))
+
+
+def _zero_dims(resid, hook):
+    resid = resid.clone()
+    resid[..., :8] = 0
+    return resid
+
+
+def _twin(model, seed=0):
+    """A fresh model of ``model``'s arch and backend (same weights at the same seed)."""
+    arch = "gpt2" if model.cfg.normalization_type in ("LN", "LNPre") else "llama-gqa"
+    build = tiny_bridge if type(model).__name__ == "TransformerBridge" else tiny_hooked
+    return build(arch, seed=seed)
+
+
+# --- DLA: the identities --------------------------------------------------------------------
+
+def test_a_hook_editing_the_residual_stream_is_refused_naming_it(tiny_model):
+    tokens = _rows(tiny_model)
+    tiny_model.add_hook("blocks.1.hook_resid_pre", _zero_dims)
+    try:
+        with pytest.raises(ValueError, match=r"do not add up.*hooks on \['blocks\.1\."):
+            dla(tiny_model, tokens, PAIR)
+        with pytest.raises(ValueError, match=r"head's own DLA.*hooks on \['blocks\.1\."):
+            head_path_dla(tiny_model, tokens, PAIR, heads=["L2H0"])
+    finally:
+        tiny_model.reset_hooks()
+    assert_no_hooks(tiny_model)
+    dla(tiny_model, tokens, PAIR)  # and without the hook it holds again
+
+
+def test_a_recording_hook_changes_nothing(tiny_model):
+    tokens = _rows(tiny_model)
+    plain = dla(tiny_model, tokens, PAIR, positions=None)
+    plain_paths = head_path_dla(tiny_model, tokens, PAIR, heads=["L2H0", "L1H3"])
+    seen = []
+    tiny_model.add_hook("blocks.1.hook_resid_pre", lambda resid, hook: seen.append(resid.shape))
+    try:
+        hooked = dla(tiny_model, tokens, PAIR, positions=None)
+        paths = head_path_dla(tiny_model, tokens, PAIR, heads=["L2H0", "L1H3"])
+    finally:
+        tiny_model.reset_hooks()
+    assert seen
+    assert torch.equal(hooked.values, plain.values)
+    assert torch.equal(paths.values, plain_paths.values)
+
+
+def test_an_edit_of_a_components_output_is_decomposed(tiny_model):
+    """Zeroing head L0H1's z: its part is 0 and the rest still add up to the edited logit."""
+    tokens = _rows(tiny_model)
+
+    def ablate_head(z, hook):
+        z = z.clone()
+        z[:, :, 1] = 0
+        return z
+
+    tiny_model.add_hook("blocks.0.attn.hook_z", ablate_head)
+    try:
+        result = dla(tiny_model, tokens, PAIR, positions=None)
+        with torch.no_grad():
+            logits = tiny_model(tokens)
+    finally:
+        tiny_model.reset_hooks()
+    assert torch.equal(result["L0H1"].values, torch.zeros_like(result["L0H1"].values))
+    a, b = (tiny_model.to_single_token(t) for t in PAIR)
+    torch.testing.assert_close(result.total(), (logits[..., a] - logits[..., b])[..., None],
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_another_models_cache_is_refused(tiny_model):
+    tokens = _rows(tiny_model)
+    with torch.no_grad():
+        _, cache = _twin(tiny_model, seed=1).run_with_cache(tokens)
+    with pytest.raises(ValueError, match="cache= does not hold this model's forward pass"):
+        dla(tiny_model, tokens, PAIR, cache=cache)
+    with pytest.raises(ValueError, match="cache= does not hold this model's forward pass"):
+        head_path_dla(tiny_model, tokens, PAIR, heads=["L2H0"], cache=cache)
+    with torch.no_grad():
+        _, own = tiny_model.run_with_cache(tokens)
+    torch.testing.assert_close(dla(tiny_model, tokens, PAIR, cache=own).values,
+                               dla(tiny_model, tokens, PAIR).values)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama-gqa"])
+def test_the_identities_hold_in_bfloat16(arch):
+    model = tiny_default(arch, dtype=torch.bfloat16)
+    tokens = _rows(model)
+    result = dla(model, tokens, PAIR, positions=None, neurons=True)
+    torch.testing.assert_close(result.total(), result.logits, atol=0.05, rtol=0.02)
+    head_path_dla(model, tokens, PAIR)  # every head: its paths add up (else ValueError)
+
+
+# --- with_attention: the result's own model -------------------------------------------------
+
+def test_with_attention_refuses_another_model(tiny_model):
+    tokens = _rows(tiny_model)
+    result = dla(tiny_model, tokens, PAIR)
+    paths = head_path_dla(tiny_model, tokens, PAIR, heads=["L2H0"])
+    same_shape = _twin(tiny_model, seed=1)
+    for view in (result, paths, paths.flat()):
+        with pytest.raises(ValueError, match="not the model this result came from"):
+            view.with_attention(same_shape)
+    smaller = tiny_default("gpt2", n_layers=2)
+    with pytest.raises(ValueError, match="n_layers=2 here, 3 there"):
+        result.with_attention(smaller)
+    shown = result.with_attention(tiny_model, k=2)
+    assert len(shown.attention) == 2
+    assert set(paths.with_attention(tiny_model).attention) == {"L2H0"}
+
+
+def test_with_attention_takes_a_reloaded_model_once_the_original_is_gone():
+    model = tiny_default("gpt2")
+    result = dla(model, _rows(model), PAIR)
+    del model
+    gc.collect()
+    reloaded = tiny_default("gpt2")
+    shown = result.with_attention(reloaded, k=1)
+    assert len(shown.attention) == 1
+
+
+# --- lenses: one check at every use ---------------------------------------------------------
+
+def _uses(model, lens):
+    """Every entry point that applies a lens, each a thunk."""
+    rows = _rows(model, n_pos=6)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(rows)
+    quick = dict(progress=False)
+    return {
+        "apply_lens": lambda: apply_lens(model, PROMPT, lens),
+        "apply_lens_to_cache": lambda: apply_lens_to_cache(model, cache, rows, lens),
+        "LensCollector": lambda: LensCollector(model, lens),
+        "tl_lens_hook": lambda: tl_lens_hook(model, lens),
+        "evaluate_lenses": lambda: evaluate_lenses(model, rows, {"x": lens}),
+        "token_identity": lambda: token_identity(model, "ab", lenses=[lens]),
+        "current_vs_next": lambda: analysis.current_vs_next(model, rows, {"x": lens}, **quick),
+        "causal_fidelity": lambda: analysis.causal_fidelity(model, rows, {"x": lens}, **quick),
+        "residual_drift": lambda: analysis.residual_drift(model, rows, tuned=lens, **quick),
+        "retrained_decoders": lambda: analysis.retrained_decoders(
+            model, rows, rows, tuned=lens, steps=1, **quick),
+        "latent_lens": lambda: latent_lens(model, None, lens),
+    }
+
+
+USES = [
+    "apply_lens", "apply_lens_to_cache", "LensCollector", "tl_lens_hook", "evaluate_lenses",
+    "token_identity", "current_vs_next", "causal_fidelity", "residual_drift",
+    "retrained_decoders", "latent_lens"]
+
+
+@pytest.mark.parametrize("use", USES)
+def test_a_lens_for_another_model_is_refused_at_every_use(use):
+    model = tiny_default("llama-gqa")
+    other_weights = TunedLens.for_model(tiny_default("llama-gqa", seed=1))
+    other_norm = TunedLens.for_model(tiny_default("gpt2"))   # same d_model, LayerNorm
+    for lens, match in ((other_weights, "fingerprint"), (other_norm, "norm=")):
+        with pytest.raises(ValueError, match=f"made for a different model.*{match}"):
+            _uses(model, lens)[use]()
+
+
+@pytest.mark.parametrize("use", USES)
+def test_a_string_for_a_lens_is_a_type_error(use):
+    """(Under the test run's runtime type checking a ``Lens`` annotation may refuse it first.)"""
+    model = tiny_default("gpt2")
+    with pytest.raises(TypeError, match="'tuned'"):
+        _uses(model, "tuned")[use]()
+
+
+@pytest.mark.parametrize("bad", ["tuned", b"tuned", 3, torch.zeros(3)])
+def test_the_shared_check_names_the_argument_and_what_is_expected(bad):
+    model = tiny_default("gpt2")
+    with pytest.raises(TypeError, match=r"^lenses\['x'\] must be a lens"):
+        check_lens(model, bad, argument="lenses['x']")
+    with pytest.raises(TypeError, match="must be a lens"):
+        tl_lens_hook(model, bad)   # the TypeError its docstring promises
+
+
+def test_a_string_for_the_lens_collection_is_a_type_error():
+    model = tiny_default("gpt2")
+    with pytest.raises(TypeError, match="lenses must be a mapping"):
+        check_each_lens(model, "tuned")
+    with pytest.raises(TypeError, match=r"lenses\[1\] must be a lens"):
+        check_each_lens(model, [tll.LogitLens(), "tuned"])
+
+
+def test_legitimate_uses_of_a_lens_pass():
+    """The same weights rebuilt, in bfloat16, and (TL 3.x) on the other backend."""
+    model = tiny_default("llama-gqa")
+    lens = TunedLens.for_model(model)
+    reference = apply_lens(model, PROMPT, lens).top_ids
+    assert torch.equal(apply_lens(tiny_default("llama-gqa"), PROMPT, lens).top_ids, reference)
+    half = tiny_default("llama-gqa", dtype=torch.bfloat16)
+    apply_lens(half, PROMPT, lens)
+    apply_lens(model, PROMPT, TunedLens.for_model(half))
+    if tll.tiny.DEFAULT_BACKEND == "hooked":
+        bridge = tiny_bridge("llama-gqa")
+        assert torch.equal(apply_lens(bridge, PROMPT, lens).top_ids, reference)
+        apply_lens(model, PROMPT, TunedLens.for_model(bridge))
+
+
+def test_the_check_follows_an_in_place_change_of_the_decoder():
+    model = tiny_default("llama-gqa")
+    lens = TunedLens.for_model(model)
+    check_lens(model, lens)
+    with torch.no_grad():
+        model.W_U.mul_(-1)   # cached probes must not hide this
+    with pytest.raises(ValueError, match="fingerprint"):
+        check_lens(model, lens)
+
+
+# --- LREs ------------------------------------------------------------------------------------
+
+def test_an_lre_knows_its_model(tmp_path):
+    llama = tiny_default("llama-gqa")
+    lre = estimate_lre(llama, Relation("toy", ("{} =",), FACTS), layer=1, n=3)
+    assert lre.model_info["n_layers"] == llama.cfg.n_layers
+    attribute_lens(llama, "a = u", lre)
+    gpt2, sibling = tiny_default("gpt2"), tiny_default("llama-gqa", seed=1)
+    for model in (gpt2, sibling):
+        with pytest.raises(ValueError, match="lre was made for a different model"):
+            attribute_lens(model, "a = u", lre)
+        with pytest.raises(ValueError, match="lre was made for a different model"):
+            save_lre(lre, tmp_path / "lre", model)
+    assert not (tmp_path / "lre").exists()
+    loaded = load_lre(save_lre(lre.with_beta(2.0), tmp_path / "lre", llama), llama)
+    assert loaded.model_info["d_model"] == llama.cfg.d_model
+    with pytest.raises(ValueError, match="lre was made for a different model"):
+        attribute_lens(sibling, "a = u", loaded)
+    attribute_lens(gpt2, "a = u", LRE.identity(gpt2.cfg.d_model))  # no model_info: any model
+
+
+def test_a_tensor_for_an_lre_is_a_type_error_naming_it():
+    model = tiny_default("gpt2")
+    weight = LRE.identity(model.cfg.d_model).weight
+    with pytest.raises(TypeError, match="lre"):  # (or the test run's runtime type check)
+        attribute_lens(model, "a = u", weight)
+    with pytest.raises(TypeError, match="^lre must be an LRE"):
+        check_lre(model, weight)
