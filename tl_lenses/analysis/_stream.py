@@ -16,6 +16,7 @@ from torch import Tensor
 
 from tl_lenses.hooks import run_cache
 from tl_lenses.models import check_model
+from tl_lenses.readout.fingerprint import check_each_lens
 
 logger = logging.getLogger("tl_lenses")
 
@@ -40,18 +41,22 @@ def check_positive(**values) -> None:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
-def check_lenses(lenses, default: dict) -> dict:
-    """``lenses`` as a dict name -> lens (``default`` when None or empty).
+def check_lenses(model, lenses, default: dict) -> dict:
+    """``lenses`` as a dict name -> lens (``default`` when None or empty), checked.
+
+    Each lens is checked against ``model`` (:func:`tl_lenses.readout.fingerprint.check_each_lens`).
 
     Raises:
         TypeError: naming ``lenses``, for anything but a mapping of string names to lenses
             (a list ``[LogitLens()]`` is refused: results are keyed by the names).
+        ValueError: a lens made for another model.
     """
     if not lenses:
         return dict(default)
     if not isinstance(lenses, Mapping) or not all(isinstance(k, str) for k in lenses):
         raise TypeError(f"lenses must be a dict name -> lens, e.g. {{'logit lens': LogitLens()}}"
                         f", got {type(lenses).__name__}")
+    check_each_lens(model, lenses)
     return dict(lenses)
 
 

@@ -38,7 +38,6 @@ from tl_lenses.analysis._stream import (
 )
 from tl_lenses.hooks import final_resid_name, resid_names, short_label
 from tl_lenses.lenses.logit import LogitLens
-from tl_lenses.readout.fingerprint import check_each_lens
 from tl_lenses.readout.lens import Lens
 from tl_lenses.viz.notebook import NotebookView
 
@@ -132,8 +131,7 @@ def causal_fidelity(
     check_positive(rank=rank, batch_size=batch_size)
     if rank > model.cfg.d_model:
         raise ValueError(f"rank must be <= d_model={model.cfg.d_model}, got {rank}")
-    lenses = check_lenses(lenses, {"logit lens": LogitLens()})
-    check_each_lens(model, lenses)
+    lenses = check_lenses(model, lenses, {"logit lens": LogitLens()})
     names = _layer_names(model, layers)
     unembed = frozen_unembed(model)
     reads = {key: [_read_map(lens, name, model.cfg.d_model) for name in names]

@@ -29,7 +29,6 @@ from tl_lenses.analysis._stream import (
 )
 from tl_lenses.hooks import resid_names, short_label
 from tl_lenses.lenses.logit import LogitLens
-from tl_lenses.readout.fingerprint import check_each_lens
 from tl_lenses.readout.lens import Lens
 from tl_lenses.viz.notebook import NotebookView
 
@@ -111,8 +110,7 @@ def current_vs_next(
     """
     check_tokens(model, tokens)
     check_positive(common=common, chunk=chunk)
-    lenses = check_lenses(lenses, {"logit lens": LogitLens()})
-    check_each_lens(model, lenses)
+    lenses = check_lenses(model, lenses, {"logit lens": LogitLens()})
     names = resid_names(model)
     rare = ~common_ids(tokens, common, model.cfg.d_vocab)
     unembed = frozen_unembed(model)
