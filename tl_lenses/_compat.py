@@ -63,8 +63,8 @@ def require_hooked(feature: str) -> None:
     """
     if not HAS_HOOKED:
         raise HookedTransformerUnavailable(
-            f"{feature} is unavailable: TransformerLens {TL_VERSION} has no "
-            "HookedTransformer (removed in 4.0); use a TransformerBridge (backend='bridge', "
+            f"{feature}: HookedTransformer is unavailable in TransformerLens {TL_VERSION} "
+            "(removed in 4.0); use a TransformerBridge (backend='bridge', "
             "--backend bridge) or install 'transformer_lens>=3.5,<4'"
         )
 
@@ -75,7 +75,7 @@ def hooked_classes() -> tuple[Any, Any]:
     Raises:
         NotImplementedError: Under TL 4.x (see :func:`require_hooked`).
     """
-    require_hooked("backend='hooked' (a HookedTransformer)")
+    require_hooked("backend='hooked'")
     return _HookedTransformer, _HookedTransformerConfig
 
 
@@ -97,7 +97,7 @@ def weight_converter(architecture: str):
         NotImplementedError: Under TL 4.x, which removed ``transformer_lens.pretrained``.
         ValueError: For another architecture.
     """
-    require_hooked("converting HF weights to a HookedTransformer")
+    require_hooked("converting HF weights for backend='hooked'")
     from transformer_lens.pretrained.weight_conversions.gpt2 import convert_gpt2_weights
     from transformer_lens.pretrained.weight_conversions.llama import convert_llama_weights
 
