@@ -31,7 +31,9 @@ SIZES = {
     # rows of --seq-len tokens; steps of batch_size rows; every k-th layer trained/measured
     "demo": dict(seq_len=32, rows=4, steps=12, batch_size=2, every=6, lr=3e-3, tuned_budget=30,
                  relation_n=8, ranks=(4, 16, 64, 256)),
-    "docs": dict(seq_len=64, rows=16, steps=60, batch_size=4, every=3, lr=3e-3,
+    # docs: 8x the demo's tokens per step and held-out, 3x its steps, every 5th layer: about
+    # 45 min on 2 cores (the objectives page is two thirds of it)
+    "docs": dict(seq_len=64, rows=16, steps=40, batch_size=2, every=5, lr=3e-3,
                  tuned_budget=120, relation_n=8, ranks=(2, 4, 8, 16, 32, 64, 128, 256)),
 }
 LRE_LAYER = 6
