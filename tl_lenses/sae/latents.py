@@ -28,7 +28,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from tl_lenses.hooks import SAE_OUTPUT, spliced_sites
+from tl_lenses.hooks import SAE_OUTPUT
 
 # Hook points of d_model-wide SAEs that DLA splits into latents: (regex, label suffix).
 _SITE = re.compile(r"^blocks\.(\d+)\.hook_(resid_pre|resid_mid|resid_post|attn_out|mlp_out)$")
@@ -254,10 +254,23 @@ def split_sites(model, keys, saes=()) -> dict:
     ``saes`` (or attached) that was not spliced, to be applied to the cached value.
     """
     known = saes_by_site(model, saes)
-    sites = {site: known.get(site) for site in spliced_sites(keys) if _SITE.match(site)}
+    # the model's possible spliced outputs (5 per layer) asked of the cache's thousands of
+    # names, in C (a dict view intersected with a smaller set looks each of those up)
+    outputs = _stream_sites(model.cfg.n_layers)
+    sites = {outputs[name]: known.get(outputs[name]) for name in keys.keys() & outputs.keys()}
     for site, sae in known.items():
         sites.setdefault(site, sae)
     return sites
+
+
+@functools.lru_cache(maxsize=32)
+def _stream_sites(n_layers: int) -> dict[str, str]:
+    """``{spliced SAE's output hook: site}`` for every d_model-wide site of a model.
+
+    Callers must not change the (shared) dict.
+    """
+    return {f"blocks.{layer}.hook_{kind}.{SAE_OUTPUT}": f"blocks.{layer}.hook_{kind}"
+            for layer in range(n_layers) for kind in _SUFFIX}
 
 
 def split_hooks(model, saes=()) -> list[str]:
