@@ -5,9 +5,10 @@ there. TransformerLens moves inputs to ``model.cfg.device``, so that field must 
 weights' device: :func:`model_device` checks it (and that no parameter sits elsewhere), and
 every method calls it through :func:`tl_lenses.models.check_model`, except tuned-lens
 training, which accepts a model spread over several devices (:func:`lens_device`). The
-check reads each model's parameter and buffer dicts, found once per module tree (torch's
-global registration hooks say when any tree changes), so it costs microseconds, not a walk
-over thousands of modules.
+check remembers each model's parameter and buffer dicts, found once per module tree (torch's
+global registration hooks say when any tree changes), and the devices read from them while
+one sentinel tensor per block stays where it was (:func:`_devices`), so it costs a few
+microseconds, not a walk over thousands of modules.
 
 :func:`compiled` wraps a pure tensor function in ``torch.compile`` for CUDA tensors (Inductor
 emits Triton kernels that fuse the softmax statistics into one or two passes over the

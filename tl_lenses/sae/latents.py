@@ -179,7 +179,7 @@ def saes_by_site(model, saes=()) -> dict:
         TypeError: an entry of ``saes`` is not an SAE (no ``W_dec``/``cfg.metadata``).
         ValueError: an SAE's site is not d_model-wide, or its width is not d_model.
     """
-    attached = dict(getattr(model, "acts_to_saes", None) or {})
+    attached = dict(_attached_saes(model) or {})
     found = {sae_site(sae): sae for sae in attached.values()
              if _SITE.match(sae_site(sae)) and sae.W_dec.shape[-1] == model.cfg.d_model}
     for i, sae in enumerate([saes] if hasattr(saes, "W_dec") else list(saes)):
@@ -190,6 +190,18 @@ def saes_by_site(model, saes=()) -> dict:
             raise ValueError(f"saes[{i}] writes width {sae.W_dec.shape[-1]}, not the model's "
                              f"d_model={model.cfg.d_model}")
         found[sae_site(sae)] = sae
+    return found
+
+
+def _attached_saes(model) -> dict | None:
+    """sae-lens's ``HookedSAETransformer.acts_to_saes``, read without ``getattr``.
+
+    A plain attribute sits in the instance dict; asking a TransformerBridge for a missing
+    one goes through its ``__getattr__`` fallbacks (~30 us, on every DLA call).
+    """
+    found = vars(model).get("acts_to_saes")
+    if found is None and hasattr(type(model), "acts_to_saes"):  # a property, say
+        found = model.acts_to_saes
     return found
 
 
