@@ -18,9 +18,11 @@ Peak memory is the process's resident-set high-water mark above its level before
 contender (Linux ``VmHWM``, reset through ``/proc/self/clear_refs``), with glibc's dynamic
 mmap threshold pinned (``MALLOC_MMAP_THRESHOLD_``, set by re-executing) so that freed large
 tensors leave the resident set and the order of contenders does not matter; time is the
-best of ``--repeat`` runs. Ratios are TL / tl_lenses (above 1: tl_lenses is faster or smaller).
+best of ``--repeat`` runs (DLA: of ``--dla-repeat`` calls alternating with TL's, median
+beside it). Ratios are TL / tl_lenses (above 1: tl_lenses is faster or smaller).
 
-    python benchmarks/bench_tl4_tools.py [--shapes 1x64,16x256] [--repeat 2] [--only dla]
+    python benchmarks/bench_tl4_tools.py [--shapes 1x64,16x256] [--repeat 2] [--dla-repeat 50]
+        [--only dla]
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ def measure(fn, repeat: int):
 
 
 def row(name: str, seconds: float, peak: int) -> str:
-    return f"  {name:<34} {seconds * 1e3:10.1f} ms  peak +{peak / MiB:7.0f} MiB"
+    return f"  {name:<34} {seconds * 1e3:10.2f} ms  peak +{peak / MiB:7.0f} MiB"
 
 
 def ratio(ours, theirs) -> str:
@@ -95,7 +97,7 @@ def bench_logit_lens(model, tokens, repeat: int, k: int = 5) -> None:
                (t_tl, m_tl))
 
 
-def bench_dla(model, tokens, repeat: int) -> None:
+def bench_dla(model, tokens, dla_repeat: int) -> None:
     from transformer_lens.tools.analysis import direct_logit_attribution
 
     # The same token ids to both (neither pays for tokenizing the answers).
@@ -109,17 +111,35 @@ def bench_dla(model, tokens, repeat: int) -> None:
     for ours_kw, unit in (({}, "head"), ({"heads": False}, "component")):
         # A fresh cache object (same tensors) per call: TL's cache memoises the per-head
         # results it computes, so a second call on one cache would skip TL's main work.
-        t_ours, m_ours, ours = measure(
-            lambda: tll.dla(model, tokens, (good, bad), cache=fresh(cache), **ours_kw),
-            repeat)
-        t_tl, m_tl, theirs = measure(
-            lambda: direct_logit_attribution(model, answer_tokens=good, incorrect_tokens=bad,
-                                             unit=unit, cache=fresh(cache)), repeat)
+        def ours_call():
+            return tll.dla(model, tokens, (good, bad), cache=fresh(cache), **ours_kw)
+
+        def tl_call():
+            return direct_logit_attribution(model, answer_tokens=good, incorrect_tokens=bad,
+                                            unit=unit, cache=fresh(cache))
+
+        # Calls of a few ms: many, alternating (a load that comes and goes hits both alike);
+        # TL's per-head call takes seconds at 16 x 256: a tenth as many.
+        calls = dla_repeat if unit == "component" else max(2, dla_repeat // 10)
+        times: dict[str, list[float]] = {"ours": [], "tl": []}
+        m_ours = m_tl = 0
+        for _ in range(calls):
+            t, m, ours = measure(ours_call, 1)
+            times["ours"].append(t)
+            m_ours = max(m_ours, m)
+            t, m, theirs = measure(tl_call, 1)
+            times["tl"].append(t)
+            m_tl = max(m_tl, m)
+        t_ours, t_tl = min(times["ours"]), min(times["tl"])
+        median = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
         _check_dla(ours, theirs)
-        print(f" DLA ({unit}s), last position, batch {tokens.shape[0]} (values within 1e-4)")
+        print(f" DLA ({unit}s), last position, batch {tokens.shape[0]} (values within 1e-4; "
+              f"best of {calls} alternating calls)")
         print(row("tl_lenses dla" + (" heads=False" if ours_kw else ""), t_ours, m_ours))
         print(row(f"TL 4.x direct_logit_attribution({unit})", t_tl, m_tl))
-        print(ratio((t_ours, m_ours), (t_tl, m_tl)))
+        print(ratio((t_ours, m_ours), (t_tl, m_tl))
+              + f"; medians {median['ours'] * 1e3:.2f} vs {median['tl'] * 1e3:.2f} ms "
+              f"(time {median['tl'] / median['ours']:.2f}x)")
         shape = "x".join(map(str, tokens.shape))
         _table_row(f"DLA per {'head' if unit == 'head' else 'sublayer'}, {shape}",
                    (t_ours, m_ours), (t_tl, m_tl))
@@ -128,7 +148,9 @@ def bench_dla(model, tokens, repeat: int) -> None:
 
 def _table_row(name: str, ours, theirs) -> None:
     def cell(seconds, peak):
-        return f"{seconds * 1e3:.0f} ms, " + (f"+{peak / MiB:.0f} MiB" if peak >= MiB
+        ms = seconds * 1e3
+        return (f"{ms:.2f} ms, " if ms < 10 else f"{ms:.0f} ms, ") + (
+            f"+{peak / MiB:.0f} MiB" if peak >= MiB
                                                else "<1 MiB")
     TABLE.append(f"| {name} | {cell(*ours)} | {cell(*theirs)} | time "
                  f"{theirs[0] / ours[0]:.2f}x, memory "
@@ -166,6 +188,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shapes", default="1x64,16x256")
     parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--dla-repeat", type=int, default=50,
+                        help="alternating calls per DLA contender (best and median reported)")
     parser.add_argument("--only", choices=("lens", "dla"), default=None,
                         help="run one contender pair (the 16 x 256 logit lens takes minutes)")
     args = parser.parse_args()
@@ -179,7 +203,7 @@ def main() -> None:
         if args.only != "dla":
             bench_logit_lens(model, tokens, args.repeat)
         if args.only != "lens":
-            bench_dla(model, tokens, args.repeat)
+            bench_dla(model, tokens, args.dla_repeat)
     print("\n| measurement | tl_lenses | TL 4.3 tool | TL / tl_lenses |")
     print("| --- | --- | --- | --- |")
     print("\n".join(TABLE))

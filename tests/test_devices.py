@@ -94,6 +94,20 @@ def test_a_model_changed_after_a_check_is_checked_again(backend):
         dla(model, PROMPT, ("a", "b"))
 
 
+@pytest.mark.parametrize("backend", ["hooked", "bridge"])
+def test_a_whole_model_or_one_block_moved_after_a_check_is_seen(backend):
+    """The remembered devices stand only while every block's sentinel tensor stays put."""
+    model = _build(backend)
+    assert devices.model_device(model) == torch.device("cpu")      # remembered from here on
+    last = model.blocks[model.cfg.n_layers - 1]
+    last.to("meta")
+    with pytest.raises(ValueError, match="several devices"):
+        devices.model_device(model)
+    model.to("meta")
+    with pytest.raises(ValueError, match="meta"):
+        devices.model_device(model)
+
+
 def test_meta_weights_are_refused():
     model = tiny_default().to("meta")
     with pytest.raises(ValueError, match="meta"):

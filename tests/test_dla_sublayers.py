@@ -7,7 +7,6 @@ import torch
 
 from tl_lenses.attribution.core import (
     _component_parts,
-    _gather,
     dla,
     logit_directions,
     needed_hooks,
@@ -26,7 +25,7 @@ def _readout(model):
 
 
 @pytest.mark.parametrize("side", ["right", "left", None])
-@pytest.mark.parametrize("positions", [-1, None, [0, -2]])
+@pytest.mark.parametrize("positions", [-1, 0, None, [0, -2]])
 def test_one_stack_equals_the_general_path(tiny_model, side, positions):
     """Left-, right- and un-padded batches, any positions: same labels, same bits."""
     batch = to_batch(tiny_model, PROMPTS if side else torch.randint(0, 256, (2, 7)),
@@ -34,7 +33,7 @@ def test_one_stack_equals_the_general_path(tiny_model, side, positions):
     cache = run_cache(tiny_model, batch, needed_hooks(tiny_model, heads=False))
     selection, u = batch.select(positions), _readout(tiny_model)
     labels, parts = _component_parts(tiny_model, cache, selection, u, False, False, {})
-    fast_labels, values = sublayer_parts(tiny_model, cache.cache_dict, _gather(selection), u)
+    fast_labels, values = sublayer_parts(tiny_model, cache.cache_dict, selection, u)
     assert fast_labels == labels
     assert torch.equal(values, torch.cat(parts))
 
@@ -83,3 +82,24 @@ def test_token_strings_are_remembered_per_tokenizer_and_core(tiny_model):
     core.decoder = None  # byte-level pieces come out as their printable stand-ins
     tokenizer._tokenizer = core
     assert token_pieces(tokenizer, [10])[10] == tokenizer.decode([10]) != "\n"
+
+
+def test_token_strings_are_decoded_when_first_read(tiny_model, monkeypatch):
+    """DLA's strings equal TL's own; a TokenStrings decodes nothing before it is read.
+
+    (The DLA result itself is built here under the test run's runtime type checks, which
+    read one row of each sequence field: its laziness is checked on TokenStrings alone.)
+    """
+    from tl_lenses import token_strings
+
+    tokens = torch.tensor([[10, 97, 98, 97], [256, 10, 0, 1]])
+    expected = [tiny_model.to_str_tokens(row) for row in tokens]
+    assert dla(tiny_model, tokens, ("a", "b"), heads=False).str_tokens == expected
+    decoded = []
+    real = token_strings._decode_rows
+    monkeypatch.setattr(token_strings, "_decode_rows",
+                        lambda *args: decoded.append(1) or real(*args))
+    strings = token_strings.TokenStrings(tiny_model, tokens)
+    assert decoded == [] and len(strings) == 2 and bool(strings)
+    assert list(strings[1]) == expected[1] and strings == expected and decoded == [1]
+    assert strings != [["x"]] and strings != "not a list"

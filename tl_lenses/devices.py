@@ -5,9 +5,10 @@ there. TransformerLens moves inputs to ``model.cfg.device``, so that field must 
 weights' device: :func:`model_device` checks it (and that no parameter sits elsewhere), and
 every method calls it through :func:`tl_lenses.models.check_model`, except tuned-lens
 training, which accepts a model spread over several devices (:func:`lens_device`). The
-check reads each model's parameter and buffer dicts, found once per module tree (torch's
-global registration hooks say when any tree changes), so it costs microseconds, not a walk
-over thousands of modules.
+check remembers each model's parameter and buffer dicts, found once per module tree (torch's
+global registration hooks say when any tree changes), and the devices read from them while
+one sentinel tensor per block stays where it was (:func:`_devices`), so it costs a few
+microseconds, not a walk over thousands of modules.
 
 :func:`compiled` wraps a pure tensor function in ``torch.compile`` for CUDA tensors (Inductor
 emits Triton kernels that fuse the softmax statistics into one or two passes over the
@@ -20,6 +21,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 import weakref
 from typing import Callable
 
@@ -186,9 +188,10 @@ for _register in (torch.nn.modules.module.register_module_module_registration_ho
                   torch.nn.modules.module.register_module_parameter_registration_hook,
                   torch.nn.modules.module.register_module_buffer_registration_hook):
     _register(_bump)
-# model -> (structure count, the parameter and buffer dicts of its modules)
-_HOLDERS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[int, list[dict]]]" = \
-    weakref.WeakKeyDictionary()
+# model -> (structure count, the parameter and buffer dicts of its modules, sentinels:
+# (dict, key, device) of one tensor per block and per other top-level module, the devices)
+_HOLDERS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
+_GROUP = re.compile(r"^(.*?\.\d+|[^.]*)(?:\.|$)")   # "blocks.3.mlp" -> "blocks.3"
 
 
 def _devices(model: torch.nn.Module, *, fresh: bool = False) -> set[torch.device]:
@@ -197,15 +200,50 @@ def _devices(model: torch.nn.Module, *, fresh: bool = False) -> set[torch.device
     Walking a Bridge's module tree (thousands of modules for a 30-layer model) took most of
     a small DLA's time, and every method checks the model, so the parameter and buffer
     dicts of its modules are kept until any module anywhere registers a new submodule,
-    parameter or buffer. The dicts are read live, so ``model.to(...)``, of the whole model
-    or of a part, shows at once. ``fresh``: walk the tree again.
+    parameter or buffer; reading the ~500 tensors' devices then still took ~100 us a call,
+    so the devices found are kept too, while one sentinel tensor per block (and per other
+    top-level module: embeddings, final norm, unembedding) stays where it was, read live
+    from its dict. ``model.to(...)``, and moving any block or top-level module, shows at
+    once; a part moved *inside* a block after a check (one block's MLP alone) shows at the
+    next walk (torch's own device error comes first in a forward pass). ``fresh``: walk
+    the tree again and read every tensor.
     """
     cached = None if fresh else _HOLDERS.get(model)
+    if cached is not None and cached[0] == _STRUCTURE[0] and _unmoved(cached[2]):
+        return set(cached[3])  # a copy: callers pop from it
     if cached is None or cached[0] != _STRUCTURE[0]:
-        holders = [d for module in model.modules()
-                   for d in (module._parameters, module._buffers) if d]
-        cached = _HOLDERS[model] = (_STRUCTURE[0], holders)
-    return {t.device for d in cached[1] for t in d.values() if t is not None}
+        holders, sentinels = _walk(model)
+    else:
+        holders, sentinels = cached[1], cached[2]
+    found = {t.device for d in holders for t in d.values() if t is not None}
+    sentinels = [(d, key, d[key].device) for d, key, _ in sentinels]
+    _HOLDERS[model] = (_STRUCTURE[0], holders, sentinels, found)
+    return set(found)
+
+
+def _walk(model: torch.nn.Module) -> tuple[list[dict], list[tuple]]:
+    """The parameter and buffer dicts of every module, and a sentinel per module group."""
+    holders, sentinels, seen = [], [], set()
+    for name, module in model.named_modules():
+        for d in (module._parameters, module._buffers):
+            if not d:
+                continue
+            holders.append(d)
+            group = _GROUP.match(name).group(1)
+            key = next((k for k, t in d.items() if t is not None), None)
+            if key is not None and group not in seen:
+                seen.add(group)
+                sentinels.append((d, key, d[key].device))
+    return holders, sentinels
+
+
+def _unmoved(sentinels: list[tuple]) -> bool:
+    """Whether every sentinel tensor is still in its dict, on the device it was on."""
+    for d, key, device in sentinels:
+        tensor = d.get(key)
+        if tensor is None or tensor.device != device:
+            return False
+    return True
 
 
 def fast_bf16(device: torch.device | str) -> bool:

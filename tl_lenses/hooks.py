@@ -31,8 +31,10 @@ def flowing_name(names, name: str) -> str:
     ``name`` (``add_sae``; the plain name is then no hook point). ``names``: the model's
     ``hook_dict`` or a cache (e.g. from ``run_with_cache_with_saes``).
     """
+    if name in names:  # the usual case, before building the other name
+        return name
     wrapped = f"{name}.{SAE_OUTPUT}"
-    return wrapped if name not in names and wrapped in names else name
+    return wrapped if wrapped in names else name
 
 
 def spliced_sites(names) -> list[str]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import weakref
 from dataclasses import dataclass
 
 import torch
@@ -11,6 +10,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from tl_lenses.devices import model_device
+from tl_lenses.token_strings import TokenStrings, str_tokens, token_pieces  # noqa: F401
 
 
 def decode_each(tokenizer, ids) -> list[str]:
@@ -114,8 +114,10 @@ def to_batch(
         check_ids(model, tokens, argument)
         tokens = _check_length(model, tokens, argument, device)
         if attention_mask is None:
-            mask = torch.ones_like(tokens, dtype=torch.bool)
-            return Batch(tokens, mask, padding_side or _tokenizer_side(model))
+            batch = Batch(tokens, torch.ones_like(tokens, dtype=torch.bool),
+                          padding_side or _tokenizer_side(model))
+            batch.__dict__["padded"] = False  # known: spare the cached property its pass
+            return batch
         return Batch(tokens, *_check_mask(tokens, attention_mask, padding_side))
     raise TypeError(
         f"{argument} must be a string, a list of strings, a tensor of token ids or a Batch, "
@@ -126,7 +128,10 @@ def to_batch(
 def check_ids(model, ids: Tensor, argument: str, *, allow_none: bool = False) -> None:
     """Fail unless every id is in ``[0, d_vocab)`` (or -1, "none", with ``allow_none``)."""
     d_vocab, low = model.cfg.d_vocab, -1 if allow_none else 0
-    if ids.numel() and (ids.min() < low or ids.max() >= d_vocab):
+    if not ids.numel():
+        return
+    smallest, largest = ids.aminmax()  # one pass (a DLA call's tokens are checked each time)
+    if int(smallest) < low or int(largest) >= d_vocab:
         bad = ids[(ids < low) | (ids >= d_vocab)].flatten()[:5].tolist()
         none = " (or -1 for none)" if allow_none else ""
         raise ValueError(f"{argument} has token ids outside [0, {d_vocab}){none}: {bad}")
@@ -226,51 +231,6 @@ def single_token(model, token, *, argument: str = "target") -> int:
     return ids[0]
 
 
-def str_tokens(model, tokens: Tensor) -> list[list[str]]:
-    """Each prompt's tokens as strings (token ids as text when the model has no tokenizer).
-
-    The same strings as ``model.to_str_tokens(row)`` (each id decoded alone, no clean-up),
-    but each distinct id is decoded once per tokenizer (:func:`token_pieces`).
-    """
-    rows = tokens.tolist()
-    tokenizer = getattr(model, "tokenizer", None)
-    if tokenizer is None:
-        return [[str(t) for t in row] for row in rows]
-    piece = token_pieces(tokenizer, tokens.unique().tolist()).__getitem__
-    return [list(map(piece, row)) for row in rows]
-
-
-# tokenizer -> ((vocabulary size, id of its Rust core), {id: string}): what was decoded.
-_PIECES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def token_pieces(tokenizer, ids) -> dict[int, str]:
-    """A table holding each of ``ids`` decoded alone (no clean-up), as ``to_str_tokens`` does.
-
-    Strings are kept per tokenizer (held weakly); only new ids are decoded, in one batch
-    through a fast tokenizer's Rust core. The table is dropped when the vocabulary size or
-    the Rust core object changes (a decoder edited in place is not noticed).
-    """
-    core = getattr(tokenizer, "_tokenizer", None) if getattr(tokenizer, "is_fast", False) \
-        else None
-    try:
-        key = (len(tokenizer), id(core))
-        known = _PIECES.get(tokenizer)
-        if known is None or known[0] != key:
-            known = _PIECES[tokenizer] = (key, {})
-        table = known[1]
-    except TypeError:  # an unsized, unhashable or not weakly referable tokenizer
-        table = {}
-    missing = sorted({i for i in ids if i not in table})
-    if missing and core is not None and hasattr(core, "decode_batch"):
-        table.update(zip(missing, core.decode_batch([[i] for i in missing],
-                                                    skip_special_tokens=False)))
-    elif missing:
-        table.update(zip(missing, tokenizer.batch_decode([[i] for i in missing],
-                                                         clean_up_tokenization_spaces=False)))
-    return table
-
-
 PADDING_SIDES = ("right", "left")
 
 
@@ -299,9 +259,9 @@ class Batch:
             return self.tokens.shape[1] - self.lengths
         return torch.zeros_like(self.lengths)
 
-    @property
+    @functools.cached_property
     def padded(self) -> bool:
-        """Whether any cell is padding."""
+        """Whether any cell is padding (read once: a Batch is immutable)."""
         return not bool(self.mask.all())
 
     def last(self) -> Int[Tensor, " batch"]:
@@ -365,7 +325,11 @@ class Batch:
         """What :meth:`_per_prompt` gives for an unpadded batch, in three tensor ops."""
         positions = [p % longest for p in wanted]
         columns = torch.tensor([positions] * self.tokens.shape[0], device=self.tokens.device)
-        return Selection(positions, columns, torch.ones_like(columns, dtype=torch.bool))
+        selection = Selection(positions, columns, torch.ones_like(columns, dtype=torch.bool))
+        if positions == list(range(positions[0], positions[0] + len(positions))):
+            # known here: spare Selection._shared_run its pass over the columns
+            selection.__dict__["_shared_run"] = slice(positions[0], positions[0] + len(positions))
+        return selection
 
 
 @dataclass(frozen=True)
@@ -392,6 +356,12 @@ class Selection:
         index = self.columns.to(values.device)
         index = index.view(*index.shape, *([1] * (values.dim() - 2)))
         return values.gather(1, index.expand(-1, -1, *values.shape[2:]))
+
+    @property
+    def shared_column(self) -> int | None:
+        """The column every prompt reads when that is one column (else None)."""
+        run = self._shared_run
+        return run.start if run is not None and run.stop - run.start == 1 else None
 
     @functools.cached_property
     def _shared_run(self) -> slice | None:

@@ -53,9 +53,10 @@ from tl_lenses.attribution.provenance import stamp
 from tl_lenses.attribution.result import DLAResult, parse_head_label
 from tl_lenses.attribution.sublayers import project_stacked, sublayer_parts
 from tl_lenses.hooks import final_resid_name, flowing_name, run_cache
-from tl_lenses.inputs import Selection, str_tokens, to_batch
+from tl_lenses.inputs import Selection, to_batch
 from tl_lenses.readout.unembed import Unembed
 from tl_lenses.sae.latents import site_terms, split_hooks, split_sites
+from tl_lenses.token_strings import TokenStrings
 
 logger = logging.getLogger("tl_lenses")
 
@@ -70,6 +71,10 @@ def needed_hooks(model, *, heads: bool = True, neurons: bool = False) -> list[st
     for name, flag in (("heads", heads), ("neurons", neurons)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool, got {flag!r}")
+    if not heads and not neurons:  # a pure function of the model's shape: built once
+        cfg = model.cfg
+        return list(_sublayer_hooks(cfg.n_layers, has_pos_embed(model), bool(cfg.attn_only),
+                                    cfg.normalization_type is not None))
     names = ["hook_embed", final_resid_name(model)]
     if has_pos_embed(model):
         names.append("hook_pos_embed")
@@ -87,10 +92,23 @@ def needed_hooks(model, *, heads: bool = True, neurons: bool = False) -> list[st
     return names
 
 
+@functools.lru_cache(maxsize=64)
+def _sublayer_hooks(n_layers: int, pos_embed: bool, attn_only: bool,
+                    final_norm: bool) -> tuple[str, ...]:
+    """:func:`needed_hooks` with ``heads=False, neurons=False``, in its order."""
+    names = ["hook_embed", f"blocks.{n_layers - 1}.hook_resid_post"]
+    names += ["hook_pos_embed"] * pos_embed + ["ln_final.hook_scale"] * final_norm
+    for layer in range(n_layers):
+        names.append(f"blocks.{layer}.hook_attn_out")
+        names += [f"blocks.{layer}.hook_mlp_out"] * (not attn_only)
+    return tuple(names)
+
+
 def check_cache(cache, tokens: Tensor, names: Sequence[str]) -> None:
     """Fail unless ``cache`` holds every name, with [batch, pos] matching ``tokens``."""
     keys = getattr(cache, "cache_dict", cache)  # `in` on an ActivationCache scans its keys
-    missing = [name for name in names if flowing_name(keys, name) not in keys]
+    missing = [name for name in names
+               if name not in keys and flowing_name(keys, name) not in keys]
     if missing:
         raise ValueError(
             f"cache lacks hook points DLA needs: {missing[:6]}{' ...' if len(missing) > 6 else ''}"
@@ -181,7 +199,7 @@ def dla(
     """
     # Read once, and first: it checks the model (a walk over its modules, which DLA is cheap
     # enough to notice).
-    unembed = Unembed.from_model(model)
+    unembed = Unembed.from_model(model, drop_zero_bias=False)
     if neurons and _is_moe(model):
         raise NotImplementedError(
             "neurons=True: the model's MLPs are mixtures of experts (cfg.num_experts), whose "
@@ -203,19 +221,20 @@ def dla(
         labels, parts = _component_parts(model, cache, selection, u, heads, neurons, sites)
         values = torch.cat(parts)
     else:  # whole sublayers only: one stack, one projection (same numbers)
-        labels, values = sublayer_parts(model, keys, _gather(selection), u)
+        labels, values = sublayer_parts(model, keys, selection, u)
     scale = _final_scale(model, cache, selection).to(u.device)
     values = values.div_(scale[None, :, :, None])
     bias = const[None, None, None, :].expand(1, *values.shape[1:])
     values = torch.cat([values, bias])
-    values = _missing_as_nan(values, selection.mask.to(values.device), labels + ["b_U"])
-    logits, capped = _model_logits(model, unembed, cache, selection, dirs)
+    values = _missing_as_nan(values, selection.mask.to(values.device), labels + ["b_U"],
+                             complete=not batch.padded)
+    logits, capped = _model_logits(model, unembed, cache, keys, selection, dirs)
     check_parts_sum(model, values, logits, dtype=cache["hook_embed"].dtype,
                     cache_given=cache_given)
     return DLAResult(
         values=values, labels=[*labels, "b_U"], directions=dirs.labels,
         positions=selection.positions, tokens=batch.tokens, logits=logits, scale=scale,
-        str_tokens=str_tokens(model, batch.tokens), mask=selection.mask,
+        str_tokens=TokenStrings(model, batch.tokens), mask=selection.mask,
         columns=selection.columns, capped_logits=capped, source=stamp(model),
     )
 
@@ -224,9 +243,13 @@ def _is_moe(model) -> bool:
     return bool(getattr(model.cfg, "num_experts", None))
 
 
-def _missing_as_nan(values: Tensor, mask: Tensor, labels: list[str]) -> Tensor:
-    """Pad cells as NaN; warn once naming the components whose parts are not finite."""
-    if bool(mask.all()) and bool(values.isfinite().all()):
+def _missing_as_nan(values: Tensor, mask: Tensor, labels: list[str], *,
+                    complete: bool = False) -> Tensor:
+    """Pad cells as NaN; warn once naming the components whose parts are not finite.
+
+    ``complete``: the caller knows every cell of ``mask`` is True (an unpadded batch).
+    """
+    if (complete or bool(mask.all())) and bool(values.isfinite().all()):
         return values  # the usual case, in one pass and no copy
     real = values[:, mask]                                            # [component, n, dir]
     bad = ~real.isfinite().flatten(1).all(1)
@@ -377,14 +400,15 @@ def neuron_terms(
     return einops.einsum(post, W_out_u, "b p n, n k -> n b p k")
 
 
-def _model_logits(model, unembed: Unembed, cache, pos, dirs: LogitDirections):
+def _model_logits(model, unembed: Unembed, cache, keys, pos, dirs: LogitDirections):
     """The model's own (pre-cap) value along each direction, and the capped one.
 
     The pre-cap value comes from the final residual (own statistics); for a soft-capped model
     the capped value of each token direction is ``cap(z_a) - cap(z_b)`` (NaN for a free
     vector, which has no capped counterpart), else None.
     """
-    resid = _gather(pos)(cache[flowing_name(cache, final_resid_name(model))]).float()
+    # keys (the cache's dict): `in` on an ActivationCache itself scans its keys
+    resid = _gather(pos)(cache[flowing_name(keys, final_resid_name(model))]).float()
     normalized = unembed.normalize(resid)
     logits = (normalized @ dirs.vectors.T.to(normalized.device)
               + dirs.offset.to(normalized.device)).detach()

@@ -72,11 +72,14 @@ def logit_directions(model, directions: DirectionSpec, *,
     )
 
 
-def _token_label(model, token: int) -> str:
+def _token_label(model, token: int, *more: int) -> str:
+    """``repr`` of each token's string (``#id`` without a tokenizer), joined by " - "."""
+    tokens = (token, *more)
     tokenizer = getattr(model, "tokenizer", None)
     if tokenizer is None:
-        return f"#{token}"
-    return repr(token_pieces(tokenizer, [token])[token])  # model.to_string([token]), memoised
+        return " - ".join(f"#{t}" for t in tokens)
+    pieces = token_pieces(tokenizer, tokens)  # model.to_string([token]), memoised
+    return " - ".join(repr(pieces[t]) for t in tokens)
 
 
 def _one_direction(model, unembed: Unembed, item, i: int):
@@ -97,7 +100,7 @@ def _one_direction(model, unembed: Unembed, item, i: int):
                 f"answer and wrong are the same token ({_token_label(model, a)}); their logit "
                 "difference is identically 0"
             )
-        label = f"{_token_label(model, a)} - {_token_label(model, b)}"
+        label = _token_label(model, a, b)
         offset = _bias(unembed, a) - _bias(unembed, b)
         return (W_U[:, a] - W_U[:, b])[None], offset, [label], [(a, b)]
     token = _output_token(model, unembed, item, "directions")
@@ -142,9 +145,10 @@ def residual_readout(
     """
     unembed = unembed if unembed is not None else Unembed.from_model(model)
     vectors = directions.vectors.to(unembed.W_U.device, torch.float32)
-    u = vectors.T.clone()
     if unembed.weight is not None:
-        u = u * unembed.weight.detach().float()[:, None]
+        u = vectors.T * unembed.weight.detach().float()[:, None]   # a new tensor
+    else:
+        u = vectors.T.clone()
     const = directions.offset.to(u.device, torch.float32).clone()
     if unembed.bias is not None:
         const = const + vectors @ unembed.bias.detach().float()

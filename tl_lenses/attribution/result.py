@@ -43,7 +43,7 @@ class DLAResult(NotebookView):
     tokens: Int[Tensor, "batch _"]
     logits: Float[Tensor, "batch pos direction"]
     scale: Float[Tensor, "batch pos"]
-    str_tokens: list[list[str]] | None = None
+    str_tokens: Sequence[Sequence[str]] | None = None  # a TokenStrings: decoded when read
     mask: Bool[Tensor, "batch pos"] | None = None
     columns: Int[Tensor, "batch pos"] | None = None
     capped_logits: Float[Tensor, "batch pos direction"] | None = None

@@ -13,13 +13,13 @@ values as the general path, so the same numbers bit for bit.
 from __future__ import annotations
 
 import functools
-from typing import Callable
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
 from tl_lenses.hooks import flowing_name
+from tl_lenses.inputs import Selection
 
 # Values are stacked in groups of at most this many elements before projecting: bounded
 # memory for long all-position reads, and the general path's grouping (so its numbers).
@@ -48,18 +48,26 @@ def sublayer_components(
 
 
 def sublayer_parts(
-    model, keys, gather: Callable[[Tensor], Tensor], u: Float[Tensor, "d_model direction"]
+    model, keys, selection: Selection, u: Float[Tensor, "d_model direction"]
 ) -> tuple[list[str], Float[Tensor, "component batch pos direction"]]:
     """Labels and ``value · u`` of every whole-sublayer writer (not yet divided by ``s``).
 
-    ``keys``: the cache's dict (``cache_dict``); ``gather``: a ``[batch, full_pos, ...]``
-    tensor to the selected cells. The result is a fresh tensor (callers may write to it).
+    ``keys``: the cache's dict (``cache_dict``); ``selection``: the cells read. The result
+    is a fresh tensor (callers may write to it).
     """
     cfg = model.cfg
     labels, names = sublayer_components(cfg.n_layers, cfg.positional_embedding_type
                                         == "standard", bool(cfg.attn_only))
-    values = [gather(keys[flowing_name(keys, name)]) for name in names]
-    return list(labels), project_stacked(values, u)
+    values = [keys[name] if name in keys else keys[flowing_name(keys, name)]
+              for name in names]
+    column = selection.shared_column
+    if column is not None:
+        # One column for every prompt (the default, each prompt's last token): `select`
+        # is the cheapest view, and [n, batch, d] @ u is the same matmul as with the
+        # position axis kept.
+        projected = project_stacked([value.select(1, column) for value in values], u)
+        return list(labels), projected.unsqueeze(2)
+    return list(labels), project_stacked([selection.gather(value) for value in values], u)
 
 
 def project_stacked(values: list[Tensor], u: Float[Tensor, "d_model direction"],

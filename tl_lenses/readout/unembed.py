@@ -46,11 +46,15 @@ class Unembed:
     soft_cap: float | None = None
 
     @classmethod
-    def from_model(cls, model, *, spread: bool = False) -> "Unembed":
+    def from_model(cls, model, *, spread: bool = False,
+                   drop_zero_bias: bool = True) -> "Unembed":
         """Read the final norm and unembedding of a HookedTransformer or Bridge.
 
         ``spread``: accept a model spread over several devices (tuned-lens training), whose
         final norm and unembedding may sit on different devices (see :meth:`to`).
+        ``drop_zero_bias``: read an all-zero ``b_U`` (Llama's) as None, so the
+        vocabulary-wide matmuls skip the bias add; that costs a pass over ``b_U`` (~80 us
+        on SmolLM2), which DLA, indexing ``b_U`` at a few tokens, skips with False.
         """
         check_model(model, spread=spread)
         if model.cfg.normalization_type is None:  # no final norm: HT has no ln_final at all
@@ -58,7 +62,7 @@ class Unembed:
         else:
             kind, weight, bias = norm_params(model, model.ln_final)
         b_U = getattr(model, "b_U", None)
-        if b_U is not None and not b_U.detach().any():
+        if drop_zero_bias and b_U is not None and not b_U.detach().any():
             b_U = None  # all zeros (Llama): a plain matmul is ~5% faster than addmm
         return cls(kind, float(model.cfg.eps), weight, bias, model.W_U, b_U, soft_cap(model))
 

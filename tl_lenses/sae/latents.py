@@ -28,7 +28,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from tl_lenses.hooks import SAE_OUTPUT, spliced_sites
+from tl_lenses.hooks import SAE_OUTPUT
 
 # Hook points of d_model-wide SAEs that DLA splits into latents: (regex, label suffix).
 _SITE = re.compile(r"^blocks\.(\d+)\.hook_(resid_pre|resid_mid|resid_post|attn_out|mlp_out)$")
@@ -179,7 +179,7 @@ def saes_by_site(model, saes=()) -> dict:
         TypeError: an entry of ``saes`` is not an SAE (no ``W_dec``/``cfg.metadata``).
         ValueError: an SAE's site is not d_model-wide, or its width is not d_model.
     """
-    attached = dict(getattr(model, "acts_to_saes", None) or {})
+    attached = dict(_attached_saes(model) or {})
     found = {sae_site(sae): sae for sae in attached.values()
              if _SITE.match(sae_site(sae)) and sae.W_dec.shape[-1] == model.cfg.d_model}
     for i, sae in enumerate([saes] if hasattr(saes, "W_dec") else list(saes)):
@@ -190,6 +190,18 @@ def saes_by_site(model, saes=()) -> dict:
             raise ValueError(f"saes[{i}] writes width {sae.W_dec.shape[-1]}, not the model's "
                              f"d_model={model.cfg.d_model}")
         found[sae_site(sae)] = sae
+    return found
+
+
+def _attached_saes(model) -> dict | None:
+    """sae-lens's ``HookedSAETransformer.acts_to_saes``, read without ``getattr``.
+
+    A plain attribute sits in the instance dict; asking a TransformerBridge for a missing
+    one goes through its ``__getattr__`` fallbacks (~30 us, on every DLA call).
+    """
+    found = vars(model).get("acts_to_saes")
+    if found is None and hasattr(type(model), "acts_to_saes"):  # a property, say
+        found = model.acts_to_saes
     return found
 
 
@@ -254,10 +266,23 @@ def split_sites(model, keys, saes=()) -> dict:
     ``saes`` (or attached) that was not spliced, to be applied to the cached value.
     """
     known = saes_by_site(model, saes)
-    sites = {site: known.get(site) for site in spliced_sites(keys) if _SITE.match(site)}
+    # the model's possible spliced outputs (5 per layer) asked of the cache's thousands of
+    # names, in C (a dict view intersected with a smaller set looks each of those up)
+    outputs = _stream_sites(model.cfg.n_layers)
+    sites = {outputs[name]: known.get(outputs[name]) for name in keys.keys() & outputs.keys()}
     for site, sae in known.items():
         sites.setdefault(site, sae)
     return sites
+
+
+@functools.lru_cache(maxsize=32)
+def _stream_sites(n_layers: int) -> dict[str, str]:
+    """``{spliced SAE's output hook: site}`` for every d_model-wide site of a model.
+
+    Callers must not change the (shared) dict.
+    """
+    return {f"blocks.{layer}.hook_{kind}.{SAE_OUTPUT}": f"blocks.{layer}.hook_{kind}"
+            for layer in range(n_layers) for kind in _SUFFIX}
 
 
 def split_hooks(model, saes=()) -> list[str]:
