@@ -4,10 +4,10 @@
 
 ``--size demo`` (the main demo's) keeps each analysis to about a minute on 2 CPU cores by
 shrinking the *data* (rows, steps, layers measured), never the method; ``--size docs``
-is the larger run behind ``docs/analysis.md`` (a few minutes each). Text: as the tuned lens
-demo (python3.11-doc when installed, else the standard library's docstrings). The tuned
-lens comes from the tuned-lens demo when it ran first (``context["tuned_lens"]``), else it
-is trained here with the fast recipe.
+is the larger run behind ``docs/analysis.md`` (4-15 min a page, ~45 min in all on 2
+cores). Text: as the tuned lens demo (python3.11-doc when installed, else the standard
+library's docstrings). The tuned lens comes from the tuned-lens demo when it ran first
+(``context["tuned_lens"]``), else it is trained here with the fast recipe.
 """
 
 from __future__ import annotations
