@@ -279,3 +279,26 @@ def test_a_tensor_for_an_lre_is_a_type_error_naming_it():
         attribute_lens(model, "a = u", weight)
     with pytest.raises(TypeError, match="^lre must be an LRE"):
         check_lre(model, weight)
+
+
+def test_results_pickle_and_keep_their_shape_check(tiny_model):
+    """pickle / torch.save of DLA results: the values come back; the stamp checks the shape."""
+    import io
+    import pickle
+
+    tokens = _rows(tiny_model)
+    result = dla(tiny_model, tokens, PAIR)
+    paths = head_path_dla(tiny_model, tokens, PAIR, heads=["L2H0"])
+    for original in (result, paths):
+        loaded = pickle.loads(pickle.dumps(original))
+        assert torch.equal(loaded.values, original.values)
+        assert loaded.source.ref() is None and loaded.source.shape == original.source.shape
+        buffer = io.BytesIO()
+        torch.save(original, buffer)
+        buffer.seek(0)
+        assert torch.equal(torch.load(buffer, weights_only=False).values, original.values)
+    loaded = pickle.loads(pickle.dumps(result))
+    assert loaded.str_tokens == result.str_tokens
+    assert len(loaded.with_attention(tiny_model, k=1).attention) == 1      # the same shape
+    with pytest.raises(ValueError, match="n_layers=2 here"):
+        loaded.with_attention(tiny_default("gpt2", n_layers=2))

@@ -25,11 +25,27 @@ SHAPE = ("n_layers", "n_heads", "d_model", "d_vocab")
 
 @dataclass(frozen=True)
 class ModelStamp:
-    """A weak reference to a model and its shape (see the module docstring)."""
+    """A weak reference to a model and its shape (see the module docstring).
+
+    Pickled (a result saved with ``pickle`` or ``torch.save``), it loads as the stamp of a
+    model that is gone: a weak reference cannot be pickled, and the loading process has
+    another model object anyway, so ``check_source`` then checks the shape only.
+    """
 
     ref: weakref.ReferenceType
     shape: tuple[int, ...]
     name: str
+
+    def __reduce__(self):
+        return _gone_stamp, (self.shape, self.name)
+
+
+class _Gone:
+    """A stand-in whose only instance dies at once, leaving a dead weak reference."""
+
+
+def _gone_stamp(shape: tuple[int, ...], name: str) -> ModelStamp:
+    return ModelStamp(weakref.ref(_Gone()), tuple(shape), name)
 
 
 def stamp(model) -> ModelStamp:
