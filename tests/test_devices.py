@@ -308,3 +308,16 @@ def test_str_tokens_equal_tls_own(tiny_model):
     tokens = tiny_model.to_tokens(["héllo wörld, hello", "ab"], padding_side="right")
     tokens = torch.cat([tokens, torch.tensor([[256, 0], [255, 128]])], dim=1)
     assert str_tokens(tiny_model, tokens) == [tiny_model.to_str_tokens(row) for row in tokens]
+
+
+def test_a_sentinel_removed_behind_torchs_back_is_walked_again():
+    """A parameter dict edited directly (no registration hook fires) is read afresh."""
+    model = tiny_default()
+    assert devices.model_device(model) == torch.device("cpu")
+    first, key, _ = devices._HOLDERS[model][2][0]          # the first sentinel
+    saved, first[key] = first[key], None
+    try:
+        assert devices.model_device(model) == torch.device("cpu")
+    finally:
+        first[key] = saved
+    assert devices.model_device(model) == torch.device("cpu")

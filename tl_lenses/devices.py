@@ -211,12 +211,9 @@ def _devices(model: torch.nn.Module, *, fresh: bool = False) -> set[torch.device
     cached = None if fresh else _HOLDERS.get(model)
     if cached is not None and cached[0] == _STRUCTURE[0] and _unmoved(cached[2]):
         return set(cached[3])  # a copy: callers pop from it
-    if cached is None or cached[0] != _STRUCTURE[0]:
-        holders, sentinels = _walk(model)
-    else:
-        holders, sentinels = cached[1], cached[2]
+    # New, restructured or moved (rare): walk again, sentinels included.
+    holders, sentinels = _walk(model)
     found = {t.device for d in holders for t in d.values() if t is not None}
-    sentinels = [(d, key, d[key].device) for d, key, _ in sentinels]
     _HOLDERS[model] = (_STRUCTURE[0], holders, sentinels, found)
     return set(found)
 
