@@ -149,10 +149,10 @@ def lre_causality(
     relation = get_relation(relation)
     ranks = check_ranks(ranks, model.cfg.d_model)
     train, held = relation.split(n, seed=seed)
-    if lre is not None:
-        check_lre(model, lre)
     if lre is None:
         lre = estimate_lre(model, relation, layer, train=train, progress=progress)
+    else:
+        check_lre(model, lre)
     train_states = collect_states(model, lre, train, [layer])
     states = collect_states(model, lre, held, [layer])
     if own_answers:

@@ -138,7 +138,9 @@ def _close(theirs, ours: list[list[float]]) -> bool:
 
 def _cheap_info(model) -> dict:
     """:func:`model_info` without the sha256 (the probe is cached per model)."""
-    unembed = Unembed.from_model(model, spread=True)
+    # An all-zero b_U kept (not read as None): dropping it costs a pass over the vocabulary
+    # at every check, and adding zeros leaves the probe's logits as they are.
+    unembed = Unembed.from_model(model, spread=True, drop_zero_bias=False)
     key = tuple((id(t), t._version, t.dtype, t.device) if t is not None else None
                 for t in (unembed.weight, unembed.bias, unembed.W_U, unembed.b_U))
     key += (unembed.kind, unembed.eps, unembed.soft_cap)
