@@ -103,3 +103,6 @@ def test_token_strings_are_decoded_when_first_read(tiny_model, monkeypatch):
     assert decoded == [] and len(strings) == 2 and bool(strings)
     assert list(strings[1]) == expected[1] and strings == expected and decoded == [1]
     assert strings != [["x"]] and strings != "not a list"
+    for bad in (tokens[0], tokens.float()):
+        with pytest.raises(TypeError, match="tokens must be int token ids"):
+            token_strings.TokenStrings(tiny_model, bad)

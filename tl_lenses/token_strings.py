@@ -71,6 +71,9 @@ class TokenStrings(Sequence):
     """
 
     def __init__(self, model, tokens: Tensor):
+        if not isinstance(tokens, Tensor) or tokens.dim() != 2 or tokens.is_floating_point():
+            raise TypeError(f"tokens must be int token ids shaped [batch, pos], got "
+                            f"{type(tokens).__name__} {getattr(tokens, 'shape', '')}")
         self._tokenizer = getattr(model, "tokenizer", None)
         self._tokens = tokens
         self._rows: list[list[str]] | None = None
