@@ -302,3 +302,38 @@ def test_results_pickle_and_keep_their_shape_check(tiny_model):
     assert len(loaded.with_attention(tiny_model, k=1).attention) == 1      # the same shape
     with pytest.raises(ValueError, match="n_layers=2 here"):
         loaded.with_attention(tiny_default("gpt2", n_layers=2))
+
+
+def test_a_cache_of_other_tokens_is_refused_and_the_right_one_kept(tiny_model):
+    """A same-shaped cache of another input is self-consistent (the parts still add up), so
+    the cached embeddings must be the input's tokens' at the cells DLA reads."""
+    from tl_lenses.hooks import run_cache
+    from tl_lenses.inputs import to_batch
+
+    tokens, other = _rows(tiny_model, seed=0), _rows(tiny_model, seed=1)
+    names = None
+
+    def cache_of(ids):
+        return run_cache(tiny_model, to_batch(tiny_model, ids), names)
+
+    for heads in (True, False):
+        from tl_lenses.attribution.core import needed_hooks
+        names = needed_hooks(tiny_model, heads=heads)
+        ran = dla(tiny_model, tokens, PAIR, heads=heads)
+        kept = dla(tiny_model, tokens, PAIR, heads=heads, cache=cache_of(tokens))
+        assert torch.equal(kept.values, ran.values)
+        with pytest.raises(ValueError, match="forward pass of input: in prompts"):
+            dla(tiny_model, tokens, PAIR, heads=heads, cache=cache_of(other))
+    with pytest.raises(ValueError, match="forward pass of input: in prompts"):
+        head_path_dla(tiny_model, tokens, PAIR, heads=["L2H0"],
+                      cache=tiny_model.run_with_cache(other)[1])
+    assert_no_hooks(tiny_model)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama-gqa"])
+def test_a_cache_of_another_width_is_refused_by_name(arch):
+    model = tiny_default(arch, n_layers=2)
+    narrow = tiny_default(arch, n_layers=2, d_model=16)
+    tokens = _rows(model)
+    with pytest.raises(ValueError, match="cache= is of a model with d_model=16"):
+        dla(model, tokens, PAIR, cache=narrow.run_with_cache(tokens)[1])

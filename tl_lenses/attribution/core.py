@@ -47,7 +47,7 @@ from tl_lenses.attribution.directions import (
     logit_directions,
     residual_readout,
 )
-from tl_lenses.attribution.identity import check_parts_sum
+from tl_lenses.attribution.identity import check_cache_input, check_parts_sum
 from tl_lenses.attribution.norms import SublayerNorm, sublayer_norm
 from tl_lenses.attribution.provenance import stamp
 from tl_lenses.attribution.result import DLAResult, parse_head_label
@@ -214,6 +214,8 @@ def dla(
     if cache is None:
         cache = run_cache(model, batch, [*names, *split_hooks(model, saes)])
     check_cache(cache, batch.tokens, names)
+    if cache_given:
+        check_cache_input(model, cache, batch.tokens, selection)
     u, const = residual_readout(model, dirs, unembed=unembed)
     keys = getattr(cache, "cache_dict", cache)
     sites = split_sites(model, keys, saes)

@@ -60,6 +60,37 @@ def _check(model, got: Tensor, want: Tensor, size: Tensor, dtype: torch.dtype,
     raise ValueError(f"{what} (off by up to {worst:.3g}): {_cause(model, cache_given)}")
 
 
+# A cached embedding and the embedding of the token it should hold point the same way
+# (cosine 1, or ~1 where the model scales or normalises its embeddings); another token's
+# is near orthogonal.
+SAME_TOKEN_COSINE = 0.5
+
+
+def check_cache_input(model, cache, tokens: Tensor, selection) -> None:
+    """Raise ValueError unless a given ``cache`` was recorded on ``tokens``.
+
+    The parts-sum check cannot see a cache of *other* tokens of the same shape: it is a
+    self-consistent forward pass. So at the cells DLA reads (``selection``), the cached
+    ``hook_embed`` must point along each token's own ``W_E`` row, and be ``d_model`` wide.
+    """
+    embed = cache["hook_embed"]
+    if embed.shape[-1] != model.cfg.d_model:
+        raise ValueError(f"cache= is of a model with d_model={embed.shape[-1]}, not this "
+                         f"model's {model.cfg.d_model}; pass this model's cache or cache=None")
+    columns = selection.columns.to(tokens.device)
+    ids = tokens.gather(1, columns)                                        # [batch, n]
+    cached = selection.gather(embed).float()                              # [batch, n, d]
+    own = model.W_E.detach()[ids.to(model.W_E.device)].float().to(cached.device)
+    cosine = torch.nn.functional.cosine_similarity(cached, own, dim=-1)
+    off = (cosine < SAME_TOKEN_COSINE) & selection.mask.to(cosine.device)
+    if bool(off.any()):
+        rows = off.any(1).nonzero()[:, 0].tolist()
+        raise ValueError(f"cache= does not hold this model's forward pass of input: in "
+                         f"prompts {rows[:8]} its embeddings are not this model's embeddings "
+                         "of the input's tokens (a cache of other tokens, or of another "
+                         "model); pass the cache of this input, or cache=None")
+
+
 def _cause(model, cache_given: bool) -> str:
     hooked = hooked_points(model)
     if hooked:
