@@ -337,3 +337,21 @@ def test_a_cache_of_another_width_is_refused_by_name(arch):
     tokens = _rows(model)
     with pytest.raises(ValueError, match="cache= is of a model with d_model=16"):
         dla(model, tokens, PAIR, cache=narrow.run_with_cache(tokens)[1])
+
+
+def test_a_cache_of_fewer_layers_is_named_as_another_models(tiny_model):
+    tokens = _rows(tiny_model)
+    shallow = tiny_default("llama-gqa", n_layers=1)
+    with pytest.raises(ValueError, match=r"holds blocks 0-0 but this model has 3: a cache of "
+                                         r"another model"):
+        dla(tiny_model, tokens, PAIR, cache=shallow.run_with_cache(tokens)[1])
+
+
+def test_int_tensor_directions_are_token_ids_or_refused_naming_both_forms(tiny_model):
+    a, b = tiny_model.to_single_token("M"), tiny_model.to_single_token("J")
+    by_tensor = dla(tiny_model, PROMPT, (torch.tensor(a), torch.tensor(b)), heads=False)
+    assert torch.equal(by_tensor.values, dla(tiny_model, PROMPT, (a, b), heads=False).values)
+    vector = torch.ones(tiny_model.cfg.d_model, dtype=torch.long)
+    with pytest.raises(TypeError, match=r"neither a token id .* nor a direction vector "
+                                        r"\(a float tensor"):
+        dla(tiny_model, PROMPT, vector)

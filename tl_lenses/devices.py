@@ -45,8 +45,12 @@ def _matches(configured: torch.device, actual: torch.device) -> bool:
 def _fine(devices: set[torch.device], configured) -> bool:
     """Whether the one device is a loaded one that ``cfg.device`` names."""
     device = next(iter(devices))
-    return device.type != "meta" and (configured is None
-                                      or _matches(torch.device(configured), device))
+    if device.type == "meta":
+        return False
+    if configured is None or configured == device or (
+            device.index is None and configured == device.type):  # "cpu": no device built
+        return True
+    return _matches(torch.device(configured), device)
 
 
 def model_device(model, *, argument: str = "model") -> torch.device:

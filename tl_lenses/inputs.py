@@ -319,13 +319,17 @@ class Batch:
         within = torch.where(requested < 0, requested + lengths, requested)   # [batch, n]
         mask = (within >= 0) & (within < lengths)
         columns = self.offsets[:, None] + within.clamp(min=0).minimum(lengths - 1)
-        return Selection([p % longest for p in wanted], columns, mask)
+        # A negative position counts back from each prompt's own end, which is another
+        # column per prompt: it keeps its sign (p % longest would name the longest's).
+        labels = [p if p < 0 and self.padded else p % longest for p in wanted]
+        return Selection(labels, columns, mask)
 
     def _shared(self, wanted: list[int], longest: int) -> Selection:
         """What :meth:`_per_prompt` gives for an unpadded batch, in three tensor ops."""
         positions = [p % longest for p in wanted]
         columns = torch.tensor([positions] * self.tokens.shape[0], device=self.tokens.device)
         selection = Selection(positions, columns, torch.ones_like(columns, dtype=torch.bool))
+        selection.__dict__["complete"] = True  # known here: no pass over the mask
         if positions == list(range(positions[0], positions[0] + len(positions))):
             # known here: spare Selection._shared_run its pass over the columns
             selection.__dict__["_shared_run"] = slice(positions[0], positions[0] + len(positions))
@@ -336,9 +340,12 @@ class Batch:
 class Selection:
     """Positions read from a batch, per prompt.
 
-    ``columns[b, i]`` is the token (column of the padded tokens) prompt ``b`` reads for
-    ``positions[i]``; ``mask[b, i]`` is False where prompt ``b`` has no such token (it is
-    shorter), and ``columns`` then points at one of its tokens so gathers stay in range.
+    ``positions`` label what was read, within each prompt: an unpadded batch's are
+    non-negative; a padded batch keeps a negative one (-1: each prompt's own last token,
+    a different column per prompt). ``columns[b, i]`` is the token (column of the padded
+    tokens) prompt ``b`` reads for ``positions[i]``; ``mask[b, i]`` is False where prompt
+    ``b`` has no such token (it is shorter), and ``columns`` then points at one of its
+    tokens so gathers stay in range.
     """
 
     positions: list[int]
@@ -356,6 +363,11 @@ class Selection:
         index = self.columns.to(values.device)
         index = index.view(*index.shape, *([1] * (values.dim() - 2)))
         return values.gather(1, index.expand(-1, -1, *values.shape[2:]))
+
+    @functools.cached_property
+    def complete(self) -> bool:
+        """Whether every prompt has every selected position (no masked cell)."""
+        return bool(self.mask.all())
 
     @property
     def shared_column(self) -> int | None:

@@ -47,7 +47,7 @@ from tl_lenses.attribution.directions import (
     logit_directions,
     residual_readout,
 )
-from tl_lenses.attribution.identity import check_cache_input, check_parts_sum
+from tl_lenses.attribution.identity import check_cache_input, check_parts_sum, parts_add_up
 from tl_lenses.attribution.norms import SublayerNorm, sublayer_norm
 from tl_lenses.attribution.provenance import stamp
 from tl_lenses.attribution.result import DLAResult, parse_head_label
@@ -112,11 +112,24 @@ def check_cache(cache, tokens: Tensor, names: Sequence[str]) -> None:
     if missing:
         raise ValueError(
             f"cache lacks hook points DLA needs: {missing[:6]}{' ...' if len(missing) > 6 else ''}"
-            "; run run_with_cache without a names_filter that drops them"
+            f"; {_why_missing(keys, names)}"
         )
     shape = tuple(cache["hook_embed"].shape[:2])
     if shape != tuple(tokens.shape):
         raise ValueError(f"cache is for [batch, pos]={shape}, but tokens are {tuple(tokens.shape)}")
+
+
+def _why_missing(keys, names: Sequence[str]) -> str:
+    """The likely cause of a cache's missing hook points, as advice."""
+    def block(name):
+        parts = name.split(".")
+        return int(parts[1]) if parts[0] == "blocks" and parts[1].isdigit() else -1
+
+    held, needed = max(map(block, keys), default=-1), max(map(block, names), default=-1)
+    if held < needed:
+        return (f"the cache holds blocks 0-{held} but this model has {needed + 1}: a cache "
+                "of another model? pass this model's cache, or cache=None")
+    return "run run_with_cache without a names_filter that drops them"
 
 
 def _final_scale(
@@ -126,7 +139,7 @@ def _final_scale(
     at = _gather(positions)
     if model.cfg.normalization_type is None:
         return at(torch.ones(cache["hook_embed"].shape[:2]))
-    return at(cache["ln_final.hook_scale"][..., 0]).float()
+    return at(cache["ln_final.hook_scale"].select(-1, 0)).float()
 
 
 def _gather(positions: list[int] | Selection):
@@ -228,11 +241,20 @@ def dla(
     values = values.div_(scale[None, :, :, None])
     bias = const[None, None, None, :].expand(1, *values.shape[1:])
     values = torch.cat([values, bias])
-    values = _missing_as_nan(values, selection.mask.to(values.device), labels + ["b_U"],
-                             complete=not batch.padded)
-    logits, capped = _model_logits(model, unembed, cache, keys, selection, dirs)
-    check_parts_sum(model, values, logits, dtype=cache["hook_embed"].dtype,
-                    cache_given=cache_given)
+    resid = selection.gather(cache[flowing_name(keys, final_resid_name(model))]).float()
+    logits = _own_logits(unembed, resid, resid @ u, const)
+    capped = _capped_logits(unembed, resid, dirs)
+    if not (selection.complete and parts_add_up(values, logits,
+                                                dtype=cache["hook_embed"].dtype)):
+        # pads, non-finite parts or a failed identity: cell by cell, with their messages,
+        # at the tolerance of the coarsest activations read (one may be half precision)
+        mask = selection.mask.to(values.device)
+        values = _missing_as_nan(values, mask, labels + ["b_U"])
+        check_parts_sum(model, values, logits, dtype=_coarsest_dtype(keys, names),
+                        cache_given=cache_given)
+        if not selection.complete:  # a pad has no logit either: NaN, as its values
+            logits, scale, capped = (None if t is None else _pads_as_nan(t, mask)
+                                     for t in (logits, scale, capped))
     return DLAResult(
         values=values, labels=[*labels, "b_U"], directions=dirs.labels,
         positions=selection.positions, tokens=batch.tokens, logits=logits, scale=scale,
@@ -245,14 +267,21 @@ def _is_moe(model) -> bool:
     return bool(getattr(model.cfg, "num_experts", None))
 
 
-def _missing_as_nan(values: Tensor, mask: Tensor, labels: list[str], *,
-                    complete: bool = False) -> Tensor:
-    """Pad cells as NaN; warn once naming the components whose parts are not finite.
+def _coarsest_dtype(keys, names: Sequence[str]) -> torch.dtype:
+    """The float dtype of least precision among the cached activations at ``names``."""
+    dtypes = {keys[flowing_name(keys, name)].dtype for name in names}
+    floats = [d for d in dtypes if d.is_floating_point] or [torch.float32]
+    return max(floats, key=lambda d: torch.finfo(d).eps)
 
-    ``complete``: the caller knows every cell of ``mask`` is True (an unpadded batch).
-    """
-    if (complete or bool(mask.all())) and bool(values.isfinite().all()):
-        return values  # the usual case, in one pass and no copy
+
+def _pads_as_nan(values: Tensor, mask: Tensor) -> Tensor:
+    """``values [batch, pos, ...]`` with NaN where ``mask [batch, pos]`` is False."""
+    shape = (*mask.shape, *([1] * (values.dim() - 2)))
+    return values.masked_fill(~mask.view(shape), float("nan"))
+
+
+def _missing_as_nan(values: Tensor, mask: Tensor, labels: list[str]) -> Tensor:
+    """Pad cells as NaN; warn once naming the components whose parts are not finite."""
     real = values[:, mask]                                            # [component, n, dir]
     bad = ~real.isfinite().flatten(1).all(1)
     if bool(bad.any()):
@@ -402,22 +431,39 @@ def neuron_terms(
     return einops.einsum(post, W_out_u, "b p n, n k -> n b p k")
 
 
-def _model_logits(model, unembed: Unembed, cache, keys, pos, dirs: LogitDirections):
-    """The model's own (pre-cap) value along each direction, and the capped one.
+def _own_logits(
+    unembed: Unembed, resid: Float[Tensor, "batch pos d_model"],
+    resid_u: Float[Tensor, "batch pos direction"], const: Float[Tensor, " direction"],
+) -> Float[Tensor, "batch pos direction"]:
+    """The model's own (pre-cap) value along each direction, from the final residual.
 
-    The pre-cap value comes from the final residual (own statistics); for a soft-capped model
-    the capped value of each token direction is ``cap(z_a) - cap(z_b)`` (NaN for a free
-    vector, which has no capped counterpart), else None.
+    ``norm(resid) · vector + offset`` with the norm's *own* statistics of ``resid``,
+    written as ``resid · u / s(resid) + c`` (:func:`residual_readout` folds the norm's
+    weight, bias and centering into ``u`` and ``c``); ``resid_u`` is ``resid · u``. Against
+    DLA's parts (divided by the *cached* scale) this checks both that the parts add up to
+    the final residual and that the cached scale is the residual's own.
     """
-    # keys (the cache's dict): `in` on an ActivationCache itself scans its keys
-    resid = _gather(pos)(cache[flowing_name(keys, final_resid_name(model))]).float()
-    normalized = unembed.normalize(resid)
-    logits = (normalized @ dirs.vectors.T.to(normalized.device)
-              + dirs.offset.to(normalized.device)).detach()
+    if unembed.kind == "none":
+        return resid_u + const
+    x = resid.float()
+    if unembed.kind == "layernorm":   # the variance about the mean: LayerNorm's centering
+        variance = x.var(-1, unbiased=False, keepdim=True)
+    else:
+        variance = x.pow(2).mean(-1, keepdim=True)
+    return torch.addcmul(const, resid_u, variance.add_(unembed.eps).rsqrt_())
+
+
+def _capped_logits(unembed: Unembed, resid: Tensor, dirs: LogitDirections) -> Tensor | None:
+    """A soft-capped model's own capped value per token direction, else None.
+
+    ``cap(z_a) - cap(z_b)`` (NaN for a free vector, which has no capped counterpart).
+    """
     if unembed.soft_cap is None:
-        return logits, None
+        return None
+    normalized = unembed.normalize(resid)
     pairs = dirs.token_pairs or (None,) * len(dirs)
-    capped = torch.full_like(logits, float("nan"))
+    capped = torch.full((*normalized.shape[:-1], len(dirs)), float("nan"),
+                        device=normalized.device)
     for i, pair in enumerate(pairs):
         if pair is None:
             continue
@@ -427,7 +473,7 @@ def _model_logits(model, unembed: Unembed, cache, keys, pos, dirs: LogitDirectio
             z = z + unembed.b_U[ids].detach().float()
         z = unembed.cap(z.detach())
         capped[..., i] = z[..., 0] - (z[..., 1] if len(ids) == 2 else 0.0)
-    return logits, capped
+    return capped
 
 
 __all__ = ["DLAResult", "LogitDirections", "parse_head_label", "logit_directions",

@@ -64,6 +64,9 @@ def logit_directions(model, directions: DirectionSpec, *,
         raise ValueError("directions must name at least one direction")
     unembed = unembed if unembed is not None else Unembed.from_model(model)
     parts = [_one_direction(model, unembed, item, i) for i, item in enumerate(items)]
+    if len(parts) == 1:  # the usual case: no concatenation (the parts are fresh tensors)
+        vectors, offset, labels, pairs = parts[0]
+        return LogitDirections(vectors.float(), offset.float(), list(labels), tuple(pairs))
     return LogitDirections(
         torch.cat([p[0] for p in parts]).float(),
         torch.cat([p[1] for p in parts]).float(),
@@ -83,11 +86,16 @@ def _token_label(model, token: int, *more: int) -> str:
 
 
 def _one_direction(model, unembed: Unembed, item, i: int):
+    """(vectors [n, d_model], offsets [n], labels, token pairs) of one direction spec.
+
+    The tensors are fresh (never views of the model's weights or the user's tensor), so
+    :class:`LogitDirections` may hold them without a copy.
+    """
     W_U = unembed.W_U.detach()
     if isinstance(item, Tensor) and item.is_floating_point():
         vectors = item[None] if item.dim() == 1 else item
         _check_width(model, vectors)
-        vectors = vectors.detach().to(W_U.device, W_U.dtype)
+        vectors = vectors.detach().to(W_U.device, W_U.dtype, copy=True)
         labels = [f"v{i}"] if item.dim() == 1 else [f"v{i}.{j}" for j in range(len(vectors))]
         return vectors, torch.zeros(len(vectors), device=W_U.device), labels, [None] * len(labels)
     if isinstance(item, tuple):
@@ -101,22 +109,34 @@ def _one_direction(model, unembed: Unembed, item, i: int):
                 "difference is identically 0"
             )
         label = _token_label(model, a, b)
-        offset = _bias(unembed, a) - _bias(unembed, b)
-        return (W_U[:, a] - W_U[:, b])[None], offset, [label], [(a, b)]
+        if unembed.b_U is None:
+            offset = torch.zeros(1, device=W_U.device)
+        else:
+            offset = _bias(unembed, a) - _bias(unembed, b)
+        # select: the cheapest column read (a view); the difference is a new tensor
+        return (W_U.select(1, a) - W_U.select(1, b))[None], offset, [label], [(a, b)]
     token = _output_token(model, unembed, item, "directions")
-    return W_U[:, token][None], _bias(unembed, token), [_token_label(model, token)], \
-        [(token, -1)]
+    return W_U.select(1, token)[None].clone(), _bias(unembed, token).clone(), \
+        [_token_label(model, token)], [(token, -1)]
 
 
 def _bias(unembed: Unembed, token: int) -> Float[Tensor, " 1"]:
-    """``b_U[token]`` as a one-element tensor (zero where the model has no ``b_U``)."""
+    """``b_U[token]`` as a one-element tensor (a view; zero where the model has no ``b_U``)."""
     if unembed.b_U is None:
         return torch.zeros(1, device=unembed.W_U.device)
-    return unembed.b_U.detach()[token:token + 1]
+    return unembed.b_U.detach().narrow(0, token, 1)
 
 
 def _output_token(model, unembed: Unembed, token, argument: str) -> int:
     """A token id of the *output* vocabulary (``d_vocab_out`` may differ from the input's)."""
+    if isinstance(token, Tensor):
+        if token.dim() == 0 and not token.is_floating_point() and token.dtype != torch.bool:
+            token = int(token)  # a 0-d int tensor (answer_tokens[i]) is a token id
+        else:
+            raise TypeError(
+                f"{argument}: a {token.dtype} tensor of shape {tuple(token.shape)} is neither "
+                f"a token id (an int or a 0-d int tensor) nor a direction vector (a float "
+                f"tensor [d_model] or [n, d_model])")
     if isinstance(token, int) and not isinstance(token, bool):
         if not 0 <= token < unembed.d_vocab:
             raise ValueError(f"{argument} id {token} is outside the output vocabulary "
@@ -146,10 +166,10 @@ def residual_readout(
     unembed = unembed if unembed is not None else Unembed.from_model(model)
     vectors = directions.vectors.to(unembed.W_U.device, torch.float32)
     if unembed.weight is not None:
-        u = vectors.T * unembed.weight.detach().float()[:, None]   # a new tensor
+        u = vectors.T * unembed.weight.detach().float().unsqueeze(1)   # a new tensor
     else:
         u = vectors.T.clone()
-    const = directions.offset.to(u.device, torch.float32).clone()
+    const = directions.offset.to(u.device, torch.float32, copy=True)
     if unembed.bias is not None:
         const = const + vectors @ unembed.bias.detach().float()
     if unembed.kind == "layernorm":

@@ -41,6 +41,17 @@ def check_parts_sum(model, values: Tensor, logits: Tensor, *, dtype: torch.dtype
            "the DLA parts do not add up to the model's logit")
 
 
+def parts_add_up(values: Tensor, logits: Tensor, *, dtype: torch.dtype) -> bool:
+    """Whether ``values [component, batch, pos, dir]`` sum to ``logits`` at *every* cell.
+
+    :func:`check_parts_sum`'s test in one pass for the usual case (no pads): False also
+    where any part is NaN or inf, which the caller then handles cell by cell.
+    """
+    error = values.sum(0).sub_(logits.to(values.device)).abs_()
+    bound = torch.linalg.vector_norm(values, 1, dim=0).mul_(TOLERANCE * _eps(dtype))
+    return bool((error <= bound).all())
+
+
 def check_head_totals(model, totals: Tensor, head_dla: Tensor, *, dtype: torch.dtype,
                       cache_given: bool, size: Tensor) -> None:
     """Raise ValueError unless head paths' ``totals [head, batch, dir]`` equal ``head_dla``."""
@@ -50,14 +61,18 @@ def check_head_totals(model, totals: Tensor, head_dla: Tensor, *, dtype: torch.d
 
 def _check(model, got: Tensor, want: Tensor, size: Tensor, dtype: torch.dtype,
            cache_given: bool, what: str) -> None:
-    eps = torch.finfo(dtype if dtype.is_floating_point else torch.float32).eps
-    eps = max(eps, torch.finfo(torch.float32).eps)  # the parts are summed in float32
     error = (got - want).abs_()
-    bad = error > size.mul(TOLERANCE * eps)  # False where NaN: pads, non-finite parts
+    bad = error > size.mul(TOLERANCE * _eps(dtype))  # False where NaN: pads, non-finite parts
     if not bool(bad.any()):
         return
     worst = float(error[bad].max())
     raise ValueError(f"{what} (off by up to {worst:.3g}): {_cause(model, cache_given)}")
+
+
+def _eps(dtype: torch.dtype) -> float:
+    """The activations' float eps, at least float32's (the parts are summed in float32)."""
+    eps = torch.finfo(dtype if dtype.is_floating_point else torch.float32).eps
+    return max(eps, torch.finfo(torch.float32).eps)
 
 
 # A cached embedding and the embedding of the token it should hold point the same way
@@ -72,19 +87,27 @@ def check_cache_input(model, cache, tokens: Tensor, selection) -> None:
     The parts-sum check cannot see a cache of *other* tokens of the same shape: it is a
     self-consistent forward pass. So at the cells DLA reads (``selection``), the cached
     ``hook_embed`` must point along each token's own ``W_E`` row, and be ``d_model`` wide.
+    About eight small tensor ops: DLA from a cache is a few hundred microseconds.
     """
     embed = cache["hook_embed"]
     if embed.shape[-1] != model.cfg.d_model:
         raise ValueError(f"cache= is of a model with d_model={embed.shape[-1]}, not this "
                          f"model's {model.cfg.d_model}; pass this model's cache or cache=None")
-    columns = selection.columns.to(tokens.device)
-    ids = tokens.gather(1, columns)                                        # [batch, n]
-    cached = selection.gather(embed).float()                              # [batch, n, d]
-    own = model.W_E.detach()[ids.to(model.W_E.device)].float().to(cached.device)
-    cosine = torch.nn.functional.cosine_similarity(cached, own, dim=-1)
-    off = (cosine < SAME_TOKEN_COSINE) & selection.mask.to(cosine.device)
+    W_E = model.embed.W_E.detach()  # (model.W_E on the Bridge is a property over this)
+    column = selection.shared_column
+    if column is not None:  # one column for every prompt (the default): views, no index
+        cached, ids = embed.select(1, column), tokens.select(1, column)      # [batch, d]
+    else:
+        cached = selection.gather(embed)                                     # [batch, n, d]
+        ids = tokens.gather(1, selection.columns.to(tokens.device))
+    own = W_E[ids.to(W_E.device)].to(cached.device, cached.dtype)
+    if torch.equal(cached, own):
+        return  # the embeddings themselves (no scale): one comparison, no cosine
+    off = torch.nn.functional.cosine_similarity(cached, own, dim=-1) < SAME_TOKEN_COSINE
+    if not selection.complete:
+        off = off & selection.mask.to(off.device).view(off.shape)
     if bool(off.any()):
-        rows = off.any(1).nonzero()[:, 0].tolist()
+        rows = off.view(len(off), -1).any(1).nonzero()[:, 0].tolist()
         raise ValueError(f"cache= does not hold this model's forward pass of input: in "
                          f"prompts {rows[:8]} its embeddings are not this model's embeddings "
                          "of the input's tokens (a cache of other tokens, or of another "

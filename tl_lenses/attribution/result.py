@@ -49,6 +49,8 @@ class DLAResult(NotebookView):
     capped_logits: Float[Tensor, "batch pos direction"] | None = None
     attention: dict | None = field(default=None, repr=False, compare=False)
     source: ModelStamp | None = field(default=None, repr=False, compare=False)
+    # (batch, pos, direction) that top() / sort() ranked by: the default cell after them
+    focus: tuple[int, int, int] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
         # Built without padding information: every prompt reads every position.
@@ -121,51 +123,92 @@ class DLAResult(NotebookView):
         return replace(
             self, values=self.values[:, i, :, i].permute(1, 0, 2)[..., None],
             logits=self.logits[i, :, i][..., None], directions=["per prompt"],
-            capped_logits=None if capped is None else capped[i, :, i][..., None],
+            capped_logits=None if capped is None else capped[i, :, i][..., None], focus=None,
         )
 
     def total(self) -> Float[Tensor, "batch pos direction"]:
         """The sum over components (the logit when every component is present)."""
         return self.values.sum(0)
 
-    def cell(self, batch: int = 0, pos: int = -1,
-             direction: int = 0) -> Float[Tensor, " component"]:
-        """One value per component at ``(batch, pos, direction)``; pos indexes ``positions``."""
-        for name, i, n in (("batch", batch, self.values.shape[1]),
-                           ("pos", pos, self.values.shape[2]),
-                           ("direction", direction, self.values.shape[3])):
-            if not -n <= i < n:
-                raise ValueError(f"{name} must be in [-{n}, {n}), got {i}")
+    def cell(self, batch: int | None = None, pos: int | None = None,
+             direction: int | None = None) -> Float[Tensor, " component"]:
+        """One value per component at ``(batch, pos, direction)``; pos indexes ``positions``.
+
+        Unset arguments come from the cell ``top``/``sort`` ranked by, else ``(0, -1, 0)``.
+        A negative ``pos`` counts back over the prompt's own cells, so ``-1`` is its last
+        token even where a longer prompt's last position is a pad for it.
+        """
+        batch, pos, direction = self._cell_index(batch, pos, direction)
         return self.values[:, batch, pos, direction]
 
-    def sort(self, *, batch: int = 0, pos: int = -1, direction: int = 0,
-             absolute: bool = True) -> "DLAResult":
-        """Components ordered by value (largest first; by magnitude when ``absolute``)."""
-        order = _key(self.cell(batch, pos, direction), absolute).argsort(descending=True,
-                                                                          stable=True)
-        return self[order]
+    def _cell_index(self, batch, pos, direction) -> tuple[int, int, int]:
+        """Concrete non-negative ``(batch, pos, direction)`` indices (see :meth:`cell`)."""
+        focus = self.focus or (0, -1, 0)
+        chosen = [focus[i] if v is None else v for i, v in enumerate((batch, pos, direction))]
+        for name, i, n in zip(("batch", "pos", "direction"), chosen, self.values.shape[1:]):
+            if isinstance(i, bool) or not isinstance(i, numbers.Integral) or not -n <= i < n:
+                raise ValueError(f"{name} must be an int in [-{n}, {n}), got {i!r}")
+        batch, pos, direction = (int(i) for i in chosen)
+        batch, direction = batch % self.values.shape[1], direction % self.values.shape[3]
+        if pos >= 0:
+            return batch, pos, direction
+        real = self.mask[batch].nonzero().flatten().tolist()   # the prompt's own cells
+        if -pos > len(real):
+            raise ValueError(f"pos={pos}: prompt {batch} has only {len(real)} of these "
+                             f"positions (the others are pads)")
+        return batch, real[pos], direction
 
-    def top(self, k: int = 10, *, batch: int = 0, pos: int = -1, direction: int = 0,
-            absolute: bool = True) -> "DLAResult":
-        """The ``k`` largest components (by magnitude when ``absolute``), largest first.
+    def _ranked_cell(self, batch, pos, direction) -> tuple[int, int, int]:
+        """:meth:`_cell_index`, refusing a pad (no values to rank by)."""
+        batch, pos, direction = self._cell_index(batch, pos, direction)
+        if not bool(self.mask[batch, pos]):
+            raise ValueError(f"prompt {batch} has no token at positions[{pos}] (a pad: its "
+                             f"values are NaN); rank by a cell it has (pos=-1: its last token)")
+        return batch, pos, direction
+
+    def sort(self, *, batch: int | None = None, pos: int | None = None,
+             direction: int | None = None, absolute: bool = True) -> "DLAResult":
+        """Components ordered by value (largest first; by magnitude when ``absolute``).
+
+        The cell (see :meth:`cell`) becomes the result's default cell (``items()``).
 
         Raises:
-            ValueError: ``k`` is not an int >= 1.
+            ValueError: the cell is out of range or a pad.
+        """
+        at = self._ranked_cell(batch, pos, direction)
+        order = _key(self.values[:, at[0], at[1], at[2]], absolute).argsort(descending=True,
+                                                                             stable=True)
+        return replace(self[order], focus=at)
+
+    def top(self, k: int = 10, *, batch: int | None = None, pos: int | None = None,
+            direction: int | None = None, absolute: bool = True) -> "DLAResult":
+        """The ``k`` largest components (by magnitude when ``absolute``), largest first.
+
+        The cell (see :meth:`cell`) becomes the result's default cell, so
+        ``top(5, batch=2).items()`` lists prompt 2's values.
+
+        Raises:
+            ValueError: ``k`` is not an int >= 1; the cell is out of range or a pad.
         """
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise ValueError(f"k must be an int >= 1 (components to keep), got {k!r}")
+        at = self._ranked_cell(batch, pos, direction)
         k = min(k, len(self))
-        order = _key(self.cell(batch, pos, direction), absolute).topk(k).indices
-        return self[order]
+        order = _key(self.values[:, at[0], at[1], at[2]], absolute).topk(k).indices
+        return replace(self[order], focus=at)
 
-    def items(self, batch: int = 0, pos: int = -1, direction: int = 0) -> list[tuple[str, float]]:
-        """``(label, value)`` pairs at one cell, in component order."""
+    def items(self, batch: int | None = None, pos: int | None = None,
+              direction: int | None = None) -> list[tuple[str, float]]:
+        """``(label, value)`` pairs at one cell (see :meth:`cell`), in component order."""
         column = self.cell(batch, pos, direction).tolist()
         return [(self.labels[i], v) for i, v in enumerate(column)]
 
-    def head_matrix(self, batch: int = 0, pos: int = -1,
-                    direction: int = 0) -> Float[Tensor, "layer head_index"]:
-        """Head attributions as [layer, head] (NaN for heads absent from this result)."""
+    def head_matrix(self, batch: int | None = None, pos: int | None = None,
+                    direction: int | None = None) -> Float[Tensor, "layer head_index"]:
+        """Head attributions as [layer, head] at a cell (see :meth:`cell`).
+
+        NaN for heads absent from this result.
+        """
         labels = self.labels if isinstance(self.labels, list) else []
         heads = [(i, parse_head_label(label)) for i, label in enumerate(labels)
                  if parse_head_label(label) is not None]
@@ -179,8 +222,8 @@ class DLAResult(NotebookView):
             matrix[layer, head] = column[i]
         return matrix
 
-    def with_attention(self, model, k: int = 6, *, batch: int = 0, pos: int = -1,
-                       direction: int = 0) -> DLAResult:
+    def with_attention(self, model, k: int = 6, *, batch: int | None = None,
+                       pos: int | None = None, direction: int | None = None) -> DLAResult:
         """This result with the attention patterns of its ``k`` top heads, for the views.
 
         Args:

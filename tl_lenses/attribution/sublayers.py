@@ -13,6 +13,8 @@ values as the general path, so the same numbers bit for bit.
 from __future__ import annotations
 
 import functools
+import operator
+from itertools import repeat
 
 import torch
 from jaxtyping import Float
@@ -24,6 +26,9 @@ from tl_lenses.inputs import Selection
 # Values are stacked in groups of at most this many elements before projecting: bounded
 # memory for long all-position reads, and the general path's grouping (so its numbers).
 MAX_STACK_ELEMENTS = 1 << 22
+# Values of at least this many elements (16 rows of d_model 576) are projected one by one:
+# the per-call cost of a matmul is then below that of copying them into a stack.
+PER_VALUE_ELEMENTS = 1 << 13
 
 
 @functools.lru_cache(maxsize=64)
@@ -58,15 +63,17 @@ def sublayer_parts(
     cfg = model.cfg
     labels, names = sublayer_components(cfg.n_layers, cfg.positional_embedding_type
                                         == "standard", bool(cfg.attn_only))
-    values = [keys[name] if name in keys else keys[flowing_name(keys, name)]
-              for name in names]
+    try:
+        values = operator.itemgetter(*names)(keys)  # one C call for the ~60 lookups
+    except KeyError:  # an SAE spliced in somewhere: read what flows on there
+        values = [keys[flowing_name(keys, name)] for name in names]
     column = selection.shared_column
     if column is not None:
         # One column for every prompt (the default, each prompt's last token): `select`
         # is the cheapest view, and [n, batch, d] @ u is the same matmul as with the
         # position axis kept.
-        projected = project_stacked([value.select(1, column) for value in values], u)
-        return list(labels), projected.unsqueeze(2)
+        views = list(map(Tensor.select, values, repeat(1), repeat(column)))
+        return list(labels), project_stacked(views, u).unsqueeze(2)
     return list(labels), project_stacked([selection.gather(value) for value in values], u)
 
 
@@ -76,8 +83,17 @@ def project_stacked(values: list[Tensor], u: Float[Tensor, "d_model direction"],
 
     Each group holds as many values as fit in ``max_elements`` (at least one); the groups'
     projections are concatenated (no copy when there is one group, the usual case for a
-    few positions).
+    few positions). Values of many rows each (a batch read at its last tokens) are
+    projected one by one into the result instead: a stacked copy of them would be a
+    fresh buffer of megabytes whose first touch costs more than the projection.
     """
+    first = values[0]
+    if first.numel() >= PER_VALUE_ELEMENTS and first.dtype == u.dtype:
+        out = torch.empty(len(values), *first.shape[:-1], u.shape[-1], dtype=u.dtype,
+                          device=u.device)
+        for value, row in zip(values, out):
+            torch.matmul(value, u, out=row)
+        return out
     groups, start = [], 0
     while start < len(values):
         size = max(1, max_elements // max(1, values[start].numel()))

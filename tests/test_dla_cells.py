@@ -1,0 +1,92 @@
+"""DLA's cells on padded batches: pads are NaN in every field, labels say what was read,
+and ranking picks a prompt's own cell.
+
+A padded batch reads each prompt at its own columns; a prompt shorter than the longest has
+no token at some positions (``result.mask`` False). There, values, logits and the frozen
+scale are NaN (not a neighbour's numbers); ``positions`` keeps a negative position's sign
+(``-1`` is each prompt's own last token, a different column per prompt); ``top``/``sort``
+rank by the cell asked for, refuse a pad, and later ``items()``/``cell()`` read that cell.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tl_lenses.attribution.core import dla, needed_hooks
+from tl_lenses.hooks import run_cache
+from tl_lenses.inputs import to_batch
+
+PROMPTS = ["ab cd ef gh", "a", "abc ab"]
+PAIR = ("a", "b")
+
+
+@pytest.mark.parametrize("heads", [True, False])
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_pads_are_nan_and_each_prompts_cells_are_its_own(tiny_model, side, heads):
+    result = dla(tiny_model, PROMPTS, PAIR, positions=None, padding_side=side, heads=heads)
+    pads, real = ~result.mask, result.mask
+    assert pads.any()
+    assert result.values[:, pads].isnan().all()
+    assert result.logits[pads].isnan().all() and result.scale[pads].isnan().all()
+    assert result.logits[real].isfinite().all() and result.scale[real].isfinite().all()
+    torch.testing.assert_close(result.values.sum(0)[real], result.logits[real],
+                               atol=1e-5, rtol=1e-5)
+    for b, prompt in enumerate(PROMPTS):
+        alone = dla(tiny_model, prompt, PAIR, positions=None, heads=heads)
+        cells = real[b].nonzero().flatten()
+        assert len(cells) == alone.values.shape[2]
+        torch.testing.assert_close(result.logits[b, cells], alone.logits[0],
+                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(result.values[:, b, cells], alone.values[:, 0],
+                                   atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_a_negative_position_keeps_its_sign_on_a_padded_batch(tiny_model, side):
+    batch = to_batch(tiny_model, PROMPTS, padding_side=side)
+    result = dla(tiny_model, batch, PAIR, positions=[-1, 0], heads=False)
+    assert result.positions == [-1, 0]
+    last = batch.offsets + batch.lengths - 1                     # each prompt's own last token
+    assert torch.equal(result.columns[:, 0], last) and torch.equal(result.columns[:, 1],
+                                                                    batch.offsets)
+    unpadded = dla(tiny_model, torch.randint(0, 256, (2, 7)), PAIR, positions=[-1, 0],
+                   heads=False)
+    assert unpadded.positions == [6, 0]                           # one column for all: named
+
+
+def test_top_ranks_a_prompts_own_cell_and_items_read_it(tiny_model):
+    result = dla(tiny_model, PROMPTS, PAIR, positions=None, padding_side="right")
+    b = 1                                   # the shortest prompt: the last position is a pad
+    assert not result.mask[b, -1]
+    last = int(result.mask[b].nonzero().max())
+    own = result.values[:, b, last, 0]
+    assert torch.equal(result.cell(batch=b), own)                 # pos=-1: its last token
+    top = result.top(3, batch=b)
+    expected = own.abs().argsort(descending=True)[:3].tolist()
+    assert list(top.labels) == [result.labels[i] for i in expected]
+    assert [v for _, v in top.items()] == own[expected].tolist()  # the ranked cell, not 0's
+    assert top.focus == (b, last, 0) and result.sort(batch=b).focus == (b, last, 0)
+    with pytest.raises(ValueError, match="prompt 1 has no token at positions"):
+        result.top(3, batch=b, pos=result.values.shape[2] - 1)
+    with pytest.raises(ValueError, match="prompt 1 has only 1 of these positions"):
+        result.cell(batch=b, pos=-2)
+    with pytest.raises(ValueError, match="batch must be an int"):
+        result.items(batch=len(PROMPTS))
+
+
+def test_half_precision_parts_of_the_cache_are_checked_at_their_precision(tiny_model):
+    """A cache holding the sublayer outputs in float16 is the same forward pass, stored
+    coarser: the parts-sum identity holds to float16's rounding there (at float32's
+    tolerance it failed by ~4e-5 on these prompts), and nothing else changes."""
+    batch = to_batch(tiny_model, ["ab cd ef gh", "hello world, this is long"],
+                     padding_side="right")
+    cache = run_cache(tiny_model, batch, needed_hooks(tiny_model, heads=False))
+    exact = dla(tiny_model, batch, PAIR, heads=False, cache=cache, positions=None)
+    for name in list(cache.cache_dict):
+        if name.endswith(("hook_mlp_out", "hook_attn_out")):
+            cache.cache_dict[name] = cache.cache_dict[name].half()
+    coarse = dla(tiny_model, batch, PAIR, heads=False, cache=cache, positions=None)
+    torch.testing.assert_close(coarse.values, exact.values, atol=1e-2, rtol=1e-2,
+                               equal_nan=True)
+    torch.testing.assert_close(coarse.logits, exact.logits, atol=0, rtol=0, equal_nan=True)
