@@ -50,6 +50,24 @@ def test_heads_false_from_a_cache_equals_running_and_each_prompt_alone(tiny_mode
     torch.testing.assert_close(ran.total(), ran.logits, atol=1e-5, rtol=1e-5)
 
 
+def test_values_of_many_rows_are_projected_one_by_one_to_the_same_numbers():
+    """Past PER_VALUE_ELEMENTS each value is projected alone (no stacked copy): the same
+    numbers as one stacked matmul to float rounding, whatever dtype each value has."""
+    from tl_lenses.attribution.sublayers import PER_VALUE_ELEMENTS, project_stacked
+
+    gen = torch.Generator().manual_seed(0)
+    rows = PER_VALUE_ELEMENTS // 64 + 1
+    values = [torch.randn(rows, 1, 64, generator=gen) for _ in range(5)]
+    values[2] = values[2].half()
+    u = torch.randn(64, 3, generator=gen)
+    one_by_one = project_stacked(values, u)
+    stacked = torch.stack([v.float() for v in values]) @ u
+    assert one_by_one.shape == stacked.shape == (5, rows, 1, 3)
+    torch.testing.assert_close(one_by_one, stacked, atol=1e-5, rtol=1e-5)
+    small = project_stacked([v[:2] for v in values], u)            # below: one stack
+    assert torch.equal(small, torch.stack([v[:2].float() for v in values]) @ u)
+
+
 def test_sublayer_labels_follow_the_model_shape():
     labels, names = sublayer_components(2, True, False)
     assert labels == ("embed", "pos_embed", "L0 attn", "L0 MLP", "L1 attn", "L1 MLP")

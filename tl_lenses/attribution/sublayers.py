@@ -88,11 +88,11 @@ def project_stacked(values: list[Tensor], u: Float[Tensor, "d_model direction"],
     fresh buffer of megabytes whose first touch costs more than the projection.
     """
     first = values[0]
-    if first.numel() >= PER_VALUE_ELEMENTS and first.dtype == u.dtype:
+    if first.numel() >= PER_VALUE_ELEMENTS:
         out = torch.empty(len(values), *first.shape[:-1], u.shape[-1], dtype=u.dtype,
                           device=u.device)
         for value, row in zip(values, out):
-            torch.matmul(value, u, out=row)
+            torch.matmul(value if value.dtype == u.dtype else value.to(u.dtype), u, out=row)
         return out
     groups, start = [], 0
     while start < len(values):
