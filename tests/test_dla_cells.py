@@ -66,7 +66,8 @@ def test_top_ranks_a_prompts_own_cell_and_items_read_it(tiny_model):
     expected = own.abs().argsort(descending=True)[:3].tolist()
     assert list(top.labels) == [result.labels[i] for i in expected]
     assert [v for _, v in top.items()] == own[expected].tolist()  # the ranked cell, not 0's
-    assert top.focus == (b, last, 0) and result.sort(batch=b).focus == (b, last, 0)
+    assert top.focus == (b, -1, 0) and result.sort(batch=b).focus == (b, -1, 0)
+    assert torch.equal(top.cell(batch=0), top.values[:, 0, int(result.mask[0].nonzero().max()), 0])
     with pytest.raises(ValueError, match="prompt 1 has no token at positions"):
         result.top(3, batch=b, pos=result.values.shape[2] - 1)
     with pytest.raises(ValueError, match="prompt 1 has only 1 of these positions"):
@@ -90,3 +91,60 @@ def test_half_precision_parts_of_the_cache_are_checked_at_their_precision(tiny_m
     torch.testing.assert_close(coarse.values, exact.values, atol=1e-2, rtol=1e-2,
                                equal_nan=True)
     torch.testing.assert_close(coarse.logits, exact.logits, atol=0, rtol=0, equal_nan=True)
+
+
+def test_views_show_a_prompts_own_last_token_and_follow_the_ranked_cell(tiny_model):
+    """The notebook view and the report read prompt 0's own last token by default (not a
+    pad of a shorter prompt 0), take ``pos=``, and show the cell ``top`` ranked by."""
+    result = dla(tiny_model, ["a", "ab cd ef"], PAIR, positions=None, padding_side="right")
+    assert not result.mask[0, -1]
+    html = result._repr_html_()
+    value = float(result.logits[0, 0, 0])
+    assert f"prompt 0, direction" in html and f"model value {value:+.4f}" in html
+    second = float(result.logits[1, 3, 0])
+    assert f"model value {second:+.4f}" in result.to_html(batch=1, pos=3)
+    ranked = result.top(3, batch=1)
+    assert f"model value {float(result.logits[1, -1, 0]):+.4f}" in ranked._repr_html_()
+    with pytest.raises(ValueError, match="prompt 0 has no token at positions"):
+        result.to_html(pos=5)
+
+
+def test_results_compare_by_identity_and_show_their_cell(tiny_model):
+    result = dla(tiny_model, PROMPTS, PAIR, padding_side="right")
+    assert result != result.top(3) and result == result
+    assert "at batch 1, positions[0], direction 0" in repr(result.top(3, batch=1))
+    grid = result.heads().top(2, batch=1).head_matrix()          # the whole layer x head grid
+    assert grid.shape == (tiny_model.cfg.n_layers, tiny_model.cfg.n_heads)
+
+
+@pytest.mark.parametrize("heads", [True, False])
+def test_a_left_padded_cache_taken_without_the_mask_is_refused(tiny_model, heads):
+    """Without the mask the prompts attend to their pads: a self-consistent forward pass of
+    the same tokens, which only layer 0's attention pattern tells apart."""
+    batch = to_batch(tiny_model, PROMPTS, padding_side="left")
+    names = needed_hooks(tiny_model, heads=heads, left_padded=True)
+    good = run_cache(tiny_model, batch, names)
+    ran = dla(tiny_model, batch, PAIR, heads=heads)
+    assert torch.equal(dla(tiny_model, batch, PAIR, heads=heads, cache=good).values,
+                       ran.values)
+    _, unmasked = tiny_model.run_with_cache(batch.tokens, names_filter=lambda n: n in names)
+    with pytest.raises(ValueError, match="taken without this input's attention mask"):
+        dla(tiny_model, batch, PAIR, heads=heads, cache=unmasked)
+    without = run_cache(tiny_model, batch, needed_hooks(tiny_model, heads=heads))
+    with pytest.raises(ValueError, match="must hold 'blocks.0.attn.hook_pattern'"):
+        dla(tiny_model, batch, PAIR, heads=heads, cache=without)
+    right = to_batch(tiny_model, PROMPTS, padding_side="right")  # causal: pads come after
+    _, plain = tiny_model.run_with_cache(right.tokens)
+    torch.testing.assert_close(dla(tiny_model, right, PAIR, heads=heads, cache=plain).values,
+                               dla(tiny_model, right, PAIR, heads=heads).values,
+                               atol=1e-5, rtol=1e-5, equal_nan=True)
+
+
+def test_numpy_token_ids_and_the_shape_a_user_gave_in_messages(tiny_model):
+    import numpy as np
+
+    a, b = tiny_model.to_single_token("a"), tiny_model.to_single_token("b")
+    by_numpy = dla(tiny_model, "ab", (np.int64(a), np.int64(b)), heads=False)
+    assert torch.equal(by_numpy.values, dla(tiny_model, "ab", (a, b), heads=False).values)
+    with pytest.raises(ValueError, match=r"got torch.float32 \(33,\)"):
+        dla(tiny_model, "ab", torch.ones(33))

@@ -40,7 +40,7 @@ def test_one_stack_equals_the_general_path(tiny_model, side, positions):
 
 def test_heads_false_from_a_cache_equals_running_and_each_prompt_alone(tiny_model):
     batch = to_batch(tiny_model, PROMPTS, padding_side="left")
-    cache = run_cache(tiny_model, batch, needed_hooks(tiny_model, heads=False))
+    cache = run_cache(tiny_model, batch, needed_hooks(tiny_model, heads=False, left_padded=True))
     ran = dla(tiny_model, batch, ("a", "b"), heads=False)
     cached = dla(tiny_model, batch, ("a", "b"), heads=False, cache=cache)
     assert torch.equal(ran.values, cached.values) and list(ran.labels) == list(cached.labels)

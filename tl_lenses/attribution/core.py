@@ -47,7 +47,13 @@ from tl_lenses.attribution.directions import (
     logit_directions,
     residual_readout,
 )
-from tl_lenses.attribution.identity import check_cache_input, check_parts_sum, parts_add_up
+from tl_lenses.attribution.identity import (
+    PATTERN_HOOK,
+    check_cache_input,
+    check_padded_cache,
+    check_parts_sum,
+    parts_add_up,
+)
 from tl_lenses.attribution.norms import SublayerNorm, sublayer_norm
 from tl_lenses.attribution.provenance import stamp
 from tl_lenses.attribution.result import DLAResult, parse_head_label
@@ -66,11 +72,18 @@ def has_pos_embed(model) -> bool:
     return model.cfg.positional_embedding_type == "standard"
 
 
-def needed_hooks(model, *, heads: bool = True, neurons: bool = False) -> list[str]:
-    """The hook points :func:`dla` reads (a ``names_filter`` for ``run_with_cache``)."""
-    for name, flag in (("heads", heads), ("neurons", neurons)):
+def needed_hooks(model, *, heads: bool = True, neurons: bool = False,
+                 left_padded: bool = False) -> list[str]:
+    """The hook points :func:`dla` reads (a ``names_filter`` for ``run_with_cache``).
+
+    ``left_padded``: also layer 0's attention pattern, which a ``cache=`` of a left-padded
+    batch must hold (DLA checks there that it was taken with the attention mask).
+    """
+    for name, flag in (("heads", heads), ("neurons", neurons), ("left_padded", left_padded)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool, got {flag!r}")
+    if left_padded:
+        return [*needed_hooks(model, heads=heads, neurons=neurons), PATTERN_HOOK]
     if not heads and not neurons:  # a pure function of the model's shape: built once
         cfg = model.cfg
         return list(_sublayer_hooks(cfg.n_layers, has_pos_embed(model), bool(cfg.attn_only),
@@ -186,7 +199,9 @@ def dla(
         heads: split attention into heads (else one ``L3 attn`` per layer).
         neurons: split MLPs into neurons.
         cache: an ``ActivationCache`` of ``input`` (then ``input`` must be its tokens and
-            the model is not run).
+            the model is not run), taken with its attention mask; for a left-padded batch it
+            must hold ``blocks.0.attn.hook_pattern``, where that is checked
+            (``needed_hooks(model, ..., left_padded=True)``).
         saes: sae-lens SAEs (d_model-wide hook points) to split into latents, spliced in or
             not.
         padding_side: ``"right"`` or ``"left"`` for a list of strings (None: the
@@ -229,6 +244,7 @@ def dla(
     check_cache(cache, batch.tokens, names)
     if cache_given:
         check_cache_input(model, cache, batch.tokens, selection)
+        check_padded_cache(cache, batch)
     u, const = residual_readout(model, dirs, unembed=unembed)
     keys = getattr(cache, "cache_dict", cache)
     sites = split_sites(model, keys, saes)

@@ -8,6 +8,7 @@ that ``logit = resid_final · u / s + c`` with the norm's scale ``s`` frozen (se
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Union
 
@@ -20,7 +21,7 @@ from tl_lenses.models import check_model
 from tl_lenses.readout.unembed import Unembed
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # fields hold tensors: == compares identity
 class LogitDirections:
     """Directions read off the final norm's output: ``value = norm(resid) · vector + offset``.
 
@@ -94,7 +95,7 @@ def _one_direction(model, unembed: Unembed, item, i: int):
     W_U = unembed.W_U.detach()
     if isinstance(item, Tensor) and item.is_floating_point():
         vectors = item[None] if item.dim() == 1 else item
-        _check_width(model, vectors)
+        _check_width(model, vectors, shape=tuple(item.shape))
         vectors = vectors.detach().to(W_U.device, W_U.dtype, copy=True)
         labels = [f"v{i}"] if item.dim() == 1 else [f"v{i}.{j}" for j in range(len(vectors))]
         return vectors, torch.zeros(len(vectors), device=W_U.device), labels, [None] * len(labels)
@@ -137,7 +138,8 @@ def _output_token(model, unembed: Unembed, token, argument: str) -> int:
                 f"{argument}: a {token.dtype} tensor of shape {tuple(token.shape)} is neither "
                 f"a token id (an int or a 0-d int tensor) nor a direction vector (a float "
                 f"tensor [d_model] or [n, d_model])")
-    if isinstance(token, int) and not isinstance(token, bool):
+    if isinstance(token, numbers.Integral) and not isinstance(token, bool):
+        token = int(token)  # numpy ints too
         if not 0 <= token < unembed.d_vocab:
             raise ValueError(f"{argument} id {token} is outside the output vocabulary "
                              f"[0, {unembed.d_vocab})")
@@ -145,12 +147,13 @@ def _output_token(model, unembed: Unembed, token, argument: str) -> int:
     return single_token(model, token, argument=argument)
 
 
-def _check_width(model, vectors: Tensor) -> None:
+def _check_width(model, vectors: Tensor, shape: tuple | None = None) -> None:
+    """Refuse anything but float ``[n, d_model]`` (``shape``: as the user gave it)."""
     d_model = model.cfg.d_model
     if vectors.dim() != 2 or vectors.shape[-1] != d_model or not vectors.is_floating_point():
         raise ValueError(
             f"direction vectors must be float [d_model={d_model}] or [n, d_model], got "
-            f"{vectors.dtype} {tuple(vectors.shape)}"
+            f"{vectors.dtype} {shape or tuple(vectors.shape)}"
         )
 
 

@@ -114,6 +114,41 @@ def check_cache_input(model, cache, tokens: Tensor, selection) -> None:
                          "model); pass the cache of this input, or cache=None")
 
 
+# The most attention a real query may give a pad key in a cache taken with the mask: zero up
+# to softmax underflow (TL masks with -inf or the dtype's minimum).
+PAD_ATTENTION = 1e-4
+PATTERN_HOOK = "blocks.0.attn.hook_pattern"
+
+
+def check_padded_cache(cache, batch) -> None:
+    """Raise ValueError unless a left-padded batch's ``cache=`` was taken with its mask.
+
+    Without the attention mask each prompt attends to its pads (and TL counts its positions
+    from the first pad), so every value changes while the cache stays a self-consistent
+    forward pass of the same tokens: the other checks pass it. Right padding cannot change
+    a real token (attention is causal). Read at layer 0's attention pattern
+    (``blocks.0.attn.hook_pattern``): the weight real queries give pad keys.
+    """
+    if batch.padding_side != "left" or not batch.padded:
+        return
+    keys = getattr(cache, "cache_dict", cache)
+    pattern = keys.get(PATTERN_HOOK)
+    if pattern is None:
+        raise ValueError(
+            f"cache= of a left-padded batch must hold {PATTERN_HOOK!r}: DLA reads there "
+            "that it was taken with the attention mask (without it each prompt attends to its "
+            "pads and every number changes); add it to the names_filter "
+            "(needed_hooks(model, ..., left_padded=True)), or pass cache=None")
+    mask = batch.mask.to(pattern.device)
+    leak = pattern.float().mul(mask[:, None, :, None]).mul(~mask[:, None, None, :]).amax()
+    if float(leak) > PAD_ATTENTION:
+        raise ValueError(
+            f"cache= was taken without this input's attention mask: at layer 0 real tokens "
+            f"give up to {float(leak):.3g} of their attention to pads; take it with "
+            "run_with_cache(tokens, attention_mask=mask) (or from the strings, padded on the "
+            "left), or pass cache=None")
+
+
 def _cause(model, cache_given: bool) -> str:
     hooked = hooked_points(model)
     if hooked:

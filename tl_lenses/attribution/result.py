@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import numbers
+import operator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
@@ -18,7 +19,7 @@ from tl_lenses.attribution.provenance import ModelStamp, check_source
 from tl_lenses.viz.notebook import NotebookView
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # fields hold tensors: == compares identity
 class DLAResult(NotebookView):
     """Attributions ``values[component, batch, pos, direction]`` with one label per component.
 
@@ -141,15 +142,28 @@ class DLAResult(NotebookView):
         batch, pos, direction = self._cell_index(batch, pos, direction)
         return self.values[:, batch, pos, direction]
 
-    def _cell_index(self, batch, pos, direction) -> tuple[int, int, int]:
-        """Concrete non-negative ``(batch, pos, direction)`` indices (see :meth:`cell`)."""
+    def _requested(self, batch, pos, direction) -> tuple[int, int, int]:
+        """The cell asked for, unset parts from ``focus`` (else ``(0, -1, 0)``), checked.
+
+        ``pos`` keeps its sign (a negative one is resolved per prompt by :meth:`_cell_index`).
+        """
         focus = self.focus or (0, -1, 0)
         chosen = [focus[i] if v is None else v for i, v in enumerate((batch, pos, direction))]
+        out = []
         for name, i, n in zip(("batch", "pos", "direction"), chosen, self.values.shape[1:]):
-            if isinstance(i, bool) or not isinstance(i, numbers.Integral) or not -n <= i < n:
+            try:
+                index = operator.index(i)  # ints, numpy ints, 0-d int tensors; not bools
+            except TypeError:
+                index = None
+            if index is None or isinstance(i, bool) or not -n <= index < n:
                 raise ValueError(f"{name} must be an int in [-{n}, {n}), got {i!r}")
-        batch, pos, direction = (int(i) for i in chosen)
-        batch, direction = batch % self.values.shape[1], direction % self.values.shape[3]
+            out.append(index)
+        batch, pos, direction = out
+        return batch % self.values.shape[1], pos, direction % self.values.shape[3]
+
+    def _cell_index(self, batch, pos, direction) -> tuple[int, int, int]:
+        """Concrete non-negative ``(batch, pos, direction)`` indices (see :meth:`cell`)."""
+        batch, pos, direction = self._requested(batch, pos, direction)
         if pos >= 0:
             return batch, pos, direction
         real = self.mask[batch].nonzero().flatten().tolist()   # the prompt's own cells
@@ -178,7 +192,7 @@ class DLAResult(NotebookView):
         at = self._ranked_cell(batch, pos, direction)
         order = _key(self.values[:, at[0], at[1], at[2]], absolute).argsort(descending=True,
                                                                              stable=True)
-        return replace(self[order], focus=at)
+        return replace(self[order], focus=self._requested(batch, pos, direction))
 
     def top(self, k: int = 10, *, batch: int | None = None, pos: int | None = None,
             direction: int | None = None, absolute: bool = True) -> "DLAResult":
@@ -195,7 +209,7 @@ class DLAResult(NotebookView):
         at = self._ranked_cell(batch, pos, direction)
         k = min(k, len(self))
         order = _key(self.values[:, at[0], at[1], at[2]], absolute).topk(k).indices
-        return replace(self[order], focus=at)
+        return replace(self[order], focus=self._requested(batch, pos, direction))
 
     def items(self, batch: int | None = None, pos: int | None = None,
               direction: int | None = None) -> list[tuple[str, float]]:
@@ -216,6 +230,9 @@ class DLAResult(NotebookView):
             raise ValueError("this result has no per-head components (labels like 'L3H5')")
         n_layers = max(l for _, (l, _) in heads) + 1
         n_heads = max(h for _, (_, h) in heads) + 1
+        if self.source is not None:  # the model's whole grid, even after top() kept a few
+            n_layers, n_heads = max(n_layers, self.source.shape[0]), max(n_heads,
+                                                                       self.source.shape[1])
         matrix = torch.full((n_layers, n_heads), float("nan"))
         column = self.cell(batch, pos, direction)
         for i, (layer, head) in heads:
@@ -275,10 +292,13 @@ class DLAResult(NotebookView):
         return draw(self, path, **cell)
 
     def __repr__(self) -> str:
-        shown = ", ".join(f"{label}={v:+.3g}" for label, v in self.items()[:8])
+        batch, pos, direction = self._cell_index(None, None, None)
+        shown = ", ".join(f"{label}={v:+.3g}" for label, v in
+                          self.items(batch, pos, direction)[:8])
         capped = "" if self.capped_logits is None else "; sums to the pre-cap logits"
         return (f"DLAResult({len(self)} components x batch {self.values.shape[1]} x "
-                f"{len(self.positions)} positions x directions {self.directions}{capped}: "
+                f"{len(self.positions)} positions x directions {self.directions}{capped}; "
+                f"at batch {batch}, positions[{pos}], direction {direction}: "
                 f"{shown}{' ...' if len(self) > 8 else ''})")
 
 

@@ -125,22 +125,28 @@ def paths_table_html(paths: HeadPathResult, k: int = 15, *, batch: int = 0,
     return table_html(["path", "attribution"], rows)
 
 
-def _summary(result: DLAResult, batch: int, direction: int) -> str:
-    pos = len(result.positions) - 1
+def _summary(result: DLAResult, batch: int, pos: int, direction: int) -> str:
     where = int(result.columns[batch, pos])  # the token this prompt read there
     shown = _tokens(result, batch)[where]
-    return (f"<p class='note'>direction {esc(show_text(result.directions[direction]))} at "
-            f"position {result.positions[pos]} ({esc(repr(shown))}): model value "
+    return (f"<p class='note'>prompt {batch}, direction "
+            f"{esc(show_text(result.directions[direction]))} at position "
+            f"{result.positions[pos]} ({esc(repr(shown))}): model value "
             f"{float(result.logits[batch, pos, direction]):+.4f}, sum of parts "
             f"{float(result.total()[batch, pos, direction]):+.4f}, frozen final-norm scale "
             f"{float(result.scale[batch, pos]):.4g}; {len(result)} components.</p>")
 
 
-def sections(result: DLAResult, *, k: int = 20, batch: int = 0, direction: int = 0,
+def sections(result: DLAResult, *, k: int = 20, batch: int | None = None,
+             pos: int | None = None, direction: int | None = None,
              by_position: DLAResult | None = None) -> list[str]:
-    """Summary, head heatmap, top-k bars, attention of the top heads, optional token view."""
-    pos = len(result.positions) - 1
-    out = [_summary(result, batch, direction)]
+    """Summary, head heatmap, top-k bars, attention of the top heads, optional token view.
+
+    The cell shown: ``batch``, ``pos`` (a negative one counts back over the prompt's own
+    cells: -1 is its last token) and ``direction``; unset ones come from the cell the result
+    was ranked by (``top``/``sort``), else prompt 0's last token along direction 0.
+    """
+    batch, pos, direction = result._ranked_cell(batch, pos, direction)
+    out = [_summary(result, batch, pos, direction)]
     try:
         out += ["<h2>Heads</h2>", head_heatmap_html(result, batch=batch, pos=pos,
                                                     direction=direction)]
@@ -162,22 +168,31 @@ def sections(result: DLAResult, *, k: int = 20, batch: int = 0, direction: int =
 
 
 def notebook_view(result: DLAResult, full: bool = False, *, k: int | None = None,
-                  batch: int = 0, direction: int = 0) -> str:
-    """The inline view: summary, heads, top components (12 inline, 20 in full), attention."""
+                  batch: int | None = None, pos: int | None = None,
+                  direction: int | None = None) -> str:
+    """The inline view: summary, heads, top components (12 inline, 20 in full), attention.
+
+    The cell shown as in :func:`sections`.
+    """
     k = k or (20 if full else 12)
     by_position = result if full and result.positions == list(range(result.tokens.shape[1])) \
         and len(result.positions) > 1 else None
-    return "".join(sections(result, k=k, batch=batch, direction=direction,
+    return "".join(sections(result, k=k, batch=batch, pos=pos, direction=direction,
                             by_position=by_position))
 
 
 def report_html(result: DLAResult, *, title: str = "Direct logit attribution",
                 by_position: DLAResult | None = None,
-                paths: HeadPathResult | None = None, k: int = 20, batch: int = 0,
-                direction: int = 0) -> str:
-    """A full page: summary, head heatmap, top-k bars, optional token view and path table."""
-    body = sections(result, k=k, batch=batch, direction=direction, by_position=by_position)
+                paths: HeadPathResult | None = None, k: int = 20, batch: int | None = None,
+                pos: int | None = None, direction: int | None = None) -> str:
+    """A full page: summary, head heatmap, top-k bars, optional token view and path table.
+
+    The cell shown as in :func:`sections` (the path table: that prompt and direction).
+    """
+    body = sections(result, k=k, batch=batch, pos=pos, direction=direction,
+                    by_position=by_position)
     if paths is not None:
+        batch, _, direction = result._ranked_cell(batch, pos, direction)
         body += [f"<h2>Top paths through heads (destination {paths.position})</h2>",
                  paths_table_html(paths, k, batch=batch, direction=direction)]
     return page(title, *body)
