@@ -100,7 +100,7 @@ def test_views_show_a_prompts_own_last_token_and_follow_the_ranked_cell(tiny_mod
     assert not result.mask[0, -1]
     html = result._repr_html_()
     value = float(result.logits[0, 0, 0])
-    assert f"prompt 0, direction" in html and f"model value {value:+.4f}" in html
+    assert "prompt 0, direction" in html and f"model value {value:+.4f}" in html
     second = float(result.logits[1, 3, 0])
     assert f"model value {second:+.4f}" in result.to_html(batch=1, pos=3)
     ranked = result.top(3, batch=1)
