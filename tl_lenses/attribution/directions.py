@@ -110,10 +110,7 @@ def _one_direction(model, unembed: Unembed, item, i: int):
                 "difference is identically 0"
             )
         label = _token_label(model, a, b)
-        if unembed.b_U is None:
-            offset = torch.zeros(1, device=W_U.device)
-        else:
-            offset = _bias(unembed, a) - _bias(unembed, b)
+        offset = _bias(unembed, a) - _bias(unembed, b)
         # select: the cheapest column read (a view); the difference is a new tensor
         return (W_U.select(1, a) - W_U.select(1, b))[None], offset, [label], [(a, b)]
     token = _output_token(model, unembed, item, "directions")

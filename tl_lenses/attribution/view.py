@@ -189,10 +189,10 @@ def report_html(result: DLAResult, *, title: str = "Direct logit attribution",
 
     The cell shown as in :func:`sections` (the path table: that prompt and direction).
     """
+    batch, pos, direction = result._ranked_cell(batch, pos, direction)  # once, for both
     body = sections(result, k=k, batch=batch, pos=pos, direction=direction,
                     by_position=by_position)
     if paths is not None:
-        batch, _, direction = result._ranked_cell(batch, pos, direction)
         body += [f"<h2>Top paths through heads (destination {paths.position})</h2>",
                  paths_table_html(paths, k, batch=batch, direction=direction)]
     return page(title, *body)
