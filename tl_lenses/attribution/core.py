@@ -50,7 +50,6 @@ from tl_lenses.attribution.directions import (
 from tl_lenses.attribution.identity import (
     PATTERN_HOOK,
     check_cache_input,
-    check_padded_cache,
     check_parts_sum,
     parts_add_up,
 )
@@ -243,8 +242,7 @@ def dla(
         cache = run_cache(model, batch, [*names, *split_hooks(model, saes)])
     check_cache(cache, batch.tokens, names)
     if cache_given:
-        check_cache_input(model, cache, batch.tokens, selection)
-        check_padded_cache(cache, batch)
+        check_cache_input(model, cache, batch, selection)
     u, const = residual_readout(model, dirs, unembed=unembed)
     keys = getattr(cache, "cache_dict", cache)
     sites = split_sites(model, keys, saes)

@@ -81,14 +81,20 @@ def _eps(dtype: torch.dtype) -> float:
 SAME_TOKEN_COSINE = 0.5
 
 
-def check_cache_input(model, cache, tokens: Tensor, selection) -> None:
-    """Raise ValueError unless a given ``cache`` was recorded on ``tokens``.
+def check_cache_input(model, cache, batch, selection) -> None:
+    """Raise ValueError unless a given ``cache`` was recorded on ``batch`` (a ``Batch``).
 
     The parts-sum check cannot see a cache of *other* tokens of the same shape: it is a
     self-consistent forward pass. So at the cells DLA reads (``selection``), the cached
-    ``hook_embed`` must point along each token's own ``W_E`` row, and be ``d_model`` wide.
-    About eight small tensor ops: DLA from a cache is a few hundred microseconds.
+    ``hook_embed`` must point along each token's own ``W_E`` row, and be ``d_model`` wide
+    (about eight small tensor ops: DLA from a cache is a few hundred microseconds); and a
+    left-padded batch's cache must have been taken with its mask (:func:`check_padded_cache`).
     """
+    _check_embeddings(model, cache, batch.tokens, selection)
+    check_padded_cache(cache, batch)
+
+
+def _check_embeddings(model, cache, tokens: Tensor, selection) -> None:
     embed = cache["hook_embed"]
     if embed.shape[-1] != model.cfg.d_model:
         raise ValueError(f"cache= is of a model with d_model={embed.shape[-1]}, not this "

@@ -44,7 +44,7 @@ from tl_lenses.attribution.core import (
     parse_head_label,
     residual_readout,
 )
-from tl_lenses.attribution.identity import check_cache_input, check_padded_cache, check_paths
+from tl_lenses.attribution.identity import check_cache_input, check_paths
 from tl_lenses.attribution.norms import sublayer_norm
 from tl_lenses.attribution.provenance import ModelStamp, check_source, stamp
 from tl_lenses.hooks import final_resid_name, run_cache, spliced_sites
@@ -332,8 +332,7 @@ def head_path_dla(
         _check_patterns(model, cache, last)
     check_cache(cache, tokens, names)
     if cache_given:
-        check_cache_input(model, cache, tokens, batch.select(None))
-        check_padded_cache(cache, batch)
+        check_cache_input(model, cache, batch, batch.select(None))
     u, _ = residual_readout(model, dirs)
     s_f = _final_scale(model, cache, selection)[:, 0].to(u.device)
     sources, values = _all_paths(model, cache, chosen, dest, u, s_f, last)
