@@ -71,9 +71,10 @@ def model_device(model, *, argument: str = "model") -> torch.device:
     """
     configured = getattr(model.cfg, "device", None)
     devices = _devices(model)
-    if len(devices) != 1 or not _fine(devices, configured):
-        # Before an error, look again: a module may have left the tree since it was cached.
-        devices = _devices(model, fresh=True)
+    if len(devices) == 1 and _fine(devices, configured):
+        return devices.pop()  # the usual case: nothing more to check
+    # Before an error, look again: a module may have left the tree since it was cached.
+    devices = _devices(model, fresh=True)
     if not devices:
         return torch.device(configured or "cpu")
     if len(devices) > 1:

@@ -252,9 +252,8 @@ def dla(
     else:  # whole sublayers only: one stack, one projection (same numbers)
         labels, values = sublayer_parts(model, keys, selection, u)
     scale = _final_scale(model, cache, selection).to(u.device)
-    values = values.div_(scale[None, :, :, None])
-    bias = const[None, None, None, :].expand(1, *values.shape[1:])
-    values = torch.cat([values, bias])
+    values = values.div_(scale.unsqueeze(-1))                 # [batch, pos, 1] broadcasts
+    values = torch.cat([values, const.expand(1, *values.shape[1:])])   # the b_U row
     resid = selection.gather(cache[flowing_name(keys, final_resid_name(model))]).float()
     logits = _own_logits(unembed, resid, resid @ u, const)
     capped = _capped_logits(unembed, resid, dirs)
@@ -446,7 +445,7 @@ def neuron_terms(
 
 
 def _own_logits(
-    unembed: Unembed, resid: Float[Tensor, "batch pos d_model"],
+    unembed: Unembed, resid: Float[Tensor, "batch pos d_model"],  # float32
     resid_u: Float[Tensor, "batch pos direction"], const: Float[Tensor, " direction"],
 ) -> Float[Tensor, "batch pos direction"]:
     """The model's own (pre-cap) value along each direction, from the final residual.
@@ -459,11 +458,10 @@ def _own_logits(
     """
     if unembed.kind == "none":
         return resid_u + const
-    x = resid.float()
     if unembed.kind == "layernorm":   # the variance about the mean: LayerNorm's centering
-        variance = x.var(-1, unbiased=False, keepdim=True)
+        variance = resid.var(-1, unbiased=False, keepdim=True)
     else:
-        variance = x.pow(2).mean(-1, keepdim=True)
+        variance = resid.square().mean(-1, keepdim=True)
     return torch.addcmul(const, resid_u, variance.add_(unembed.eps).rsqrt_())
 
 

@@ -67,7 +67,7 @@ def logit_directions(model, directions: DirectionSpec, *,
     parts = [_one_direction(model, unembed, item, i) for i, item in enumerate(items)]
     if len(parts) == 1:  # the usual case: no concatenation (the parts are fresh tensors)
         vectors, offset, labels, pairs = parts[0]
-        return LogitDirections(vectors.float(), offset.float(), list(labels), tuple(pairs))
+        return LogitDirections(_float32(vectors), _float32(offset), list(labels), tuple(pairs))
     return LogitDirections(
         torch.cat([p[0] for p in parts]).float(),
         torch.cat([p[1] for p in parts]).float(),
@@ -112,7 +112,7 @@ def _one_direction(model, unembed: Unembed, item, i: int):
         label = _token_label(model, a, b)
         offset = _bias(unembed, a) - _bias(unembed, b)
         # select: the cheapest column read (a view); the difference is a new tensor
-        return (W_U.select(1, a) - W_U.select(1, b))[None], offset, [label], [(a, b)]
+        return (W_U.select(1, a) - W_U.select(1, b)).unsqueeze(0), offset, [label], [(a, b)]
     token = _output_token(model, unembed, item, "directions")
     return W_U.select(1, token)[None].clone(), _bias(unembed, token).clone(), \
         [_token_label(model, token)], [(token, -1)]
@@ -144,6 +144,11 @@ def _output_token(model, unembed: Unembed, token, argument: str) -> int:
     return single_token(model, token, argument=argument)
 
 
+def _float32(tensor: Tensor) -> Tensor:
+    """``tensor.float()``, without a dispatch when it is float32 already (DLA's hot path)."""
+    return tensor if tensor.dtype == torch.float32 else tensor.float()
+
+
 def _check_width(model, vectors: Tensor, shape: tuple | None = None) -> None:
     """Refuse anything but float ``[n, d_model]`` (``shape``: as the user gave it)."""
     d_model = model.cfg.d_model
@@ -164,9 +169,11 @@ def residual_readout(
     in :func:`logit_directions`.
     """
     unembed = unembed if unembed is not None else Unembed.from_model(model)
-    vectors = directions.vectors.to(unembed.W_U.device, torch.float32)
+    vectors = directions.vectors
+    if vectors.device != unembed.W_U.device or vectors.dtype != torch.float32:
+        vectors = vectors.to(unembed.W_U.device, torch.float32)
     if unembed.weight is not None:
-        u = vectors.T * unembed.weight.detach().float().unsqueeze(1)   # a new tensor
+        u = vectors.T * _float32(unembed.weight.detach()).unsqueeze(1)   # a new tensor
     else:
         u = vectors.T.clone()
     const = directions.offset.to(u.device, torch.float32, copy=True)

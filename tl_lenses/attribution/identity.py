@@ -47,7 +47,7 @@ def parts_add_up(values: Tensor, logits: Tensor, *, dtype: torch.dtype) -> bool:
     :func:`check_parts_sum`'s test in one pass for the usual case (no pads): False also
     where any part is NaN or inf, which the caller then handles cell by cell.
     """
-    error = values.sum(0).sub_(logits.to(values.device)).abs_()
+    error = values.sum(0).sub_(logits).abs_()  # (logits on values' device: the caller's)
     bound = torch.linalg.vector_norm(values, 1, dim=0).mul_(TOLERANCE * _eps(dtype))
     return bool((error <= bound).all())
 
@@ -106,7 +106,12 @@ def _check_embeddings(model, cache, tokens: Tensor, selection) -> None:
     else:
         cached = selection.gather(embed)                                     # [batch, n, d]
         ids = tokens.gather(1, selection.columns.to(tokens.device))
-    own = W_E[ids.to(W_E.device)].to(cached.device, cached.dtype)
+    if ids.device != W_E.device:  # (a Batch built elsewhere)
+        ids = ids.to(W_E.device)
+    # index_select: the rows without advanced indexing's argument parsing
+    own = W_E.index_select(0, ids if ids.dim() == 1 else ids.flatten()).view(cached.shape)
+    if own.dtype != cached.dtype or own.device != cached.device:
+        own = own.to(cached.device, cached.dtype)
     if torch.equal(cached, own):
         return  # the embeddings themselves (no scale): one comparison, no cosine
     off = torch.nn.functional.cosine_similarity(cached, own, dim=-1) < SAME_TOKEN_COSINE
