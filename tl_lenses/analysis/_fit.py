@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
+from tl_lenses._autograd import needs_autograd
 from tl_lenses.analysis._stream import batches, cached, check_positive, frozen_unembed
 from tl_lenses.hooks import final_resid_name
 
@@ -96,6 +97,7 @@ class FitConfig:
     progress: bool = True
 
 
+@needs_autograd
 def fit(model, tokens: Int[Tensor, "batch pos"], lens: nn.Module, hook_names: Sequence[str],
         objective: str, config: FitConfig) -> list[float]:
     """Train ``lens``'s translators at ``hook_names`` on ``objective``; the per-step mean loss.

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from tl_lenses._autograd import needs_autograd
 from tl_lenses.analysis._stream import batches, check_positive, check_tokens
 from tl_lenses.viz.notebook import NotebookView
 
@@ -82,6 +83,7 @@ class AlignmentResult(NotebookView):
         return alignment_png(self, path)
 
 
+@needs_autograd
 def gradient_alignment(model, tokens: Int[Tensor, "batch pos"], *, bins: int = 100,
                        batch_size: int = 4, progress: bool = True) -> AlignmentResult:
     """Cosine between each sublayer's update and the negative loss gradient, per block.

@@ -18,6 +18,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from tl_lenses._autograd import needs_autograd
 from tl_lenses.analysis._fit import METRICS, OBJECTIVES, FitConfig, evaluate, fit
 from tl_lenses.analysis._stream import check_tokens, spearman
 from tl_lenses.hooks import resid_names, short_label
@@ -84,6 +85,7 @@ class ObjectivesResult(NotebookView):
                                 "Lenses trained with each objective (held-out)")
 
 
+@needs_autograd
 def compare_objectives(
     model, train: Int[Tensor, "batch pos"], held_out: Int[Tensor, "_batch _pos"], *,
     objectives: Sequence[str] = DEFAULT_OBJECTIVES, kinds: Sequence[str] = ("bias", "affine"),

@@ -18,6 +18,7 @@ from typing import Sequence
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from tl_lenses._autograd import needs_autograd
 from tl_lenses.analysis._fit import FitConfig, Translators, evaluate, fit
 from tl_lenses.analysis._stream import check_tokens
 from tl_lenses.hooks import final_resid_name, resid_names, short_label
@@ -74,6 +75,7 @@ class RetrainedResult(NotebookView):
                                 "Decoders: logit lens, tuned lens, retrained on the data")
 
 
+@needs_autograd
 def retrained_decoders(
     model, train: Int[Tensor, "batch pos"], held_out: Int[Tensor, "_batch _pos"], *,
     tuned: TunedLens | None = None, layers: Sequence[int] | None = None,

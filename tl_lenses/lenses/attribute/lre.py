@@ -30,6 +30,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from tl_lenses._autograd import needs_autograd
 from tl_lenses.hooks import final_resid_name, flowing_name, resid_names, resolve_layer
 from tl_lenses.inputs import to_tokens
 from tl_lenses.lenses.attribute.relations import (
@@ -177,6 +178,7 @@ def subject_position(model, prompt: str, subject: str) -> tuple[Int[Tensor, "bat
     return tokens, n - 1
 
 
+@needs_autograd
 def relation_jacobian(model, prompt: str, subject: str, layer: int, *,
                       method: str = "auto") -> JacobianSample:
     """``s``, ``z`` and ``dz/ds`` for one prompt (see the module docstring for s, z, l).
@@ -280,6 +282,7 @@ def lre_from_jacobians(samples: Sequence[JacobianSample], *, beta: float = 1.0,
     return LRE(jac.mean(0).to(dtype), bias.to(dtype), beta=float(beta), **fields)
 
 
+@needs_autograd
 def estimate_lre(
     model, relation: Relation | str, layer: int, *, n: int | None = None,
     train: Sequence[Sample] | None = None,

@@ -35,6 +35,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from tl_lenses import devices
+from tl_lenses._autograd import needs_autograd
 from tl_lenses.lenses.tuned.budget import Clock
 from tl_lenses.lenses.tuned.checks import check_training
 from tl_lenses.lenses.tuned.config import REFERENCE_LR, TrainConfig, TrainResult, _optimizer
@@ -51,6 +52,7 @@ __all__ = ["TrainConfig", "TrainResult", "train_tuned_lens", "Moments", "kl_back
            "residuals", "REFERENCE_LR", "_optimizer", "Unembed"]
 
 
+@needs_autograd
 def train_tuned_lens(model, tokens: Int[Tensor, "batch pos"] | TokenStream | TensorRows,
                      lens: TunedLens | None = None, *, config: TrainConfig | None = None,
                      callback: Callable[[int, float, TunedLens], None] | None = None,
