@@ -355,3 +355,43 @@ def test_int_tensor_directions_are_token_ids_or_refused_naming_both_forms(tiny_m
     with pytest.raises(TypeError, match=r"neither a token id .* nor a direction vector "
                                         r"\(a float tensor"):
         dla(tiny_model, PROMPT, vector)
+
+
+# --- training mode --------------------------------------------------------------------------
+
+def test_a_bridge_in_training_mode_is_refused_and_left_as_it_was():
+    """Dropout (GPT-2's default 0.1) makes every pass random: refused, as TL 4.3's tools do."""
+    from tl_lenses.tiny_families import tiny_family_bridge
+
+    model = tiny_family_bridge("gpt2")
+    evaluated = tll.logit_lens(model, "hello world", k=3)
+    model.train()
+    for call in (lambda: tll.logit_lens(model, "hello world", k=3),
+                 lambda: dla(model, "hello world", ("a", "b")),
+                 lambda: tll.patchscope(model, "hello world", "abc x", source_layer=1,
+                                        target_layer=1)):
+        with pytest.raises(ValueError, match=r"training mode.*model\.eval\(\)"):
+            call()
+    assert model.training  # refused, not switched behind the user's back
+    assert_no_hooks(model)
+    model.eval()
+    again = tll.logit_lens(model, "hello world", k=3)
+    torch.testing.assert_close(again.top_probs, evaluated.top_probs, rtol=0, atol=0)
+
+
+@pytest.mark.hooked
+def test_a_hooked_transformer_in_training_mode_is_refused_only_where_it_matters():
+    """TL 3.x's HookedTransformer has no dropout: training mode (a fresh nn.Module's) changes
+    nothing unless log-n attention or dynamic NTK RoPE read it."""
+    model = tiny_hooked("llama-gqa")
+    evaluated = tll.logit_lens(model, "hello world", k=3)
+    model.train()
+    trained_mode = tll.logit_lens(model, "hello world", k=3)
+    torch.testing.assert_close(trained_mode.top_probs, evaluated.top_probs, rtol=0, atol=0)
+    for flag in ("use_logn_attn", "use_dynamic_ntk_rope"):
+        setattr(model.cfg, flag, True)
+        try:
+            with pytest.raises(ValueError, match="log-n attention scaling"):
+                tll.logit_lens(model, "hello world", k=3)
+        finally:
+            setattr(model.cfg, flag, False)
