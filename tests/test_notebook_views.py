@@ -75,6 +75,20 @@ def test_every_result_renders_inline_offline(results, name):
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_repr_is_one_short_line_naming_the_fields(results, name):
+    """A console or print() shows a summary, not every tensor and token (the dataclass repr
+    of a lens over 8 x 500 tokens was ~68k characters)."""
+    import dataclasses
+
+    result = results[name]
+    text = repr(result)
+    assert text.startswith(type(result).__name__ + "(") and "\n" not in text
+    assert len(text) < 1200 and "tensor(" not in text
+    if type(result).__repr__ is tll.viz.notebook.NotebookView.__repr__:
+        assert all(f"{f.name}=" in text for f in dataclasses.fields(result) if f.repr)
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_show_outside_a_kernel_says_how_to_see_it(results, name, caplog):
     with caplog.at_level(logging.WARNING, logger="tl_lenses"):
         assert results[name].show() is None

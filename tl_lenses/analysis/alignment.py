@@ -31,7 +31,7 @@ from tl_lenses.viz.notebook import NotebookView
 SUBLAYERS = ("attn", "mlp", "both")
 
 
-@dataclass
+@dataclass(repr=False)
 class AlignmentResult(NotebookView):
     """Cosine(update, -gradient) per sublayer (:data:`SUBLAYERS`) and block, over tokens.
 

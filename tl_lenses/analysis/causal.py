@@ -45,7 +45,7 @@ INTERVENTIONS = ("top-token", "resample")
 EFFECTS = ("lens_kl", "model_kl", "lens_drop", "model_drop")
 
 
-@dataclass
+@dataclass(repr=False)
 class CausalResult(NotebookView):
     """Per lens and layer: the effects of the intervention on the lens and on the model.
 

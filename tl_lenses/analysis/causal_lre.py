@@ -35,7 +35,7 @@ from tl_lenses.viz.notebook import NotebookView
 DEFAULT_RANKS = (2, 4, 8, 16, 32, 64, 128, 256)
 
 
-@dataclass
+@dataclass(repr=False)
 class LRECausalityResult(NotebookView):
     """Causality per operator (``"jacobian"`` = the LRE, ``"identity"``, ``"least squares"``).
 

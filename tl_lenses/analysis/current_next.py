@@ -36,7 +36,7 @@ GROUPS = ("current", "next", "copy", "novel")
 STATS = ("prob", "rank", "top1")
 
 
-@dataclass
+@dataclass(repr=False)
 class CurrentNextResult(NotebookView):
     """``stats[lens][f"{group}_{stat}"]``: a ``[layer]`` tensor of means over tokens.
 

@@ -32,7 +32,7 @@ from tl_lenses.readout.fingerprint import check_lens
 from tl_lenses.viz.notebook import NotebookView
 
 
-@dataclass
+@dataclass(repr=False)
 class DriftResult(NotebookView):
     """Layer x layer similarities of the residual stream (``n_layers + 1`` rows).
 

@@ -29,7 +29,7 @@ from tl_lenses.viz.notebook import NotebookView
 DEFAULT_OBJECTIVES = ("kl", "mse_logits", "mse_resid", "cosine")
 
 
-@dataclass
+@dataclass(repr=False)
 class ObjectivesResult(NotebookView):
     """Held-out metrics per lens (``"objective / kind"``, plus ``"logit lens"``) and layer.
 

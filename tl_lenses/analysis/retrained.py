@@ -28,7 +28,7 @@ from tl_lenses.readout.fingerprint import check_lens
 from tl_lenses.viz.notebook import NotebookView
 
 
-@dataclass
+@dataclass(repr=False)
 class RetrainedResult(NotebookView):
     """Held-out metrics per lens (``"logit lens"``, ``"tuned lens"``, ``"retrained"``) and layer.
 

@@ -267,7 +267,7 @@ def _stack(new: list[Tensor], batch: int, device) -> Tensor:
     return torch.cat(new, dim=1)
 
 
-@dataclass
+@dataclass(repr=False)
 class PatchscopeResult(NotebookView):
     """One patched run: what was read, what was written, and what the target then said.
 

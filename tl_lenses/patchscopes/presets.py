@@ -59,7 +59,7 @@ def placeholder_position(model, prompt: str, placeholder: str, *,
 
 # --- token identity ----------------------------------------------------------------------
 
-@dataclass
+@dataclass(repr=False)
 class TokenIdentityResult(NotebookView):
     """Per source layer (rows ``layer``) and source position: patched vs lens decodings.
 
@@ -163,7 +163,7 @@ def _score(top1: Tensor, final_top1: Tensor, final_logprobs: Tensor):
 
 # --- generations: entity description, attribute extraction, chain of thought ------------
 
-@dataclass
+@dataclass(repr=False)
 class GenerationTable(NotebookView):
     """One generation per source layer (the paper's "Diana, Princess of Wales" table)."""
 
@@ -207,7 +207,7 @@ def entity_description(
                            target_prompt)
 
 
-@dataclass
+@dataclass(repr=False)
 class AttributeResult(NotebookView):
     """Success rate over samples for each (source layer, target layer) pair."""
 

@@ -37,7 +37,7 @@ from tl_lenses.patchscopes.core import (
 from tl_lenses.viz.notebook import NotebookView
 
 
-@dataclass
+@dataclass(repr=False)
 class SweepResult(NotebookView):
     """One row per case (axis ``case``): where h came from, where it went, what came out.
 

@@ -17,7 +17,7 @@ from tl_lenses.readout.view import STATISTICS
 from tl_lenses.viz.notebook import NotebookView
 
 
-@dataclass
+@dataclass(repr=False)
 class LensResult(NotebookView):
     """A lens readout over hook points (``layer``) and token positions.
 

@@ -28,7 +28,7 @@ from tl_lenses.sae.latents import decoder_rows, sae_site, site_prefix
 from tl_lenses.viz.notebook import NotebookView
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class LatentLensResult(NotebookView):
     """Top and bottom tokens of each latent's decoder row, read through one lens.
 

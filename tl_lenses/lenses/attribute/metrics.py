@@ -74,7 +74,7 @@ class SubjectStates:
         return self.s[self.layers.index(layer)]
 
 
-@dataclass
+@dataclass(repr=False)
 class Score(NotebookView):
     """One row of a metrics table."""
 
@@ -247,7 +247,7 @@ def score(model, lre: LRE, train_states: SubjectStates, test_states: SubjectStat
                   int(keep.sum()), len(pairs)) for op in operators]
 
 
-@dataclass
+@dataclass(repr=False)
 class Sweep(NotebookView):
     """Rows of :class:`Score` from a sweep (the LRE and its baselines)."""
 

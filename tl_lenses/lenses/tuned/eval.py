@@ -66,7 +66,7 @@ class LayerMetrics:
         return float(self.kl[:-1].mean()) if len(self.kl) > 1 else float(self.kl.mean())
 
 
-@dataclass
+@dataclass(repr=False)
 class LensEvaluation(NotebookView):
     """Per-layer metrics of several lenses on the same held-out tokens."""
 
