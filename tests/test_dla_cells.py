@@ -148,3 +148,22 @@ def test_numpy_token_ids_and_the_shape_a_user_gave_in_messages(tiny_model):
     assert torch.equal(by_numpy.values, dla(tiny_model, "ab", (a, b), heads=False).values)
     with pytest.raises(ValueError, match=r"got torch.float32 \(33,\)"):
         dla(tiny_model, "ab", torch.ones(33))
+
+
+def test_a_report_refuses_companions_of_another_input_or_direction(tiny_model):
+    """by_position / paths are drawn as explaining the result: they must share its input."""
+    from tl_lenses.attribution.paths import head_path_dla
+
+    prompt = "ab cd ef"
+    result = dla(tiny_model, prompt, PAIR)
+    same = dla(tiny_model, prompt, PAIR, positions=None)
+    paths = head_path_dla(tiny_model, prompt, PAIR, heads=["L1H0"])
+    assert "Top paths" in result.to_html(by_position=same, paths=paths)
+    for kw, what in [({"by_position": dla(tiny_model, "xy zw uv", PAIR, positions=None)},
+                      "by_position is a result for other tokens"),
+                     ({"by_position": dla(tiny_model, prompt, ("c", "d"), positions=None)},
+                      "by_position attributes directions"),
+                     ({"paths": head_path_dla(tiny_model, "a", PAIR, heads=["L1H0"])},
+                      "paths is a result for other tokens")]:
+        with pytest.raises(ValueError, match=what):
+            result.to_html(**kw)

@@ -96,3 +96,18 @@ def test_command_line_target_id_reads_that_token(tmp_path, monkeypatch):
     assert (seen[0].target_ids == 7).all()
     with pytest.raises(SystemExit):  # argparse: not allowed with --target
         cli.main(["logit-lens", "hello", "--target", "next", "--target-id", "7"])
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_a_shorter_prompt_of_a_padded_batch_draws_only_its_own_positions(side, tmp_path):
+    model = tiny_default("gpt2", n_ctx=64)
+    result = tll.logit_lens(model, ["hi", "hello world"], padding_side=side)
+    for batch in (0, 1):
+        values, text, _, rows, cols = grid_cells(result, "prob", batch, "top1")
+        n_real = int(result.mask[batch].sum())
+        assert len(cols) == n_real and cols == [show_token(t) for t in
+                                                result.str_tokens_at(batch)[:n_real]]
+        assert all(len(row) == n_real for row in values + text)
+    # the full width stays reachable explicitly
+    assert len(grid_cells(result, "prob", 0, "top1", columns=range(11))[4]) == 11
+    assert result.save_png(tmp_path / "short.png", batch=0).stat().st_size > 0

@@ -131,9 +131,10 @@ def _summary(result: DLAResult, batch: int, pos: int, direction: int) -> str:
     return (f"<p class='note'>prompt {batch}, direction "
             f"{esc(show_text(result.directions[direction]))} at position "
             f"{result.positions[pos]} ({esc(repr(shown))}): model value "
-            f"{float(result.logits[batch, pos, direction]):+.4f}, sum of parts "
-            f"{float(result.total()[batch, pos, direction]):+.4f}, frozen final-norm scale "
-            f"{float(result.scale[batch, pos]):.4g}; {len(result)} components.</p>")
+            f"{float(result.logits[batch, pos, direction]):+.4f}, sum of the {len(result)} "
+            f"components here {float(result.total()[batch, pos, direction]):+.4f} (equal "
+            f"when all are kept, not after heads() or top()), frozen final-norm scale "
+            f"{float(result.scale[batch, pos]):.4g}.</p>")
 
 
 def sections(result: DLAResult, *, k: int = 20, batch: int | None = None,
@@ -188,7 +189,14 @@ def report_html(result: DLAResult, *, title: str = "Direct logit attribution",
     """A full page: summary, head heatmap, top-k bars, optional token view and path table.
 
     The cell shown as in :func:`sections` (the path table: that prompt and direction).
+
+    Raises:
+        ValueError: ``by_position`` or ``paths`` is a result for other tokens or other
+            directions than ``result`` (they would be drawn as if they explained it).
     """
+    for argument, other in (("by_position", by_position), ("paths", paths)):
+        if other is not None:
+            _check_same_input(result, other, argument)
     batch, pos, direction = result._ranked_cell(batch, pos, direction)  # once, for both
     body = sections(result, k=k, batch=batch, pos=pos, direction=direction,
                     by_position=by_position)
@@ -196,6 +204,18 @@ def report_html(result: DLAResult, *, title: str = "Direct logit attribution",
         body += [f"<h2>Top paths through heads (destination {paths.position})</h2>",
                  paths_table_html(paths, k, batch=batch, direction=direction)]
     return page(title, *body)
+
+
+def _check_same_input(result: DLAResult, other, argument: str) -> None:
+    """Refuse a companion result of other tokens or directions than ``result``."""
+    if not (other.tokens.shape == result.tokens.shape
+            and torch.equal(other.tokens.cpu(), result.tokens.cpu())):
+        raise ValueError(f"{argument} is a result for other tokens than the DLA result "
+                         f"(shapes {tuple(other.tokens.shape)} and "
+                         f"{tuple(result.tokens.shape)}); compute it on the same input")
+    if list(other.directions) != list(result.directions):
+        raise ValueError(f"{argument} attributes directions {other.directions}, the DLA "
+                         f"result {result.directions}; compute it for the same directions")
 
 
 def write_report(path, result: DLAResult, **kwargs) -> Path:

@@ -52,10 +52,11 @@ UNITS = {
 MAX_INLINE_POSITIONS = 40  # wider prompts show their last positions inline, all with show()
 
 
-def _columns(result, columns) -> range:
+def _columns(result, columns, batch: int) -> range:
     n = len(result.positions)
-    if columns is None:
-        return range(n)
+    if columns is None:  # up to the prompt's last cell: a shorter prompt's pads are not drawn
+        real = result.mask[batch].nonzero()
+        return range(int(real[-1]) + 1 if len(real) else n)
     if not isinstance(columns, range) or not (0 <= columns.start <= columns.stop <= n):
         raise ValueError(f"columns must be a range inside [0, {n}], got {columns!r}")
     return columns
@@ -64,7 +65,8 @@ def _columns(result, columns) -> range:
 def grid_cells(result: LensResult, statistic: str, batch: int, text: str, columns=None):
     """(values, cell_text, tooltips, row_labels, col_labels), rows top = last layer.
 
-    ``columns``: a ``range`` of position indices to keep (default all).
+    ``columns``: a ``range`` of position indices to keep (default all up to the prompt's
+    last one: a shorter prompt of a padded batch shows no trailing pad columns).
     """
     if statistic not in STATISTICS:
         raise ValueError(f"statistic must be one of {STATISTICS}, got {statistic!r}")
@@ -73,7 +75,7 @@ def grid_cells(result: LensResult, statistic: str, batch: int, text: str, column
     n_batch = result.tokens.shape[0]
     if not isinstance(batch, int) or not 0 <= batch < n_batch:
         raise ValueError(f"batch must be an int in [0, {n_batch}), got {batch!r}")
-    cols = _columns(result, columns)
+    cols = _columns(result, columns, batch)
     values = result.statistic(statistic)[:, batch].cpu()
     tops = result.top_tokens(batch)
     order = list(range(values.shape[0]))[::-1]
