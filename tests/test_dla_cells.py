@@ -167,3 +167,17 @@ def test_a_report_refuses_companions_of_another_input_or_direction(tiny_model):
                       "paths is a result for other tokens")]:
         with pytest.raises(ValueError, match=what):
             result.to_html(**kw)
+
+
+def test_a_report_reads_a_companions_own_index_of_the_direction_shown(tiny_model):
+    from tl_lenses.attribution.paths import head_path_dla
+
+    prompt = "ab cd ef"
+    result = dla(tiny_model, prompt, ["c", PAIR])
+    paths = head_path_dla(tiny_model, prompt, PAIR, heads=["L1H0"])   # PAIR only: index 0
+    by_position = dla(tiny_model, prompt, [PAIR], positions=None)
+    page = result.to_html(by_position=by_position, paths=paths, direction=1)
+    top_path, value = paths.top(1, direction=0).items(0, 0, 0)[0]
+    assert f"{value:+.4f}" in page
+    with pytest.raises(ValueError, match="not .*the direction shown"):
+        result.to_html(paths=paths, direction=0)

@@ -157,14 +157,15 @@ def sections(result: DLAResult, *, k: int = 20, batch: int | None = None,
             top_bars_html(result, k, batch=batch, pos=pos, direction=direction),
             attention_html(result.attention, _tokens(result, batch), batch=batch)]
     if by_position is not None:
+        shown_direction = _companion_direction(result, by_position, "by_position", direction)
         known = set(by_position.labels)
         top = [label for label in result.top(6, batch=batch, pos=pos, direction=direction).labels
                if label != "b_U" and label in known][:5]
         out += ["<h2>Attribution per position</h2>",
                 "<p class='note'>Each token coloured by the sum of all parts at that "
                 "position (the logit there), then by each of the top components.</p>",
-                tokens_html(by_position, batch=batch, direction=direction),
-                tokens_html(by_position, top or None, batch=batch, direction=direction)]
+                tokens_html(by_position, batch=batch, direction=shown_direction),
+                tokens_html(by_position, top or None, batch=batch, direction=shown_direction)]
     return out
 
 
@@ -191,31 +192,33 @@ def report_html(result: DLAResult, *, title: str = "Direct logit attribution",
     The cell shown as in :func:`sections` (the path table: that prompt and direction).
 
     Raises:
-        ValueError: ``by_position`` or ``paths`` is a result for other tokens or other
-            directions than ``result`` (they would be drawn as if they explained it).
+        ValueError: ``by_position`` or ``paths`` is a result for other tokens than
+            ``result``, or lacks the direction shown (they would be drawn as if they
+            explained it).
     """
-    for argument, other in (("by_position", by_position), ("paths", paths)):
-        if other is not None:
-            _check_same_input(result, other, argument)
     batch, pos, direction = result._ranked_cell(batch, pos, direction)  # once, for both
+    path_direction = None if paths is None else _companion_direction(result, paths, "paths",
+                                                                     direction)
     body = sections(result, k=k, batch=batch, pos=pos, direction=direction,
                     by_position=by_position)
     if paths is not None:
         body += [f"<h2>Top paths through heads (destination {paths.position})</h2>",
-                 paths_table_html(paths, k, batch=batch, direction=direction)]
+                 paths_table_html(paths, k, batch=batch, direction=path_direction)]
     return page(title, *body)
 
 
-def _check_same_input(result: DLAResult, other, argument: str) -> None:
-    """Refuse a companion result of other tokens or directions than ``result``."""
+def _companion_direction(result: DLAResult, other, argument: str, direction: int) -> int:
+    """The index in ``other`` of the direction shown; refuse a result of other tokens."""
     if not (other.tokens.shape == result.tokens.shape
             and torch.equal(other.tokens.cpu(), result.tokens.cpu())):
         raise ValueError(f"{argument} is a result for other tokens than the DLA result "
                          f"(shapes {tuple(other.tokens.shape)} and "
                          f"{tuple(result.tokens.shape)}); compute it on the same input")
-    if list(other.directions) != list(result.directions):
-        raise ValueError(f"{argument} attributes directions {other.directions}, the DLA "
-                         f"result {result.directions}; compute it for the same directions")
+    label = result.directions[direction]
+    if label not in other.directions:
+        raise ValueError(f"{argument} attributes directions {other.directions}, not "
+                         f"{label!r}, the direction shown; compute it for that direction")
+    return list(other.directions).index(label)
 
 
 def write_report(path, result: DLAResult, **kwargs) -> Path:
