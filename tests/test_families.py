@@ -106,6 +106,47 @@ def test_unfolded_weights_are_refused_where_folding_is_needed():
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
+def _unprocessed_bridge(family: str):
+    """A Bridge in compatibility mode without weight processing: its norms keep weights."""
+    from tl_lenses._compat import bridge_from_module
+    from tl_lenses.tiny import byte_tokenizer
+
+    model = bridge_from_module(tiny_family_hf(family), BRIDGE_FAMILIES[family][2],
+                               tokenizer=byte_tokenizer(), model_name=family)
+    model.cfg.default_prepend_bos, model.cfg.device = False, "cpu"
+    model.enable_compatibility_mode(disable_warnings=True, no_processing=True)
+    return model.eval()
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_unfolded_bridge_norms_are_refused_naming_the_norm(family):
+    """A Bridge's norm modules stay whether or not they are folded: the weights say which.
+
+    Unprocessed ln1 weights are the same ValueError as on a HookedTransformer (not "the
+    paths do not add up"); the same model with every ln1 a pure normalisation (weight 1,
+    bias 0) is taken, and its paths add up to the heads' DLA (checked inside).
+    """
+    import tl_lenses as tll
+    from tests.conftest import assert_no_hooks
+
+    model = _unprocessed_bridge(family)
+    tokens = tokens_of(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=r"ln1 weights are not folded \(blocks\.0\.ln1.*"
+                                         r"no_processing=True"):
+        tll.head_path_dla(model, tokens, (1, 2), heads=["L1H0"])
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert_no_hooks(model)
+    with torch.no_grad():
+        for block in model.blocks:
+            norm = block.ln1.original_component
+            norm.weight.fill_(1.0)
+            if getattr(norm, "bias", None) is not None:
+                norm.bias.zero_()
+    result = tll.head_path_dla(model, tokens, (1, 2), heads=["L1H0"])
+    assert torch.isfinite(result.values).all()
+
+
 def _calls():
     """Each method's entry point called on ``model`` with valid other arguments."""
     import tl_lenses as tll

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import gc
+import re
 
 import pytest
 import torch
@@ -395,3 +396,49 @@ def test_a_hooked_transformer_in_training_mode_is_refused_only_where_it_matters(
                 tll.logit_lens(model, "hello world", k=3)
         finally:
             setattr(model.cfg, flag, False)
+
+
+# --- messages name hook points as the user hooked them --------------------------------------
+
+
+@pytest.mark.parametrize("name", ["blocks.1.hook_resid_pre", "blocks.1.hook_resid_post"])
+def test_dla_names_a_hooked_point_by_its_tl_name(tiny_model, name):
+    """A Bridge lists one hook point under its own name and TL's alias: DLA's refusal of a
+    residual edit names the alias (``blocks.1.hook_resid_pre``), never ``blocks.1.hook_in``."""
+    tokens = _rows(tiny_model)
+    tiny_model.add_hook(name, _zero_dims)
+    try:
+        with pytest.raises(ValueError, match=rf"hooks on \['{re.escape(name)}'\]"):
+            dla(tiny_model, tokens, PAIR)
+    finally:
+        tiny_model.reset_hooks()
+    assert_no_hooks(tiny_model)
+
+
+@pytest.mark.parametrize("name", ["blocks.1.hook_resid_pre", "blocks.1.hook_resid_mid",
+                                  "blocks.1.hook_resid_post", "blocks.0.hook_attn_out",
+                                  "blocks.0.hook_mlp_out", "hook_embed"])
+def test_patch_hook_names_the_point_as_hooked(tiny_model, name):
+    """patch_hook's out-of-range position names the TL name, as the user hooked it."""
+    from tl_lenses.patchscopes import patch_hook
+
+    hook = patch_hook(torch.zeros(tiny_model.cfg.d_model), 99)
+    with pytest.raises(ValueError, match=rf"outside the 8 positions at {re.escape(name)}$"):
+        tiny_model.run_with_hooks(_rows(tiny_model), fwd_hooks=[(name, hook)])
+    assert_no_hooks(tiny_model)
+
+
+def test_each_hook_points_tl_name_is_a_name_of_that_point(tiny_model):
+    """``tl_names`` (from the model) and ``tl_name`` (from the point's own name) give a name
+    under which ``hook_dict`` holds that very point, and an alias wherever the point has one."""
+    from tl_lenses.hooks import tl_name, tl_names
+
+    hook_dict = tiny_model.hook_dict
+    names = tl_names(hook_dict)
+    for name, point in hook_dict.items():
+        assert hook_dict[names[id(point)]] is point
+        assert hook_dict[tl_name(point.name)] is point
+        if name != point.name:  # the point has an alias: that is what messages use
+            assert names[id(point)] != point.name
+    resid = [n for n in names.values() if re.fullmatch(r"blocks\.\d+\.hook_resid_(pre|post)", n)]
+    assert len(resid) == 2 * tiny_model.cfg.n_layers

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -352,3 +354,144 @@ def test_every_tl_lenses_name_in_the_docs_imports():
             if not (root / path).exists():
                 broken.append(f"{doc.name}: {path}")
     assert not broken
+
+
+# --- a fresh user's inputs: what the cache needs, an LRE for a lens, int-like values ---------
+
+
+def test_a_cache_without_its_input_says_the_input_is_required(tiny_model):
+    tokens = tiny_model.to_tokens("the cat sat", prepend_bos=False)
+    _, cache = tiny_model.run_with_cache(tokens)
+    for call in (lambda: tll.dla(tiny_model, None, [1, 2], cache=cache),
+                 lambda: tll.head_path_dla(tiny_model, None, [1, 2], heads=["L1H0"],
+                                           cache=cache)):
+        _refused(call, TypeError, r"input is required with cache=.*tokens .*the cache was "
+                 "taken on", tiny_model)
+    # and what it says to do works
+    assert tll.dla(tiny_model, tokens, [1, 2], cache=cache).logits.shape == (1, 1, 2)
+
+
+def test_an_lre_where_a_lens_belongs_points_at_the_attribute_lens(tiny_model):
+    from tl_lenses.readout.fingerprint import check_lens
+
+    # (the shared check every lens entry point calls; under the tests' runtime type check
+    # apply_lens's annotation refuses the LRE first)
+    lre = tll.LRE.identity(tiny_model.cfg.d_model)
+    with pytest.raises(TypeError, match=r"got LRE; .*AttributeLens\(lre\).*attribute_lens"):
+        check_lens(tiny_model, lre)
+    wrapped = tll.apply_lens(tiny_model, "ab cd", tll.attribute.AttributeLens(lre))
+    assert torch.equal(wrapped.top_ids, tll.logit_lens(tiny_model, "ab cd").top_ids)
+
+
+def test_a_tuned_lens_of_some_layers_reads_its_own_rows_by_default(tiny_model):
+    """apply_lens and evaluate_lenses default to the rows the lens covers (one function)."""
+    from tl_lenses.readout.apply import lens_rows
+
+    lens = tll.TunedLens.for_model(tiny_model, layers=[1])
+    with torch.no_grad():
+        lens.bias.normal_(generator=torch.manual_seed(0))
+    rows = lens_rows(tiny_model, lens)
+    assert rows == ["blocks.1.hook_resid_pre", f"blocks.{tiny_model.cfg.n_layers - 1}"
+                                               ".hook_resid_post"]
+    default = tll.apply_lens(tiny_model, "ab cd", lens)
+    named = tll.apply_lens(tiny_model, "ab cd", lens, hook_names=rows)
+    assert default.hook_names == rows
+    assert torch.equal(default.top_ids, named.top_ids)
+    assert torch.equal(default.top_probs, named.top_probs)
+    tokens = torch.randint(0, 256, (2, 8), generator=torch.manual_seed(1))
+    assert tll.evaluate_lenses(tiny_model, tokens, {"t": lens}).labels == default.labels
+    # rows it does not cover are still refused, naming what it covers
+    _refused(lambda: tll.apply_lens(tiny_model, "ab cd", lens, layers=[0]), ValueError,
+             r"no translator.*covers \['blocks\.1\.hook_resid_pre'\]", tiny_model)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int32])
+def test_token_ids_of_any_integer_dtype_read_as_the_same_ids(tiny_model, dtype):
+    tokens = torch.randint(1, 100, (2, 6), generator=torch.manual_seed(0))
+    expected = tll.logit_lens(tiny_model, tokens)
+    result = tll.logit_lens(tiny_model, tokens.to(dtype))
+    assert result.tokens.dtype == torch.long and torch.equal(result.tokens, expected.tokens)
+    assert torch.equal(result.top_probs, expected.top_probs)
+    _refused(lambda: tll.logit_lens(tiny_model, tokens.bool()), ValueError,
+             r"int token ids .*got dtype torch\.bool", tiny_model)
+
+
+def test_integer_like_values_are_taken_wherever_ints_are(tiny_model):
+    """numpy integers and 0-d int tensors index like the ints they hold; bools never do."""
+    import numpy as np
+
+    m, text = tiny_model, "abcdef"
+    lens = tll.logit_lens(m, text, positions=[0, 1], layers=[1], target=5)
+    for positions in ([np.int64(0), np.int64(1)], list(np.arange(2)),
+                      [torch.tensor(0), np.int32(1)]):
+        again = tll.logit_lens(m, text, positions=positions, layers=[np.int64(1)],
+                               target=np.int64(5))
+        assert again.positions == [0, 1] and torch.equal(again.top_probs, lens.top_probs)
+        assert torch.equal(again.target_ids, lens.target_ids)
+    assert tll.logit_lens(m, text, positions=torch.tensor(1), target=torch.tensor(5)) \
+        .positions == [1]
+    one = tll.dla(m, text, [1, 2], positions=1)
+    for position in (np.int64(1), torch.tensor(1)):
+        assert torch.equal(tll.dla(m, text, [1, 2], positions=position).logits, one.logits)
+    path = tll.head_path_dla(m, text, [1, 2], heads=[(1, 0)], position=-1)
+    again = tll.head_path_dla(m, text, [1, 2], heads=[(np.int64(1), torch.tensor(0))],
+                              position=np.int64(-1))
+    assert again.heads == path.heads and torch.equal(again.values, path.values)
+    scope = tll.patchscope(m, "ab", "ab", source_layer=1, source_position=-1)
+    again = tll.patchscope(m, "ab", "ab", source_layer=np.int64(1),
+                           source_position=torch.tensor(-1))
+    assert again.source_layer == 1 and torch.equal(again.logits, scope.logits)
+    assert tll.TunedLens.for_model(m, layers=np.int64(1)).hook_names == \
+        tll.TunedLens.for_model(m, layers=[1]).hook_names
+    # a bool is a mistake, not 0 or 1
+    param = r"(parameter '{0}'|{0}\b)"
+    for call, name in [(lambda: tll.logit_lens(m, text, positions=True), "positions"),
+                       (lambda: tll.logit_lens(m, text, positions=[np.True_]), "positions"),
+                       (lambda: tll.logit_lens(m, text, layers=[True]), "layers"),
+                       (lambda: tll.logit_lens(m, text, target=True), "target"),
+                       (lambda: tll.patchscope(m, "ab", "ab", source_layer=True), "source_layer"),
+                       (lambda: tll.head_path_dla(m, text, [1, 2], heads=[(True, 0)]), "heads")]:
+        _refused(call, (TypeError, ValueError), param.format(name), m)
+
+
+@pytest.mark.parametrize("backend", [pytest.param("hooked", marks=pytest.mark.hooked), "bridge"])
+def test_lre_prompts_longer_than_n_ctx_name_n_and_the_largest_that_fits(backend):
+    from tl_lenses.lenses.attribute.lre import _check_prompts_fit
+    from tl_lenses.lenses.attribute.relations import Relation, Sample
+
+    model = _small_ctx("llama-gqa", backend)
+    relation = Relation("toy", ("The {} is",), tuple(
+        Sample(s, o) for s, o in zip(["alpha", "bravo", "charlie", "delta", "echo", "foxtrot"],
+                                     ["one", "two", "three", "four", "five", "six"])))
+    with pytest.raises(ValueError, match=r"few-shot prompts of n=4 training examples .* "
+                                         r"n_ctx=32; pass a smaller n \(n=(\d+) fits\)") as err:
+        tll.estimate_lre(model, relation, layer=1, n=4)
+    fits = int(re.search(r"n=(\d+) fits", str(err.value)).group(1))
+    # the n it names fits and the next one does not
+    train = relation.split(4, seed=0)[0]
+    _check_prompts_fit(model, relation.prompt_templates[0], train[:fits])
+    with pytest.raises(ValueError, match="n_ctx=32"):
+        _check_prompts_fit(model, relation.prompt_templates[0], train[:fits + 1])
+    assert tll.estimate_lre(model, relation, layer=1, n=fits).weight.shape == (32, 32)
+
+
+def test_an_unknown_training_option_is_a_value_error_naming_it(tiny_model):
+    tokens = torch.randint(0, 256, (4, 8), generator=torch.manual_seed(0))
+    _refused(lambda: tll.train_tuned_lens(tiny_model, tokens, stepz=1), ValueError,
+             r"unknown training option\(s\) \['stepz'\].*did you mean 'steps'", tiny_model)
+
+
+def test_rows_longer_than_n_ctx_are_refused_where_they_are_made(short_model):
+    from tl_lenses.streams import TokenStream
+
+    model, text = short_model, ["abcdefgh " * 40]
+    for call in (lambda: tll.token_split(model, texts=text, seq_len=64),
+                 lambda: tll.token_split(model, generate=2, seq_len=64),
+                 lambda: TokenStream(model, texts=text, seq_len=64)):
+        _refused(call, ValueError, r"seq_len=64 is longer than the model's n_ctx=32", model)
+    split = tll.token_split(model, texts=text, seq_len=32, held_out=0.25)
+    assert split.train.shape[1] == 32
+    # rows made elsewhere are refused by training naming seq_len and n_ctx
+    _refused(lambda: tll.train_tuned_lens(model, torch.cat([split.train] * 2, 1), steps=1),
+             ValueError, r"64 tokens long, more than the model's n_ctx=32: pack them with "
+             r"seq_len <= 32", model)

@@ -99,6 +99,20 @@ def dataset_texts(dataset, column: str = "text", limit: int | None = None) -> li
     return [t for t in texts if isinstance(t, str) and t.strip()]
 
 
+def check_seq_len(model, seq_len, *, low: int = 2) -> None:
+    """Refuse a row length below ``low`` or above the model's n_ctx, naming both.
+
+    Rows longer than n_ctx cannot run through the model: refused where they are made,
+    not at the first forward pass that reads them.
+    """
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < low:
+        raise ValueError(f"seq_len must be an int >= {low}, got {seq_len!r}")
+    if seq_len > model.cfg.n_ctx:
+        raise ValueError(f"seq_len={seq_len} is longer than the model's n_ctx="
+                         f"{model.cfg.n_ctx}: no row of it could run; pass seq_len <= "
+                         f"{model.cfg.n_ctx}")
+
+
 def generated_tokens(model, n_rows: int, seq_len: int, *, seed: int = 0,
                      temperature: float = 1.0, batch_size: int = 8) -> Int[Tensor, "batch pos"]:
     """``n_rows`` sequences of ``seq_len`` tokens sampled from ``model`` itself (seeded).
@@ -110,8 +124,7 @@ def generated_tokens(model, n_rows: int, seq_len: int, *, seed: int = 0,
     for name, value in (("n_rows", n_rows), ("seq_len", seq_len), ("batch_size", batch_size)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if seq_len > model.cfg.n_ctx:
-        raise ValueError(f"seq_len={seq_len} exceeds the model's n_ctx={model.cfg.n_ctx}")
+    check_seq_len(model, seq_len, low=1)
     generator = torch.Generator().manual_seed(seed)
     rows = []
     with torch.no_grad():
@@ -180,7 +193,7 @@ def token_split(model, *, paths=None, texts: Sequence[str] | None = None,
         tokens: an int tensor; its rows are treated as documents and repacked.
         dataset: a HF dataset with a ``text`` column (needs ``datasets``).
         generate: a number of rows of the model's own samples, seeded by ``seed``.
-        seq_len: tokens per row.
+        seq_len: tokens per row, at most the model's ``n_ctx``.
         held_out: the fraction of rows held out, in [0, 1).
         seed: the split's (and the samples') seed.
         max_tokens: caps the corpus (after packing, before the split).
@@ -190,7 +203,7 @@ def token_split(model, *, paths=None, texts: Sequence[str] | None = None,
 
     Raises:
         ValueError: naming the argument: none or several sources, too little text for one
-            row, ``seq_len``/``held_out`` out of range.
+            row, ``seq_len`` (2..n_ctx) or ``held_out`` out of range.
         FileNotFoundError: a path that matches no file.
 
     >>> split = token_split(model, texts=["some text " * 40], seq_len=16, held_out=0.25)
@@ -209,8 +222,9 @@ def token_split(model, *, paths=None, texts: Sequence[str] | None = None,
     if generate is not None:
         rows = generated_tokens(model, generate, seq_len, seed=seed)
     else:
-        rows = pack_tokens(_documents(model, paths, texts, tokens, dataset), seq_len,
-                           separator=_separator(model))
+        docs = _documents(model, paths, texts, tokens, dataset)  # checks the source first
+        check_seq_len(model, seq_len)
+        rows = pack_tokens(docs, seq_len, separator=_separator(model))
     if max_tokens is not None:
         rows = rows[: max(2, max_tokens // seq_len)]
     return split_rows(rows, held_out, seed)

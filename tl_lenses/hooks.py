@@ -9,12 +9,14 @@ allows them. Positions are token indices, negative ones counting from the end.
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Protocol, Sequence, runtime_checkable
 
 import torch
 from torch import Tensor
 
+from tl_lenses._ints import as_int, as_ints
 from tl_lenses.inputs import Batch
 
 RESID_KINDS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
@@ -96,6 +98,7 @@ def resolve_layer(model, layer, *, argument: str = "layer",
     """
     n = model.cfg.n_layers
     low = -(n + 1) if negative else 0
+    layer = layer if as_int(layer) is None else as_int(layer)  # numpy ints, 0-d tensors
     if isinstance(layer, bool) or not isinstance(layer, int) or not low <= layer <= n:
         raise ValueError(
             f"{argument} must be an int in [0, n_layers={n}] (0 = embedding, {n} = final "
@@ -112,6 +115,7 @@ def resolve_position(position, n_pos: int, *, argument: str = "position") -> int
     Raises:
         ValueError: naming ``argument``, for a bool, a non-int or an index out of range.
     """
+    position = position if as_int(position) is None else as_int(position)
     if isinstance(position, bool) or not isinstance(position, int) \
             or not -n_pos <= position < n_pos:
         raise ValueError(
@@ -129,8 +133,12 @@ def resolve_positions(n_pos: int, positions, *, argument: str = "positions") -> 
     """
     if positions is None:
         return list(range(n_pos))
-    positions = [positions] if isinstance(positions, int) else list(positions)
-    bad = [p for p in positions if not isinstance(p, int) or not -n_pos <= p < n_pos]
+    given, positions = positions, as_ints(positions)
+    if positions is None:
+        raise ValueError(f"{argument} must be None, an int or ints in [-{n_pos}, {n_pos}), "
+                         f"got {given!r}")
+    bad = [p for p in positions
+           if isinstance(p, bool) or not isinstance(p, int) or not -n_pos <= p < n_pos]
     if bad or not positions:
         raise ValueError(f"{argument} must be non-empty ints in [-{n_pos}, {n_pos}), got {bad}")
     return [p % n_pos for p in positions]
@@ -161,6 +169,63 @@ def run_cache(model, tokens: Tensor | Batch, names: Sequence[str], *, logits: bo
         if key != name and key in store:
             store[name] = store[key]  # what flows on, under the name asked for
     return (out, cache) if logits else cache
+
+
+def tl_names(hook_dict) -> dict[int, str]:
+    """Each hook point's TL name (the one tl_lenses' docs use), keyed by ``id(point)``.
+
+    A TransformerBridge's ``hook_dict`` lists one point under several names: its own
+    (``point.name``, e.g. ``blocks.1.hook_in``) and the compatibility aliases the user hooks
+    (``blocks.1.hook_resid_pre``); TL tells an alias by ``name != point.name``. An alias is
+    preferred, so messages name the point as the user named it; a HookedTransformer's
+    points have one name each, which is kept.
+    """
+    names: dict[int, str] = {}
+    for name, point in hook_dict.items():
+        key = id(point)
+        if key not in names or (names[key] == getattr(point, "name", None)
+                                and name != names[key]):
+            names[key] = name
+    return names
+
+
+def tl_name(name: str) -> str:
+    """The TL name for a Bridge hook point's own name, where only the hook point is at hand.
+
+    ``blocks.1.hook_in`` -> ``blocks.1.hook_resid_pre``, read off the Bridge's alias tables
+    (its blocks' and its own ``hook_aliases``); any other name (a HookedTransformer's, one
+    without an alias) comes back as it is. Where the model is at hand, :func:`tl_names` on
+    its ``hook_dict`` also sees per-model aliases.
+    """
+    block = re.match(r"^(blocks\.\d+\.)(.+)$", name)
+    in_block, at_root = _legacy_aliases()
+    if block:
+        return block.group(1) + in_block.get(block.group(2), block.group(2))
+    return at_root.get(name, name)
+
+
+@functools.cache
+def _legacy_aliases() -> tuple[dict[str, str], dict[str, str]]:
+    """(own name -> TL name) inside a block and at the root, from TL's Bridge classes."""
+    try:
+        from transformer_lens.model_bridge import TransformerBridge
+        from transformer_lens.model_bridge.generalized_components.block import BlockBridge
+    except ImportError:  # a TL without the Bridge: every name is already a TL name
+        return {}, {}
+
+    def invert(aliases) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for alias, targets in dict(aliases or {}).items():
+            for target in targets if isinstance(targets, list) else [targets]:
+                out.setdefault(target, alias)
+        return out
+
+    # At the root only the embeddings' aliases: TL 3.x's HookedTransformer has its own
+    # ``unembed.hook_out``, which the Bridge's table would rename.
+    root = {own: alias for own, alias in invert(getattr(TransformerBridge, "hook_aliases",
+                                                        None)).items()
+            if alias in ("hook_embed", "hook_pos_embed")}
+    return invert(getattr(BlockBridge, "hook_aliases", None)), root
 
 
 def short_label(name: str) -> str:

@@ -9,6 +9,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from tl_lenses._ints import as_int, as_ints
 from tl_lenses.devices import model_device
 from tl_lenses.token_strings import TokenStrings, str_tokens, token_pieces  # noqa: F401
 
@@ -106,11 +107,14 @@ def to_batch(
                            padding_side or _tokenizer_side(model), argument, device)
     if isinstance(input, Tensor):
         tokens = input.unsqueeze(0) if input.dim() == 1 else input
-        if tokens.dim() != 2 or tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
+        if tokens.dim() != 2 or tokens.dtype.is_floating_point or tokens.dtype.is_complex \
+                or tokens.dtype == torch.bool:
             raise ValueError(
                 f"{argument} as a tensor must hold int token ids shaped [pos] or [batch, pos], "
                 f"got dtype {input.dtype} and shape {tuple(input.shape)}"
             )
+        if tokens.dtype != torch.long:  # uint8, int16...: the embedding takes int64 (int32)
+            tokens = tokens.long()
         check_ids(model, tokens, argument)
         tokens = _check_length(model, tokens, argument, device)
         if attention_mask is None:
@@ -214,7 +218,8 @@ def single_token(model, token, *, argument: str = "target") -> int:
     """The id of a token given as an id or as text that must tokenize to exactly one token."""
     if isinstance(token, bool):
         raise TypeError(f"{argument} must be a token id or a one-token string, got a bool")
-    if isinstance(token, int):
+    if as_int(token) is not None:  # an int, a numpy integer or a 0-d int tensor
+        token = as_int(token)
         if not 0 <= token < model.cfg.d_vocab:
             raise ValueError(f"{argument} id {token} is outside [0, {model.cfg.d_vocab})")
         return token
@@ -298,15 +303,14 @@ class Batch:
         if positions is None:
             wanted = list(range(longest))
         else:
-            if isinstance(positions, (str, bytes, float, bool)) or not (
-                    isinstance(positions, int) or hasattr(positions, "__iter__")):
+            wanted = as_ints(positions)  # ints, numpy integers and 0-d int tensors alike
+            if wanted is None:
                 raise TypeError(f"{argument} must be None, an int or a list of ints (-1 = the "
                                 f"last token), got {positions!r}")
-            wanted = [positions] if isinstance(positions, int) else list(positions)
             bad = [p for p in wanted
                    if isinstance(p, bool) or not isinstance(p, int) or not -longest <= p < longest]
             if bad or not wanted:
-                one = isinstance(positions, int)
+                one = as_int(positions) is not None
                 raise ValueError(f"{argument} must {'be in' if one else 'be non-empty ints in'} "
                                  f"[-{longest}, {longest}) (the longest prompt's length), got "
                                  f"{positions if one else bad or wanted}")

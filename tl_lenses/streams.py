@@ -24,7 +24,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from tl_lenses.data import _separator, text_file_paths
+from tl_lenses.data import _separator, check_seq_len, text_file_paths
 from tl_lenses.inputs import require_tokenizer
 
 
@@ -96,8 +96,6 @@ class TokenStream:
                  if v is not None]
         if len(given) != 1:
             raise ValueError(f"pass exactly one of paths, dataset, texts; got {given}")
-        if not isinstance(seq_len, int) or seq_len < 2:
-            raise ValueError(f"seq_len must be an int >= 2, got {seq_len!r}")
         if not isinstance(chunk_bytes, int) or chunk_bytes < 1:
             raise ValueError(f"chunk_bytes must be a positive int, got {chunk_bytes!r}")
         require_tokenizer(model)
@@ -109,6 +107,7 @@ class TokenStream:
                                   or not all(isinstance(t, str) for t in texts)):
             raise TypeError("texts must be a list of strings")
         self.texts = list(texts) if texts is not None else None
+        check_seq_len(model, seq_len)  # after the source's own checks
         self.doc, self.offset, self.rows = 0, 0, 0          # the position in the corpus
         self.doc_has_tokens = False                         # the document so far gave tokens
         self.buffer = torch.zeros(0, dtype=torch.long)      # tokens read but not yet packed

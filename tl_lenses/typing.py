@@ -25,6 +25,9 @@ axis                  meaning
 
 from __future__ import annotations
 
+import numbers
+from typing import Union
+
 from jaxtyping import Float, Int
 from torch import Tensor
 
@@ -34,6 +37,9 @@ Logits = Float[Tensor, "batch pos d_vocab"]
 Tokens = Int[Tensor, "batch pos"]
 PerPosition = Float[Tensor, "batch pos"]
 PerLayerPosition = Float[Tensor, "layer batch pos"]
+# What a layer, position, token id or head argument takes: an int, a numpy integer or a
+# 0-d int tensor (read with tl_lenses._ints.as_int; a bool is refused there).
+IntLike = Union[int, numbers.Integral, Int[Tensor, ""]]
 
 __all__ = [
     "Resid",
@@ -42,4 +48,5 @@ __all__ = [
     "Tokens",
     "PerPosition",
     "PerLayerPosition",
+    "IntLike",
 ]

@@ -27,6 +27,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from tl_lenses._ints import as_ints
 from tl_lenses.analysis._stream import (
     batches,
     cached,
@@ -164,8 +165,9 @@ def causal_fidelity(
 
 def _layer_names(model, layers) -> list[str]:
     n = model.cfg.n_layers
-    layers = list(range(n)) if layers is None else list(layers)
-    bad = [l for l in layers if not isinstance(l, int) or not 0 <= l < n]
+    layers = list(range(n)) if layers is None else (
+        [layers] if as_ints(layers) is None else as_ints(layers))
+    bad = [l for l in layers if isinstance(l, bool) or not isinstance(l, int) or not 0 <= l < n]
     if bad or not layers:
         raise ValueError(f"layers must be non-empty block indices in [0, {n}), got {layers}")
     return [resid_names(model)[l] for l in layers]

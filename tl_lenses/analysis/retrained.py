@@ -19,6 +19,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from tl_lenses._autograd import needs_autograd
+from tl_lenses._ints import as_ints
 from tl_lenses.analysis._fit import FitConfig, Translators, evaluate, fit
 from tl_lenses.analysis._stream import check_tokens
 from tl_lenses.hooks import final_resid_name, resid_names, short_label
@@ -140,8 +141,9 @@ def _rows(model, layers) -> list[str]:
     stream = resid_names(model)
     if layers is None:
         return stream
-    layers = [layers] if isinstance(layers, int) else list(layers)
-    bad = [l for l in layers if not isinstance(l, int) or not 0 <= l < len(stream)]
+    layers = [layers] if as_ints(layers) is None else as_ints(layers)
+    bad = [l for l in layers
+           if isinstance(l, bool) or not isinstance(l, int) or not 0 <= l < len(stream)]
     if bad or not layers:
         raise ValueError(f"layers must be non-empty ints in [0, n_layers={len(stream) - 1}] "
                          f"(n_layers = the final resid_post), got {layers}")

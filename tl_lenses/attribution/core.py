@@ -162,6 +162,18 @@ def _gather(positions: list[int] | Selection):
     return lambda values: values[:, index]
 
 
+
+def require_input(input, cache) -> None:
+    """Refuse ``input=None``, saying what to pass when a ``cache`` was given.
+
+    DLA reads positions and padding off the tokens, and checks the cache against them, so
+    a cache never stands in for its tokens (TL's own tools take the cache alone).
+    """
+    if input is None and cache is not None:
+        raise TypeError("input is required with cache=: pass the tokens (or text) the cache "
+                        "was taken on, e.g. dla(model, tokens, directions, cache=cache); DLA "
+                        "reads the positions off them and checks the cache against them")
+
 def dla(
     model, input, directions: DirectionSpec, *, positions=-1, heads: bool = True,
     neurons: bool = False, cache=None, saes=(), padding_side: str | None = None,
@@ -232,6 +244,7 @@ def dla(
             "neurons=True: the model's MLPs are mixtures of experts (cfg.num_experts), whose "
             "neurons belong to routed experts; use neurons=False (each layer's MoE output)"
         )
+    require_input(input, cache)
     batch = to_batch(model, input, padding_side=padding_side, attention_mask=attention_mask,
                      device=unembed.W_U.device)  # checked by Unembed.from_model
     dirs = logit_directions(model, directions, unembed=unembed)

@@ -25,6 +25,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from tl_lenses.hooks import tl_names
+
 # Multiples of the dtype's eps: the largest error seen over the tiny families (tiny_families,
 # both backends) and the tiny models in float32 and bfloat16 is 3.6 eps.
 TOLERANCE = 64.0
@@ -175,15 +177,21 @@ def _cause(model, cache_given: bool) -> str:
 
 
 def hooked_points(model) -> list[str]:
-    """Names of the model's hook points that carry forward hooks (each point once)."""
-    seen, names = set(), []
-    for name, point in model.hook_dict.items():
+    """Names of the model's hook points that carry forward hooks (each point once).
+
+    Each under its TL name (``blocks.1.hook_resid_pre``, not a Bridge's own
+    ``blocks.1.hook_in``): the name the user hooked and tl_lenses' docs use.
+    """
+    hook_dict = model.hook_dict
+    names = tl_names(hook_dict)
+    seen, hooked = set(), []
+    for point in hook_dict.values():
         if id(point) in seen:  # the Bridge lists aliases of one point
             continue
         seen.add(id(point))
         if getattr(point, "_forward_hooks", None) or getattr(point, "fwd_hooks", None):
-            names.append(name)
-    return names
+            hooked.append(names[id(point)])
+    return hooked
 
 
 def check_paths(model, cache, chosen, dest: Tensor, u: Tensor, s_f: Tensor, values: Tensor,

@@ -31,6 +31,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from tl_lenses._ints import as_int, is_int
 from tl_lenses.attribution import view as _view
 from tl_lenses.attribution.attention import head_patterns
 from tl_lenses.attribution.core import (
@@ -42,6 +43,7 @@ from tl_lenses.attribution.core import (
     has_pos_embed,
     logit_directions,
     parse_head_label,
+    require_input,
     residual_readout,
 )
 from tl_lenses.attribution.identity import check_cache_input, check_paths
@@ -50,7 +52,8 @@ from tl_lenses.attribution.provenance import ModelStamp, check_source, stamp
 from tl_lenses.hooks import final_resid_name, run_cache, spliced_sites
 from tl_lenses.inputs import str_tokens, to_batch
 from tl_lenses.models import check_model, is_bridge
-from tl_lenses.readout.unembed import Unembed
+from tl_lenses.readout.unembed import Unembed, norm_params
+from tl_lenses.typing import IntLike
 from tl_lenses.viz.notebook import NotebookView
 
 logger = logging.getLogger("tl_lenses")
@@ -210,11 +213,35 @@ def _check_supported(model) -> None:
                 "Gemma-2's norms before and after, OLMo-2's post-norm blocks); paths through "
                 "those norms are not decomposed. dla(..., heads=True) handles them."
             )
-    if not is_bridge(model) and model.cfg.normalization_type in ("LN", "RMS"):
+    unfolded = _unfolded_ln1(model)
+    if unfolded is not None:
+        how = ("call model.enable_compatibility_mode() with its weight processing (not "
+               "no_processing=True; tl_lenses' PROCESSING folds the norms)" if is_bridge(model)
+               else "load it with fold_ln=True (tl_lenses' PROCESSING)")
         raise ValueError(
-            "model's ln1 weights are not folded; load it with fold_ln=True (tl_lenses' "
-            "PROCESSING) so that ln1 only normalises and the value path is linear"
+            f"model's ln1 weights are not folded ({unfolded} scales or shifts what it "
+            f"normalises); {how} so that ln1 only normalises and the value path is linear"
         )
+
+
+def _unfolded_ln1(model) -> str | None:
+    """The first ``ln1`` with a weight other than 1 or a bias other than 0, else None.
+
+    A HookedTransformer says so in its config (``LN``/``RMS``: fold_ln makes them
+    ``LNPre``/``RMSPre``). A Bridge keeps its norm modules either way; its weight
+    processing sets their weights to 1 and biases to 0, so the weights themselves say it.
+    """
+    if not is_bridge(model):
+        return "ln1" if model.cfg.normalization_type in ("LN", "RMS") else None
+    for layer, block in enumerate(model.blocks):
+        ln1 = getattr(block, "ln1", None)
+        if ln1 is None:
+            continue
+        _, weight, bias = norm_params(model, ln1)
+        if (weight is not None and not bool((weight == 1).all())) or (
+                bias is not None and bool(bias.any())):
+            return f"blocks.{layer}.ln1"
+    return None
 
 
 def _check_patterns(model, cache, last: int) -> None:
@@ -244,7 +271,9 @@ def parse_heads(model, heads) -> list[tuple[int, int]]:
             if parsed is None:
                 raise ValueError(f"heads: unknown head label {item!r}; expected like 'L3H5'")
             item = parsed
-        if not (isinstance(item, tuple) and len(item) == 2
+        if isinstance(item, tuple) and len(item) == 2 and all(map(is_int, item)):
+            item = (as_int(item[0]), as_int(item[1]))  # numpy ints, 0-d tensors; no bools
+        if not (isinstance(item, tuple) and len(item) == 2 and all(map(is_int, item))
                 and 0 <= item[0] < n_layers and 0 <= item[1] < n_heads):
             raise ValueError(
                 f"heads must hold (layer, head) with layer in [0, {n_layers}) and head in "
@@ -272,7 +301,7 @@ def path_hooks(model, last_layer: int) -> list[str]:
 
 
 def head_path_dla(
-    model, input, directions: DirectionSpec, *, position: int = -1, heads=None, cache=None,
+    model, input, directions: DirectionSpec, *, position: IntLike = -1, heads=None, cache=None,
     padding_side: str | None = None, attention_mask: Tensor | None = None,
 ) -> HeadPathResult:
     """DLA of every (earlier component, source position) through each head's OV circuit.
@@ -312,11 +341,13 @@ def head_path_dla(
     """
     check_model(model)
     _check_supported(model)
+    require_input(input, cache)
     batch = to_batch(model, input, padding_side=padding_side, attention_mask=attention_mask)
     tokens = batch.tokens
     dirs = logit_directions(model, directions)
-    if not isinstance(position, int) or isinstance(position, bool):
+    if as_int(position) is None:
         raise ValueError(f"position must be one int (the destination token), got {position!r}")
+    position = as_int(position)
     selection = batch.select(position, argument="position")
     if not bool(selection.mask.all()):
         raise ValueError(f"position {position} is beyond the end of prompts "

@@ -14,6 +14,7 @@ from torch import Tensor
 from tl_lenses.readout.apply import apply_lens
 from tl_lenses.readout.engine import Target
 from tl_lenses.readout.result import LensResult
+from tl_lenses.typing import IntLike
 
 
 class LogitLens:
@@ -36,9 +37,9 @@ def logit_lens(
     input,
     *,
     hook_names: Sequence[str] | None = None,
-    layers: Sequence[int] | None = None,
+    layers: Sequence[IntLike] | None = None,
     incl_mid: bool = False,
-    positions: int | Sequence[int] | None = None,
+    positions: IntLike | Sequence[IntLike] | None = None,
     k: int = 5,
     target: Target = "final",
     chunk_size: int | None = None,

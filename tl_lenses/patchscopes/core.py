@@ -29,10 +29,18 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from tl_lenses.hooks import flowing_name, resolve_layer, resolve_position, run_cache
+from tl_lenses._ints import as_int
+from tl_lenses.hooks import (
+    flowing_name,
+    resolve_layer,
+    resolve_position,
+    run_cache,
+    tl_name,
+)
 from tl_lenses.inputs import decode_each, one_prompt
 from tl_lenses.models import check_model, is_bridge
 from tl_lenses.patchscopes import view as _view
+from tl_lenses.typing import IntLike
 from tl_lenses.viz.notebook import NotebookView
 
 Transform = Callable[[Tensor], Tensor]
@@ -116,7 +124,7 @@ def apply_transform(
     return out
 
 
-def patch_hook(value: Float[Tensor, " d_model"], position: int) -> Callable:
+def patch_hook(value: Float[Tensor, " d_model"], position: IntLike) -> Callable:
     """A ``(resid, hook)`` closure that replaces ``resid[:, position]`` by ``value``.
 
     For users' own ``run_with_hooks``; ``position`` may be negative. The residual is cloned
@@ -129,13 +137,15 @@ def patch_hook(value: Float[Tensor, " d_model"], position: int) -> Callable:
     """
     if not isinstance(value, Tensor) or value.dim() != 1:
         raise ValueError(f"value must be one d_model vector, got {getattr(value, 'shape', value)}")
-    if isinstance(position, bool) or not isinstance(position, int):
+    if as_int(position) is None:  # an int, a numpy integer or a 0-d int tensor; no bool
         raise ValueError(f"position must be an int, got {position!r}")
+    position = as_int(position)
 
     def hook(resid: Tensor, hook) -> Tensor:
         if not -resid.shape[1] <= position < resid.shape[1]:
             raise ValueError(
-                f"position {position} is outside the {resid.shape[1]} positions at {hook.name}"
+                f"position {position} is outside the {resid.shape[1]} positions at "
+                f"{tl_name(hook.name)}"
             )
         resid = resid.clone()
         resid[:, position] = value.to(resid)
@@ -158,7 +168,8 @@ def rows_hook(rows: Sequence[int], positions: Sequence[int], values: Tensor) -> 
 
 
 def source_states(
-    model, tokens: Int[Tensor, "batch pos"], layers: Sequence[int], positions: Sequence[int],
+    model, tokens: Int[Tensor, "batch pos"], layers: Sequence[IntLike],
+    positions: Sequence[IntLike],
 ) -> Float[Tensor, "layer n_positions d_model"]:
     """The residuals of one prompt at ``layers`` x ``positions`` (one forward pass)."""
     if tokens.shape[0] != 1:
@@ -169,7 +180,8 @@ def source_states(
     return torch.stack([cache[name][0, pos] for _, name in named]).detach()
 
 
-def source_state(model, prompt, layer: int, position: int = -1) -> Float[Tensor, " d_model"]:
+def source_state(model, prompt, layer: IntLike,
+                 position: IntLike = -1) -> Float[Tensor, " d_model"]:
     """``h``: the residual of ``model`` on ``prompt`` at ``layer``, ``position``."""
     check_model(model)
     tokens = one_prompt(model, prompt, argument="source_prompt")
@@ -312,8 +324,8 @@ class PatchscopeResult(NotebookView):
 
 
 def patchscope(
-    model, source_prompt, target_prompt, *, source_layer: int, source_position: int = -1,
-    target_layer: int | None = None, target_position: int = -1, target_model=None,
+    model, source_prompt, target_prompt, *, source_layer: IntLike, source_position: IntLike = -1,
+    target_layer: IntLike | None = None, target_position: IntLike = -1, target_model=None,
     transform: Transform | AffineMap | tuple | None = None, max_new_tokens: int = 0,
 ) -> PatchscopeResult:
     """Run one patchscope (Ghandeharioun et al. 2024, Fig. 1).

@@ -26,6 +26,7 @@ from tl_lenses.hooks import resolve_layer, run_cache
 from tl_lenses.inputs import one_prompt
 from tl_lenses.models import check_model, is_bridge
 from tl_lenses.patchscopes.core import AffineMap
+from tl_lenses.typing import IntLike
 
 
 @dataclass
@@ -38,7 +39,8 @@ class AffineFit:
 
 
 def paired_states(
-    source_model, target_model, prompts: Sequence[str], source_layer: int, target_layer: int,
+    source_model, target_model, prompts: Sequence[str], source_layer: IntLike,
+    target_layer: IntLike,
 ) -> tuple[Float[Tensor, "rows d_in"], Float[Tensor, "rows d_out"]]:
     """Residual pairs at every position where both models see the same token prefix."""
     _, s_name = resolve_layer(source_model, source_layer, argument="source_layer")
@@ -64,8 +66,8 @@ def _resid(model, tokens: Tensor, name: str) -> Tensor:
 
 
 def fit_affine_map(
-    source_model, target_model, prompts: Sequence[str], *, source_layer: int,
-    target_layer: int, bias: bool = True,
+    source_model, target_model, prompts: Sequence[str], *, source_layer: IntLike,
+    target_layer: IntLike, bias: bool = True,
 ) -> AffineFit:
     """Least-squares ``A, b`` with ``h_target ~ h_source @ A + b`` (float64 solve).
 

@@ -31,6 +31,7 @@ from tl_lenses.patchscopes.sweep import SweepResult, patchscope_sweep
 from tl_lenses.readout.fingerprint import check_each_lens
 from tl_lenses.readout.lens import Lens
 from tl_lenses.readout.unembed import Unembed
+from tl_lenses.typing import IntLike
 from tl_lenses.viz.notebook import NotebookView
 
 IDENTITY_PROMPT = "cat -> cat\n1135 -> 1135\nhello -> hello\n?"
@@ -110,7 +111,8 @@ class TokenIdentityResult(NotebookView):
 
 
 def token_identity(
-    model, prompt, *, layers: Sequence[int] | None = None, positions: Sequence[int] | None = None,
+    model, prompt, *, layers: Sequence[IntLike] | None = None,
+    positions: Sequence[IntLike] | None = None,
     target_prompt: str = IDENTITY_PROMPT, placeholder: str = "?", lenses: Sequence[Lens] = (),
     batch_size: int = 512,
 ) -> TokenIdentityResult:
@@ -186,7 +188,7 @@ class GenerationTable(NotebookView):
 
 
 def entity_description(
-    model, prompt, *, position: int = -1, layers: Sequence[int] | None = None,
+    model, prompt, *, position: IntLike = -1, layers: Sequence[IntLike] | None = None,
     target_prompt: str = DESCRIPTION_PROMPT, placeholder: str = "x", max_new_tokens: int = 20,
     batch_size: int = 512,
 ) -> GenerationTable:

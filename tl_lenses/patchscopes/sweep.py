@@ -21,6 +21,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from tl_lenses._ints import as_int, as_ints, is_int
 from tl_lenses.hooks import resolve_layer, resolve_position
 from tl_lenses.inputs import one_prompt
 from tl_lenses.models import check_model
@@ -183,10 +184,12 @@ def patchscope_sweep(
     t_layers = _layers(target_model, target_layers, "target_layers")
     if pairs == "same" and target_layers is not None and target_layers != source_layers:
         raise ValueError("with pairs='same' give source_layers only (l* = l)")
-    positions = [source_positions] if isinstance(source_positions, int) else list(source_positions)
+    positions = as_ints(source_positions)
+    if positions is None:
+        raise ValueError(f"source_positions must be an int or ints, got {source_positions!r}")
     t_tokens = [one_prompt(target_model, t, argument="target_prompts") for t in targets]
-    wanted = [target_position] * len(t_tokens) if isinstance(target_position, int) \
-        else list(target_position)
+    wanted = [as_int(target_position)] * len(t_tokens) if is_int(target_position) \
+        else as_ints(target_position) or []
     if len(wanted) != len(t_tokens):
         raise ValueError(f"target_position must be an int or one per target prompt "
                          f"({len(t_tokens)}), got {target_position!r}")
@@ -217,7 +220,7 @@ def _prompt_list(prompts, argument: str) -> list:
 def _layers(model, layers, argument: str) -> list[int]:
     if layers is None:
         return list(range(model.cfg.n_layers + 1))
-    if isinstance(layers, int) or not len(layers):
+    if is_int(layers) or isinstance(layers, str) or not len(layers):
         raise ValueError(f"{argument} must be a non-empty list of ints")
     return [resolve_layer(model, l, argument=argument)[0] for l in layers]
 

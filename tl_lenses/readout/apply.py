@@ -7,6 +7,7 @@ from typing import Sequence
 from jaxtyping import Float
 from torch import Tensor
 
+from tl_lenses._ints import is_int
 from tl_lenses.hooks import (
     check_hook_names,
     final_resid_name,
@@ -21,13 +22,31 @@ from tl_lenses.readout.engine import read_lens
 from tl_lenses.readout.fingerprint import check_lens
 from tl_lenses.readout.lens import Lens
 from tl_lenses.readout.result import LensResult
+from tl_lenses.typing import IntLike
 
 
-def select_hook_names(model, hook_names=None, layers=None, incl_mid: bool = False) -> list[str]:
+def lens_rows(model, lens) -> list[str] | None:
+    """The rows a lens covers: its ``hook_names`` and the final residual.
+
+    None for a lens that reads any hook point (the logit lens, an attribute lens). A tuned
+    lens trained on some layers only translates those; every method that picks default rows
+    for it (:func:`apply_lens`, ``evaluate_lenses``) reads these.
+    """
+    covered = getattr(lens, "hook_names", None)
+    if lens is None or covered is None:
+        return None
+    final = final_resid_name(model)
+    return [*(name for name in covered if name != final), final]
+
+
+def select_hook_names(model, hook_names=None, layers=None, incl_mid: bool = False,
+                      lens=None) -> list[str]:
     """Hook names to read: given ones, or the residual stream (optionally some ``layers``).
 
     ``layers`` index the residual stream as ``resid_names`` lays it out: 0 is the
     embedding (``blocks.0.hook_resid_pre``) and ``n_layers`` the final ``resid_post``.
+    With neither, a ``lens`` covering some hook points only reads those
+    (:func:`lens_rows`).
     """
     if hook_names is not None and layers is not None:
         raise ValueError("pass hook_names or layers, not both")
@@ -39,8 +58,9 @@ def select_hook_names(model, hook_names=None, layers=None, incl_mid: bool = Fals
     if hook_names is not None:
         return check_hook_names(model, hook_names)
     if layers is None:
-        return resid_names(model, incl_mid=incl_mid)
-    if isinstance(layers, (int, str)) or not hasattr(layers, "__len__"):
+        covered = None if incl_mid else lens_rows(model, lens)
+        return covered or resid_names(model, incl_mid=incl_mid)
+    if is_int(layers) or isinstance(layers, str) or not hasattr(layers, "__len__"):
         raise TypeError(f"layers must be a list of ints (for one layer: [{layers!r}]), "
                         f"got {layers!r}")
     if not len(layers):
@@ -50,7 +70,7 @@ def select_hook_names(model, hook_names=None, layers=None, incl_mid: bool = Fals
 
 def apply_lens(
     model, input, lens: Lens | None = None, *, hook_names: Sequence[str] | None = None,
-    layers: Sequence[int] | None = None, incl_mid: bool = False, positions=None,
+    layers: Sequence[IntLike] | None = None, incl_mid: bool = False, positions=None,
     padding_side: str | None = None, attention_mask: Tensor | None = None, **readout,
 ) -> LensResult:
     """Run ``model`` on ``input`` and read every chosen hook point through ``lens``.
@@ -94,7 +114,7 @@ def apply_lens(
     check_model(model)
     check_lens(model, lens)
     batch = to_batch(model, input, padding_side=padding_side, attention_mask=attention_mask)
-    names = select_hook_names(model, hook_names, layers, incl_mid)
+    names = select_hook_names(model, hook_names, layers, incl_mid, lens)
     batch.select(positions)  # fail on bad positions before the forward pass
     cache = run_cache(model, batch, [*names, final_resid_name(model)])
     return apply_lens_to_cache(model, cache, batch, lens, hook_names=names,
@@ -103,7 +123,7 @@ def apply_lens(
 
 def apply_lens_to_cache(
     model, cache, tokens, lens: Lens | None = None, *, hook_names: Sequence[str] | None = None,
-    layers: Sequence[int] | None = None, incl_mid: bool = False, positions=None,
+    layers: Sequence[IntLike] | None = None, incl_mid: bool = False, positions=None,
     attention_mask: Tensor | None = None, **readout,
 ) -> LensResult:
     """Read hook points out of an existing ``ActivationCache`` (or dict) through ``lens``.
@@ -139,7 +159,7 @@ def apply_lens_to_cache(
     check_model(model)
     check_lens(model, lens)
     batch = to_batch(model, tokens, attention_mask=attention_mask, argument="tokens")
-    names = select_hook_names(model, hook_names, layers, incl_mid)
+    names = select_hook_names(model, hook_names, layers, incl_mid, lens)
     final = final_resid_name(model)
     # Where sae-lens spliced an SAE in, the row reads what flows on: its hook_sae_output.
     keys = {name: flowing_name(cache, name) for name in [*names, final]}
@@ -189,7 +209,7 @@ class LensCollector:
         check_model(model)
         check_lens(model, lens)
         self.model, self.lens = model, lens
-        self.hook_names = select_hook_names(model, hook_names, layers, incl_mid)
+        self.hook_names = select_hook_names(model, hook_names, layers, incl_mid, lens)
         self.positions = positions
         self.final = final_resid_name(model)
         self.store: dict[str, Float[Tensor, "batch pos d_model"]] = {}

@@ -29,8 +29,9 @@ from tl_lenses.readout._row_stats import row_stats, stats_backend
 from tl_lenses.readout.lens import Lens
 from tl_lenses.readout.result import LensResult, empty_like_cells
 from tl_lenses.readout.unembed import Unembed
+from tl_lenses.typing import IntLike
 
-Target = Union[None, str, int, Tensor]
+Target = Union[None, str, IntLike, Tensor]
 DEFAULT_CHUNK = 256
 # Float32 [rows, d_vocab] buffers of a GPU readout: well under 1 GB above the cache, with
 # room for the result and the top-k's temporaries.
@@ -67,7 +68,7 @@ def resolve_target(model, target: Target, tokens: Tensor | Batch,
     selection = selection or batch.select(None)
     if target is None:
         return None, None
-    if isinstance(target, Tensor):
+    if isinstance(target, Tensor) and target.dim() > 0:  # a 0-d tensor is one id (below)
         if target.shape != batch.tokens.shape or target.dtype.is_floating_point \
                 or target.dtype == torch.bool:
             raise ValueError(
@@ -100,7 +101,7 @@ def read_lens(
     hook_names: Sequence[str],
     tokens: Int[Tensor, "batch _"] | Batch,
     *,
-    positions: Sequence[int] | Selection | None = None,
+    positions: Sequence[IntLike] | Selection | None = None,
     k: int = 5,
     target: Target = "final",
     chunk_size: int | None = None,

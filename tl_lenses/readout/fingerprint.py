@@ -85,8 +85,13 @@ def check_lens(model, lens, *, argument: str = "lens", allow_none: bool = True) 
             "(load_tuned_lens(path, model))"
         )
     if not callable(getattr(lens, "translate", None)):
+        # An LRE maps a subject's state, not a hook point's: it is read through the
+        # attribute lens (named, not imported: tl_lenses.lenses.attribute imports this module).
+        hint = ("; an LRE is read as a lens through AttributeLens(lre) "
+                "(tl_lenses.attribute.AttributeLens), or call tl_lenses.attribute_lens(model, "
+                "input, lre)" if type(lens).__name__ == "LRE" else "")
         raise TypeError(f"{argument} must be a lens with translate(resid, hook_name)"
-                        f"{' or None' if allow_none else ''}, got {type(lens).__name__}")
+                        f"{' or None' if allow_none else ''}, got {type(lens).__name__}{hint}")
     d_model = getattr(lens, "d_model", None)
     if isinstance(d_model, int) and d_model != model.cfg.d_model:
         raise ValueError(f"{argument} has d_model={d_model} but the model has "

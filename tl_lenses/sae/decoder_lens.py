@@ -20,6 +20,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from tl_lenses._ints import as_ints
 from tl_lenses.models import check_model
 from tl_lenses.readout.fingerprint import check_lens
 from tl_lenses.readout.lens import Lens
@@ -119,8 +120,8 @@ def latent_directions(
 def _check_latents(latents, d_sae: int) -> list[int]:
     if latents is None:
         return list(range(d_sae))
-    index = [latents] if isinstance(latents, int) else list(latents)
-    bad = [i for i in index if not isinstance(i, int) or not 0 <= i < d_sae]
+    index = [latents] if as_ints(latents) is None else as_ints(latents)
+    bad = [i for i in index if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < d_sae]
     if bad or not index:
         raise ValueError(
             f"latents must be non-empty ints in [0, d_sae={d_sae}), got {bad or index}"

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from tl_lenses._autograd import needs_autograd
 from tl_lenses.hooks import final_resid_name, flowing_name, resid_names, resolve_layer
-from tl_lenses.inputs import to_tokens
+from tl_lenses.inputs import require_tokenizer, to_tokens
 from tl_lenses.lenses.attribute.relations import (
     Relation,
     Sample,
@@ -42,6 +42,7 @@ from tl_lenses.lenses.attribute.relations import (
 )
 from tl_lenses.models import check_model, is_bridge
 from tl_lenses.readout.fingerprint import check_same_model, model_info
+from tl_lenses.typing import IntLike
 
 logger = logging.getLogger("tl_lenses")
 
@@ -179,7 +180,7 @@ def subject_position(model, prompt: str, subject: str) -> tuple[Int[Tensor, "bat
 
 
 @needs_autograd
-def relation_jacobian(model, prompt: str, subject: str, layer: int, *,
+def relation_jacobian(model, prompt: str, subject: str, layer: IntLike, *,
                       method: str = "auto") -> JacobianSample:
     """``s``, ``z`` and ``dz/ds`` for one prompt (see the module docstring for s, z, l).
 
@@ -187,6 +188,17 @@ def relation_jacobian(model, prompt: str, subject: str, layer: int, *,
     >>> sample.jacobian.shape                                                    # doctest: +SKIP
     torch.Size([576, 576])
     """
+    layer = _check_layer_and_method(model, layer, method)
+    shortformer = model.cfg.positional_embedding_type == "shortformer"
+    tokens, pos = subject_position(model, prompt, subject)
+    use_cache = method == "kv-cache" or (method == "auto" and not is_bridge(model)
+                                         and not shortformer)
+    s, z, jac = (_jacobian_kv_cache if use_cache else _jacobian_hooks)(model, tokens, layer, pos)
+    return JacobianSample(s.detach(), z.detach(), jac.detach(), pos, resid_names(model)[layer])
+
+
+def _check_layer_and_method(model, layer, method: str) -> int:
+    """The checked layer index; refuses a ``method`` the model cannot run."""
     check_model(model)
     layer = resolve_layer(model, layer, negative=False)[0]
     if method not in METHODS:
@@ -196,15 +208,10 @@ def relation_jacobian(model, prompt: str, subject: str, layer: int, *,
     # TL's forward(start_at_layer=...) drops the shortformer position embedding that each
     # block adds to its queries and keys, so the kv-cache path would differentiate another
     # function there.
-    shortformer = model.cfg.positional_embedding_type == "shortformer"
-    if method == "kv-cache" and shortformer:
+    if method == "kv-cache" and model.cfg.positional_embedding_type == "shortformer":
         raise ValueError("method='kv-cache' cannot run a shortformer model from a middle "
                          "layer (TL drops its position embedding there); use 'hooks' or 'auto'")
-    tokens, pos = subject_position(model, prompt, subject)
-    use_cache = method == "kv-cache" or (method == "auto" and not is_bridge(model)
-                                         and not shortformer)
-    s, z, jac = (_jacobian_kv_cache if use_cache else _jacobian_hooks)(model, tokens, layer, pos)
-    return JacobianSample(s.detach(), z.detach(), jac.detach(), pos, resid_names(model)[layer])
+    return layer
 
 
 def _jacobian_kv_cache(model, tokens: Tensor, layer: int, pos: int):
@@ -284,7 +291,7 @@ def lre_from_jacobians(samples: Sequence[JacobianSample], *, beta: float = 1.0,
 
 @needs_autograd
 def estimate_lre(
-    model, relation: Relation | str, layer: int, *, n: int | None = None,
+    model, relation: Relation | str, layer: IntLike, *, n: int | None = None,
     train: Sequence[Sample] | None = None,
     beta: float = 1.0, rank: int | None = None, template: int = 0, seed: int = 0,
     method: str = "auto", progress: bool = False,
@@ -335,6 +342,8 @@ def estimate_lre(
     _check_scalars(beta=beta, seed=seed, progress=progress)
     train = _training_samples(relation, n, train, seed)
     template_text = _template(relation, template)
+    _check_layer_and_method(model, layer, method)  # before the prompts' lengths
+    _check_prompts_fit(model, template_text, train)
     demo_lre = LRE.identity(1, template=template_text, train=tuple(train))
     samples = []
     for i, sample in enumerate(train):
@@ -346,6 +355,35 @@ def estimate_lre(
                              template=template_text, train=tuple(train))
     lre = dataclasses.replace(lre, model_info=model_info(model))
     return lre if rank is None else lre.low_rank(rank)
+
+
+def _check_prompts_fit(model, template: str, train: Sequence[Sample]) -> None:
+    """Refuse few-shot prompts longer than n_ctx, naming n and the largest n that fits.
+
+    The prompts are built here, not written by the user, so the message says what they are.
+    ``relation.split(k, seed)`` draws the first ``k`` of the same order as ``n``, so
+    ``train[:k]`` is what ``n=k`` would use.
+    """
+    require_tokenizer(model)
+    n_ctx = model.cfg.n_ctx
+
+    def longest(k: int) -> int:
+        demo = LRE.identity(1, template=template, train=tuple(train[:k]))
+        return max(model.to_tokens(demo.prompt(s.subject), truncate=False).shape[-1]
+                   for s in train[:k])
+
+    length = longest(len(train))
+    if length <= n_ctx:
+        return
+    fits = next((k for k in range(len(train) - 1, 0, -1) if longest(k) <= n_ctx), None)
+    advice = (f"pass a smaller n (n={fits} fits)" if fits else
+              "even one example's prompt does not fit; use a model with a longer context "
+              "or a shorter template")
+    raise ValueError(
+        f"the few-shot prompts of n={len(train)} training examples (each shows the others "
+        f"as demonstrations before its subject) are up to {length} tokens long, more than "
+        f"the model's n_ctx={n_ctx}; {advice}"
+    )
 
 
 def _check_scalars(*, beta, seed, progress) -> None:

@@ -44,6 +44,7 @@ from tl_lenses.lenses.attribute import view as _view
 from tl_lenses.lenses.attribute.lre import LRE, check_lre, estimate_lre, subject_position
 from tl_lenses.lenses.attribute.relations import Relation, Sample, get_relation, object_token
 from tl_lenses.readout.unembed import Unembed
+from tl_lenses.typing import IntLike
 from tl_lenses.viz.notebook import NotebookView
 
 
@@ -270,7 +271,7 @@ class Sweep(NotebookView):
         return _view.sweep_view(self.rows, full)
 
 
-def sweep(model, relation: Relation | str, layers: Sequence[int], *, n: int = 8,
+def sweep(model, relation: Relation | str, layers: Sequence[IntLike], *, n: int = 8,
           betas: Sequence[float] = (1.0,), ranks: Sequence[int | None] = (None,),
           seed: int = 0, progress: bool = False) -> Sweep:
     """Estimate at each layer once; score every (beta, rank) with the baselines.
@@ -297,8 +298,8 @@ def sweep(model, relation: Relation | str, layers: Sequence[int], *, n: int = 8,
     return result
 
 
-def sweep_n(model, relation: Relation | str, layer: int, ns: Sequence[int], *, beta: float = 1.0,
-            seed: int = 0, progress: bool = False) -> Sweep:
+def sweep_n(model, relation: Relation | str, layer: IntLike, ns: Sequence[int], *,
+            beta: float = 1.0, seed: int = 0, progress: bool = False) -> Sweep:
     """Faithfulness and causality as the number of training subjects grows."""
     relation = get_relation(relation)
     result = Sweep()

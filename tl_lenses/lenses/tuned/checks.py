@@ -96,7 +96,11 @@ def check_tokens(model, tokens) -> None:
     if not isinstance(tokens, Tensor) or tokens.dim() != 2 or tokens.dtype.is_floating_point \
             or tokens.dtype.is_complex or tokens.dtype == torch.bool:
         raise ValueError("tokens must be an int tensor of token rows shaped [batch, pos]")
-    if tokens.shape[0] < 1 or tokens.shape[1] < 1 or tokens.shape[1] > model.cfg.n_ctx:
+    if tokens.shape[1] > model.cfg.n_ctx:
+        raise ValueError(f"tokens rows are {tokens.shape[1]} tokens long, more than the model's "
+                         f"n_ctx={model.cfg.n_ctx}: pack them with seq_len <= {model.cfg.n_ctx} "
+                         "(token_split(model, ..., seq_len=...))")
+    if tokens.shape[0] < 1 or tokens.shape[1] < 1:
         raise ValueError(f"tokens must hold >= 1 row of 1..n_ctx={model.cfg.n_ctx} tokens, "
                          f"got shape {tuple(tokens.shape)}")
     check_ids(model, tokens, "tokens")

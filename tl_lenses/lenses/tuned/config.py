@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+import difflib
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 
@@ -80,6 +81,24 @@ class TrainConfig:
             else (400_000_000 if gpu else 100_000_000),
             lens_device=str(torch.device(device)),
         )
+
+
+def with_overrides(config: TrainConfig | None, overrides: dict) -> TrainConfig:
+    """``config`` (default: ``TrainConfig()``) with ``overrides`` as field values.
+
+    Raises:
+        ValueError: naming each override that is no field (with the closest field), where
+            ``dataclasses.replace`` would raise a TypeError about ``__init__``.
+    """
+    known = [f.name for f in fields(TrainConfig)]
+    unknown = [name for name in overrides if name not in known]
+    if unknown:
+        close = {name: difflib.get_close_matches(name, known, n=1) for name in unknown}
+        hints = "".join(f"; {name!r}: did you mean {match[0]!r}?"
+                        for name, match in close.items() if match)
+        raise ValueError(f"unknown training option(s) {unknown}{hints}; the options are "
+                         f"TrainConfig's fields: {known}")
+    return replace(config or TrainConfig(), **overrides)
 
 
 @dataclass

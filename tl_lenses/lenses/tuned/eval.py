@@ -30,7 +30,7 @@ from tl_lenses.lenses.logit import LogitLens
 from tl_lenses.lenses.tuned import view
 from tl_lenses.lenses.tuned.lens import TunedLens
 from tl_lenses.models import check_model
-from tl_lenses.readout.apply import apply_lens_to_cache
+from tl_lenses.readout.apply import apply_lens_to_cache, lens_rows
 from tl_lenses.readout.fingerprint import check_each_lens
 from tl_lenses.readout.lens import Lens
 from tl_lenses.readout.unembed import Unembed
@@ -257,8 +257,7 @@ def _check_batch_size(batch_size) -> None:
 
 def _rows(model, lenses) -> list[str]:
     tuned = [l for l in lenses.values() if isinstance(l, TunedLens)]
-    names = list(tuned[0].hook_names) if tuned else resid_names(model)[:-1]
-    return names + [final_resid_name(model)]
+    return lens_rows(model, tuned[0]) if tuned else resid_names(model)
 
 
 @dataclass

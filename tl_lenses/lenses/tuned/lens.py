@@ -18,9 +18,11 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
+from tl_lenses._ints import is_int
 from tl_lenses.hooks import check_hook_names, final_resid_name, resid_names, resolve_layer
 from tl_lenses.models import check_model
 from tl_lenses.readout.fingerprint import model_info
+from tl_lenses.typing import IntLike
 
 KINDS = ("affine", "bias")
 
@@ -66,7 +68,8 @@ class TunedLens(nn.Module):
 
     @classmethod
     def for_model(cls, model, *, hook_names: Sequence[str] | None = None,
-                  layers: Sequence[int] | None = None, kind: str = "affine") -> "TunedLens":
+                  layers: IntLike | Sequence[IntLike] | None = None,
+                  kind: str = "affine") -> "TunedLens":
         """A fresh (identity) lens for ``model``'s residual stream or a subset of it.
 
         Default: every ``resid_pre`` (``blocks.0.hook_resid_pre`` is the embedding).
@@ -128,7 +131,7 @@ def _lens_hook_names(model, hook_names, layers) -> list[str]:
     if hook_names is not None:
         names = check_hook_names(model, hook_names)
     elif layers is not None:
-        layers = [layers] if isinstance(layers, int) else list(layers)
+        layers = [layers] if is_int(layers) else list(layers)
         if not layers:
             raise ValueError("layers must name at least one residual-stream layer")
         indices = sorted({resolve_layer(model, l, argument="layers", negative=False)[0]

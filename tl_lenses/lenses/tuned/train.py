@@ -27,7 +27,6 @@ the same steps as one. With a ``time_budget`` the micro-batches are sized to the
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Callable
 
 import torch
@@ -38,7 +37,13 @@ from tl_lenses import devices
 from tl_lenses._autograd import needs_autograd
 from tl_lenses.lenses.tuned.budget import Clock
 from tl_lenses.lenses.tuned.checks import check_training
-from tl_lenses.lenses.tuned.config import REFERENCE_LR, TrainConfig, TrainResult, _optimizer
+from tl_lenses.lenses.tuned.config import (
+    REFERENCE_LR,
+    TrainConfig,
+    TrainResult,
+    _optimizer,
+    with_overrides,
+)
 from tl_lenses.lenses.tuned.distributed import current_world
 from tl_lenses.lenses.tuned.kl import kl_backward, residuals
 from tl_lenses.lenses.tuned.least_squares import Moments
@@ -116,7 +121,7 @@ def train_tuned_lens(model, tokens: Int[Tensor, "batch pos"] | TokenStream | Ten
     check_model(model, spread=True)
     if config is not None and not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig or None, got {type(config).__name__}")
-    cfg = replace(config or TrainConfig(), **overrides)
+    cfg = with_overrides(config, overrides)
     device = devices.lens_device(model, cfg.lens_device)
     cfg = cfg.resolved(device)
     # Every argument is checked before anything is built or moved (nothing is mutated).
