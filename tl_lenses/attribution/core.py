@@ -162,7 +162,6 @@ def _gather(positions: list[int] | Selection):
     return lambda values: values[:, index]
 
 
-
 def require_input(input, cache) -> None:
     """Refuse ``input=None``, saying what to pass when a ``cache`` was given.
 
@@ -173,6 +172,7 @@ def require_input(input, cache) -> None:
         raise TypeError("input is required with cache=: pass the tokens (or text) the cache "
                         "was taken on, e.g. dla(model, tokens, directions, cache=cache); DLA "
                         "reads the positions off them and checks the cache against them")
+
 
 def dla(
     model, input, directions: DirectionSpec, *, positions=-1, heads: bool = True,
