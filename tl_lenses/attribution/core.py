@@ -47,16 +47,12 @@ from tl_lenses.attribution.directions import (
     logit_directions,
     residual_readout,
 )
-from tl_lenses.attribution.identity import (
-    PATTERN_HOOK,
-    check_cache_input,
-    check_parts_sum,
-    parts_add_up,
-)
+from tl_lenses.attribution.identity import check_parts_sum, parts_add_up
 from tl_lenses.attribution.norms import SublayerNorm, sublayer_norm
 from tl_lenses.attribution.provenance import stamp
 from tl_lenses.attribution.result import DLAResult, parse_head_label
 from tl_lenses.attribution.sublayers import project_stacked, sublayer_parts
+from tl_lenses.cache_checks import PATTERN_HOOK, check_cache_input, has_pos_embed
 from tl_lenses.hooks import final_resid_name, flowing_name, run_cache
 from tl_lenses.inputs import Selection, to_batch
 from tl_lenses.readout.unembed import Unembed
@@ -64,11 +60,6 @@ from tl_lenses.sae.latents import site_terms, split_hooks, split_sites
 from tl_lenses.token_strings import TokenStrings
 
 logger = logging.getLogger("tl_lenses")
-
-
-def has_pos_embed(model) -> bool:
-    """Whether the model adds a learned position embedding to the residual stream."""
-    return model.cfg.positional_embedding_type == "standard"
 
 
 def needed_hooks(model, *, heads: bool = True, neurons: bool = False,

@@ -15,6 +15,10 @@ edits a hook point which is no component's output (``hook_resid_pre``, ``ln_fina
 recording hook that returns None changes nothing.) The error names the hook points that
 carry hooks, found in ``O(number of hook points)`` only once an identity has failed.
 
+A cache of *other tokens*, or of a left-padded batch taken without its mask, is a
+self-consistent forward pass these sums cannot see: :mod:`tl_lenses.cache_checks` (shared
+with the lens on a cache) checks a given cache against the input first.
+
 The tolerance scales with the activations' dtype: ``TOLERANCE * eps`` times the size of the
 sum (the sum of the parts' absolute values), so float32 and bfloat16 runs pass and an
 edit well above rounding does not.
@@ -75,91 +79,6 @@ def _eps(dtype: torch.dtype) -> float:
     """The activations' float eps, at least float32's (the parts are summed in float32)."""
     eps = torch.finfo(dtype if dtype.is_floating_point else torch.float32).eps
     return max(eps, torch.finfo(torch.float32).eps)
-
-
-# A cached embedding and the embedding of the token it should hold point the same way
-# (cosine 1, or ~1 where the model scales or normalises its embeddings); another token's
-# is near orthogonal.
-SAME_TOKEN_COSINE = 0.5
-
-
-def check_cache_input(model, cache, batch, selection) -> None:
-    """Raise ValueError unless a given ``cache`` was recorded on ``batch`` (a ``Batch``).
-
-    The parts-sum check cannot see a cache of *other* tokens of the same shape: it is a
-    self-consistent forward pass. So at the cells DLA reads (``selection``), the cached
-    ``hook_embed`` must point along each token's own ``W_E`` row, and be ``d_model`` wide
-    (about eight small tensor ops: DLA from a cache is a few hundred microseconds); and a
-    left-padded batch's cache must have been taken with its mask (:func:`check_padded_cache`).
-    """
-    _check_embeddings(model, cache, batch.tokens, selection)
-    check_padded_cache(cache, batch)
-
-
-def _check_embeddings(model, cache, tokens: Tensor, selection) -> None:
-    embed = cache["hook_embed"]
-    if embed.shape[-1] != model.cfg.d_model:
-        raise ValueError(f"cache= is of a model with d_model={embed.shape[-1]}, not this "
-                         f"model's {model.cfg.d_model}; pass this model's cache or cache=None")
-    W_E = model.embed.W_E.detach()  # (model.W_E on the Bridge is a property over this)
-    column = selection.shared_column
-    if column is not None:  # one column for every prompt (the default): views, no index
-        cached, ids = embed.select(1, column), tokens.select(1, column)      # [batch, d]
-    else:
-        cached = selection.gather(embed)                                     # [batch, n, d]
-        ids = tokens.gather(1, selection.columns.to(tokens.device))
-    if ids.device != W_E.device:  # (a Batch built elsewhere)
-        ids = ids.to(W_E.device)
-    # index_select: the rows without advanced indexing's argument parsing
-    own = W_E.index_select(0, ids if ids.dim() == 1 else ids.flatten()).view(cached.shape)
-    if own.dtype != cached.dtype or own.device != cached.device:
-        own = own.to(cached.device, cached.dtype)
-    if torch.equal(cached, own):
-        return  # the embeddings themselves (no scale): one comparison, no cosine
-    off = torch.nn.functional.cosine_similarity(cached, own, dim=-1) < SAME_TOKEN_COSINE
-    if not selection.complete:
-        off = off & selection.mask.to(off.device).view(off.shape)
-    if bool(off.any()):
-        rows = off.view(len(off), -1).any(1).nonzero()[:, 0].tolist()
-        raise ValueError(f"cache= does not hold this model's forward pass of input: in "
-                         f"prompts {rows[:8]} its embeddings are not this model's embeddings "
-                         "of the input's tokens (a cache of other tokens, or of another "
-                         "model); pass the cache of this input, or cache=None")
-
-
-# The most attention a real query may give a pad key in a cache taken with the mask: zero up
-# to softmax underflow (TL masks with -inf or the dtype's minimum).
-PAD_ATTENTION = 1e-4
-PATTERN_HOOK = "blocks.0.attn.hook_pattern"
-
-
-def check_padded_cache(cache, batch) -> None:
-    """Raise ValueError unless a left-padded batch's ``cache=`` was taken with its mask.
-
-    Without the attention mask each prompt attends to its pads (and TL counts its positions
-    from the first pad), so every value changes while the cache stays a self-consistent
-    forward pass of the same tokens: the other checks pass it. Right padding cannot change
-    a real token (attention is causal). Read at layer 0's attention pattern
-    (``blocks.0.attn.hook_pattern``): the weight real queries give pad keys.
-    """
-    if batch.padding_side != "left" or not batch.padded:
-        return
-    keys = getattr(cache, "cache_dict", cache)
-    pattern = keys.get(PATTERN_HOOK)
-    if pattern is None:
-        raise ValueError(
-            f"cache= of a left-padded batch must hold {PATTERN_HOOK!r}: DLA reads there "
-            "that it was taken with the attention mask (without it each prompt attends to its "
-            "pads and every number changes); add it to the names_filter "
-            "(needed_hooks(model, ..., left_padded=True)), or pass cache=None")
-    mask = batch.mask.to(pattern.device)
-    leak = pattern.float().mul(mask[:, None, :, None]).mul(~mask[:, None, None, :]).amax()
-    if float(leak) > PAD_ATTENTION:
-        raise ValueError(
-            f"cache= was taken without this input's attention mask: at layer 0 real tokens "
-            f"give up to {float(leak):.3g} of their attention to pads; take it with "
-            "run_with_cache(tokens, attention_mask=mask) (or from the strings, padded on the "
-            "left), or pass cache=None")
 
 
 def _cause(model, cache_given: bool) -> str:

@@ -40,15 +40,15 @@ from tl_lenses.attribution.core import (
     _final_scale,
     _present,
     check_cache,
-    has_pos_embed,
     logit_directions,
     parse_head_label,
     require_input,
     residual_readout,
 )
-from tl_lenses.attribution.identity import check_cache_input, check_paths
+from tl_lenses.attribution.identity import check_paths
 from tl_lenses.attribution.norms import sublayer_norm
 from tl_lenses.attribution.provenance import ModelStamp, check_source, stamp
+from tl_lenses.cache_checks import check_cache_input, has_pos_embed
 from tl_lenses.hooks import final_resid_name, run_cache, spliced_sites
 from tl_lenses.inputs import str_tokens, to_batch
 from tl_lenses.models import check_model, is_bridge

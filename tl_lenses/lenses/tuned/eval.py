@@ -30,7 +30,7 @@ from tl_lenses.lenses.logit import LogitLens
 from tl_lenses.lenses.tuned import view
 from tl_lenses.lenses.tuned.lens import TunedLens
 from tl_lenses.models import check_model
-from tl_lenses.readout.apply import apply_lens_to_cache, lens_rows
+from tl_lenses.readout.apply import lens_rows, read_own_cache
 from tl_lenses.readout.fingerprint import check_each_lens
 from tl_lenses.readout.lens import Lens
 from tl_lenses.readout.unembed import Unembed
@@ -163,8 +163,8 @@ def evaluate_lenses(model, tokens: Int[Tensor, "batch pos"],
             continue
         cache = run_cache(model, batch, names)
         for key, lens in lenses.items():
-            result = apply_lens_to_cache(model, cache, batch, lens, hook_names=names, k=1,
-                                         target="next", positions=list(range(longest - 1)))
+            result = read_own_cache(model, cache, batch, lens, names, k=1, target="next",
+                                    positions=list(range(longest - 1)))
             sums[key].add(result)
         n_tokens += int((result.target_ids >= 0).sum())
         predicted = batch.mask[:, 1:] & batch.mask[:, :-1]  # a real token after a real one
