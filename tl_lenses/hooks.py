@@ -98,7 +98,8 @@ def resolve_layer(model, layer, *, argument: str = "layer",
     """
     n = model.cfg.n_layers
     low = -(n + 1) if negative else 0
-    layer = layer if as_int(layer) is None else as_int(layer)  # numpy ints, 0-d tensors
+    if (value := as_int(layer)) is not None:  # numpy ints, 0-d tensors
+        layer = value
     if isinstance(layer, bool) or not isinstance(layer, int) or not low <= layer <= n:
         raise ValueError(
             f"{argument} must be an int in [0, n_layers={n}] (0 = embedding, {n} = final "
@@ -115,7 +116,8 @@ def resolve_position(position, n_pos: int, *, argument: str = "position") -> int
     Raises:
         ValueError: naming ``argument``, for a bool, a non-int or an index out of range.
     """
-    position = position if as_int(position) is None else as_int(position)
+    if (value := as_int(position)) is not None:
+        position = value
     if isinstance(position, bool) or not isinstance(position, int) \
             or not -n_pos <= position < n_pos:
         raise ValueError(

@@ -218,8 +218,8 @@ def single_token(model, token, *, argument: str = "target") -> int:
     """The id of a token given as an id or as text that must tokenize to exactly one token."""
     if isinstance(token, bool):
         raise TypeError(f"{argument} must be a token id or a one-token string, got a bool")
-    if as_int(token) is not None:  # an int, a numpy integer or a 0-d int tensor
-        token = as_int(token)
+    if (value := as_int(token)) is not None:  # an int, a numpy integer or a 0-d int tensor
+        token = value
         if not 0 <= token < model.cfg.d_vocab:
             raise ValueError(f"{argument} id {token} is outside [0, {model.cfg.d_vocab})")
         return token

@@ -166,7 +166,7 @@ def causal_fidelity(
 def _layer_names(model, layers) -> list[str]:
     n = model.cfg.n_layers
     layers = list(range(n)) if layers is None else (
-        [layers] if as_ints(layers) is None else as_ints(layers))
+        [layers] if (ints := as_ints(layers)) is None else ints)
     bad = [l for l in layers if isinstance(l, bool) or not isinstance(l, int) or not 0 <= l < n]
     if bad or not layers:
         raise ValueError(f"layers must be non-empty block indices in [0, {n}), got {layers}")

@@ -141,7 +141,7 @@ def _rows(model, layers) -> list[str]:
     stream = resid_names(model)
     if layers is None:
         return stream
-    layers = [layers] if as_ints(layers) is None else as_ints(layers)
+    layers = [layers] if (ints := as_ints(layers)) is None else ints
     bad = [l for l in layers
            if isinstance(l, bool) or not isinstance(l, int) or not 0 <= l < len(stream)]
     if bad or not layers:

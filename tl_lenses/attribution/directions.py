@@ -8,7 +8,6 @@ that ``logit = resid_final · u / s + c`` with the norm's scale ``s`` frozen (se
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass
 from typing import Union
 
@@ -16,6 +15,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from tl_lenses._ints import as_int
 from tl_lenses.inputs import single_token, token_pieces
 from tl_lenses.models import check_model
 from tl_lenses.readout.unembed import Unembed
@@ -127,20 +127,17 @@ def _bias(unembed: Unembed, token: int) -> Float[Tensor, " 1"]:
 
 def _output_token(model, unembed: Unembed, token, argument: str) -> int:
     """A token id of the *output* vocabulary (``d_vocab_out`` may differ from the input's)."""
-    if isinstance(token, Tensor):
-        if token.dim() == 0 and not token.is_floating_point() and token.dtype != torch.bool:
-            token = int(token)  # a 0-d int tensor (answer_tokens[i]) is a token id
-        else:
-            raise TypeError(
-                f"{argument}: a {token.dtype} tensor of shape {tuple(token.shape)} is neither "
-                f"a token id (an int or a 0-d int tensor) nor a direction vector (a float "
-                f"tensor [d_model] or [n, d_model])")
-    if isinstance(token, numbers.Integral) and not isinstance(token, bool):
-        token = int(token)  # numpy ints too
-        if not 0 <= token < unembed.d_vocab:
-            raise ValueError(f"{argument} id {token} is outside the output vocabulary "
+    value = as_int(token)  # an int, a numpy integer or a 0-d int tensor (answer_tokens[i])
+    if value is not None:
+        if not 0 <= value < unembed.d_vocab:
+            raise ValueError(f"{argument} id {value} is outside the output vocabulary "
                              f"[0, {unembed.d_vocab})")
-        return token
+        return value
+    if isinstance(token, Tensor):
+        raise TypeError(
+            f"{argument}: a {token.dtype} tensor of shape {tuple(token.shape)} is neither "
+            f"a token id (an int or a 0-d int tensor) nor a direction vector (a float "
+            f"tensor [d_model] or [n, d_model])")
     return single_token(model, token, argument=argument)
 
 

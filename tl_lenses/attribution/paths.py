@@ -345,9 +345,9 @@ def head_path_dla(
     batch = to_batch(model, input, padding_side=padding_side, attention_mask=attention_mask)
     tokens = batch.tokens
     dirs = logit_directions(model, directions)
-    if as_int(position) is None:
+    if (value := as_int(position)) is None:
         raise ValueError(f"position must be one int (the destination token), got {position!r}")
-    position = as_int(position)
+    position = value
     selection = batch.select(position, argument="position")
     if not bool(selection.mask.all()):
         raise ValueError(f"position {position} is beyond the end of prompts "

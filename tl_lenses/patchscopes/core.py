@@ -137,9 +137,9 @@ def patch_hook(value: Float[Tensor, " d_model"], position: IntLike) -> Callable:
     """
     if not isinstance(value, Tensor) or value.dim() != 1:
         raise ValueError(f"value must be one d_model vector, got {getattr(value, 'shape', value)}")
-    if as_int(position) is None:  # an int, a numpy integer or a 0-d int tensor; no bool
+    if (index := as_int(position)) is None:  # an int, a numpy integer or a 0-d int tensor
         raise ValueError(f"position must be an int, got {position!r}")
-    position = as_int(position)
+    position = index
 
     def hook(resid: Tensor, hook) -> Tensor:
         if not -resid.shape[1] <= position < resid.shape[1]:

@@ -188,8 +188,8 @@ def patchscope_sweep(
     if positions is None:
         raise ValueError(f"source_positions must be an int or ints, got {source_positions!r}")
     t_tokens = [one_prompt(target_model, t, argument="target_prompts") for t in targets]
-    wanted = [as_int(target_position)] * len(t_tokens) if is_int(target_position) \
-        else as_ints(target_position) or []
+    one = as_int(target_position)
+    wanted = [one] * len(t_tokens) if one is not None else as_ints(target_position) or []
     if len(wanted) != len(t_tokens):
         raise ValueError(f"target_position must be an int or one per target prompt "
                          f"({len(t_tokens)}), got {target_position!r}")

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from tl_lenses._ints import is_int
 from tl_lenses.cache_checks import EMBED_HOOK, PATTERN_HOOK, RESID_HOOK, Given, check_cache_input
+from tl_lenses.devices import model_device
 from tl_lenses.hooks import (
     check_hook_names,
     final_resid_name,
@@ -24,7 +25,6 @@ from tl_lenses.readout.engine import read_lens
 from tl_lenses.readout.fingerprint import check_lens
 from tl_lenses.readout.lens import Lens
 from tl_lenses.readout.result import LensResult
-from tl_lenses.readout.unembed import Unembed
 from tl_lenses.typing import IntLike
 
 # How the checks of a given cache name it and its input (tl_lenses.cache_checks).
@@ -228,7 +228,7 @@ def _check_lens_covers(model, lens: Lens | None, hook_names: Sequence[str]) -> N
     """
     if lens is None:
         return
-    device = Unembed.from_model(model).W_U.device
+    device = model_device(model)  # the readout's (checked by the caller's check_model)
     probe = torch.zeros(0, model.cfg.d_model, device=device, dtype=model.cfg.dtype)
     with torch.inference_mode():
         for name in hook_names:

@@ -120,7 +120,7 @@ def latent_directions(
 def _check_latents(latents, d_sae: int) -> list[int]:
     if latents is None:
         return list(range(d_sae))
-    index = [latents] if as_ints(latents) is None else as_ints(latents)
+    index = [latents] if (ints := as_ints(latents)) is None else ints
     bad = [i for i in index if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < d_sae]
     if bad or not index:
         raise ValueError(
