@@ -380,6 +380,69 @@ def test_a_bridge_in_training_mode_is_refused_and_left_as_it_was():
     torch.testing.assert_close(again.top_probs, evaluated.top_probs, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("family", ["gpt2", "opt"])
+def test_one_block_in_training_mode_is_refused_where_it_drops_out(family):
+    """``model.blocks[1].train()`` leaves the roots in eval mode, but GPT-2's and OPT's
+    dropout (0.1) then makes that block random: refused, naming the block's modules."""
+    from tl_lenses.tiny_families import tiny_family_bridge
+
+    model = tiny_family_bridge(family)
+    tokens = torch.tensor([[3, 5, 7, 9, 11]])
+    evaluated = tll.logit_lens(model, tokens, k=3)
+    own_hooks = _hook_ids(model)  # TL 4.3's OPT Bridge keeps hooks of its own on the MLPs
+    model.blocks[1].train()
+    with torch.no_grad():  # the premise: two passes of the model now differ
+        assert not torch.equal(model(tokens), model(tokens))
+    for call in (lambda: tll.logit_lens(model, tokens, k=3),
+                 lambda: dla(model, tokens, (3, 5)),
+                 lambda: tll.patchscope(model, tokens, tokens, source_layer=1,
+                                        target_layer=1)):
+        with pytest.raises(ValueError, match=r"modules in training mode \(.*blocks\.1.*"
+                                             r"model\.eval\(\)"):
+            call()
+    assert model.blocks[1].training and not model.training  # left as the user set them
+    assert _hook_ids(model) == own_hooks
+    model.eval()
+    again = tll.logit_lens(model, tokens, k=3)
+    torch.testing.assert_close(again.top_probs, evaluated.top_probs, rtol=0, atol=0)
+
+
+def _hook_ids(model) -> dict[str, set[int]]:
+    return {name: {*hp._forward_hooks, *hp._backward_hooks}
+            for name, hp in model.hook_dict.items() if hp._forward_hooks or hp._backward_hooks}
+
+
+def test_one_block_in_training_mode_is_accepted_where_nothing_reads_it():
+    """A Llama-style model has dropout rates of 0: a block in training mode runs exactly as
+    in evaluation, so it is not refused (the numbers are the evaluation's)."""
+    from tl_lenses.tiny_families import tiny_family_bridge
+
+    model = tiny_family_bridge("llama")
+    tokens = torch.tensor([[3, 5, 7, 9, 11]])
+    evaluated = dla(model, tokens, (3, 5))
+    model.blocks[1].train()
+    try:
+        trained_block = dla(model, tokens, (3, 5))
+    finally:
+        model.eval()
+    torch.testing.assert_close(trained_block.values, evaluated.values, rtol=0, atol=0)
+
+
+@pytest.mark.hooked
+def test_a_hooked_attention_in_training_mode_is_refused_with_log_n_scaling():
+    """TL reads the training flag on each block's attention: one attention in training mode
+    (roots in eval mode) skips log-n scaling there."""
+    model = tiny_hooked("llama-gqa").eval()
+    model.blocks[1].attn.train()
+    tll.logit_lens(model, "hello world", k=3)  # nothing reads the mode without the flags
+    model.cfg.use_logn_attn = True
+    try:
+        with pytest.raises(ValueError, match=r"modules in training mode \(blocks\.1\.attn\)"):
+            tll.logit_lens(model, "hello world", k=3)
+    finally:
+        model.cfg.use_logn_attn = False
+
+
 @pytest.mark.hooked
 def test_a_hooked_transformer_in_training_mode_is_refused_only_where_it_matters():
     """TL 3.x's HookedTransformer has no dropout: training mode (a fresh nn.Module's) changes

@@ -189,6 +189,15 @@ def _bump(*args) -> None:
     _STRUCTURE[0] += 1
 
 
+def tree_version() -> int:
+    """A count that changes whenever any module anywhere registers a submodule or tensor.
+
+    What was found by walking a module tree (a parameter, buffer or submodule registered
+    anywhere bumps it) still holds while the count stands still.
+    """
+    return _STRUCTURE[0]
+
+
 for _register in (torch.nn.modules.module.register_module_module_registration_hook,
                   torch.nn.modules.module.register_module_parameter_registration_hook,
                   torch.nn.modules.module.register_module_buffer_registration_hook):

@@ -34,6 +34,7 @@ from tl_lenses._compat import (
     weight_converter,
 )
 from tl_lenses.devices import lens_device, model_device
+from tl_lenses.modes import check_eval_mode
 
 logger = logging.getLogger("tl_lenses")
 
@@ -278,9 +279,10 @@ def check_model(model, *, argument: str = "model", spread: bool = False) -> None
     one ``cfg.device`` names (:func:`tl_lenses.devices.model_device`), or with ``spread``
     (tuned-lens training) on several real devices (:func:`tl_lenses.devices.lens_device`);
     and neither may be in training mode where that changes its forward pass
-    (:func:`_check_eval_mode`).
+    (:func:`tl_lenses.modes.check_eval_mode`).
     """
-    if is_bridge(model):
+    bridge = is_bridge(model)
+    if bridge:
         if not getattr(model, "compatibility_mode", False):
             raise ValueError(
                 f"{argument} is a TransformerBridge without compatibility mode; call "
@@ -292,33 +294,11 @@ def check_model(model, *, argument: str = "model", spread: bool = False) -> None
             f"{argument} must be a HookedTransformer or a TransformerBridge, got "
             f"{type(model).__name__}"
         )
-    _check_eval_mode(model, argument)
+    check_eval_mode(model, argument, bridge=bridge)
     if spread:
         lens_device(model, argument=argument)
     else:
         model_device(model, argument=argument)
-
-
-def _check_eval_mode(model, argument: str) -> None:
-    """Refuse a model whose training mode makes its forward pass differ from evaluation.
-
-    A Bridge runs the HF model, whose dropout (and attention dropout) is active in training
-    mode: every pass would be random. A HookedTransformer has no dropout; in TL 3.x only
-    ``use_logn_attn`` and ``use_dynamic_ntk_rope`` (Qwen) read the mode, so one built from
-    a config (training mode, as every new ``nn.Module``) is refused only with those. Read on
-    the roots (``model``, and a Bridge's ``original_model``), where ``model.train()`` sets it.
-    """
-    if is_bridge(model):
-        training = model.training or getattr(model, "original_model", model).training
-        why = "the HF model's dropout is active: each pass is random"
-    else:
-        cfg = model.cfg
-        training = model.training and bool(getattr(cfg, "use_logn_attn", False)
-                                           or getattr(cfg, "use_dynamic_ntk_rope", False))
-        why = "TL skips its log-n attention scaling and dynamic NTK RoPE in training mode"
-    if training:
-        raise ValueError(f"{argument} is in training mode, where its forward pass differs "
-                         f"from evaluation ({why}); call {argument}.eval() first")
 
 
 # --- any model a user has: a HF folder, a GGUF file, or a TransformerLens model name -------
