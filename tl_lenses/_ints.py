@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numbers
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -44,3 +45,28 @@ def as_ints(values) -> list | None:
     if isinstance(values, Tensor) and values.dim() == 0:  # a float or bool scalar tensor
         return None
     return [as_int(v) if is_int(v) else v for v in values]
+
+
+def ids_as_tensor(input, argument: str) -> Tensor | None:
+    """Token ids given as a numpy array, a list of ints or equal lists of ints, as a tensor.
+
+    None for anything else (text, a Batch, other types: the caller's messages). Rows of
+    unequal lengths are an error: where the padding is must come from an attention mask.
+    """
+    if isinstance(input, np.ndarray):  # float/bool arrays too: the caller names the dtype
+        return torch.as_tensor(input) if input.dtype.kind in "biuf" else None
+    if not isinstance(input, (list, tuple)) or not input:
+        return None
+    if all(as_int(x) is not None for x in input):
+        return torch.tensor([as_int(x) for x in input])
+    rows = [as_ints(row) if isinstance(row, (list, tuple, np.ndarray, Tensor)) else None
+            for row in input]
+    if any(row is None or not row or any(as_int(x) is None for x in row)  # bools too
+           for row in rows):
+        return None
+    if len({len(row) for row in rows}) > 1:
+        raise ValueError(
+            f"{argument} holds token rows of different lengths {[len(r) for r in rows]}; pad "
+            "them to one length and pass attention_mask= (1 = token, 0 = pad), or pass text"
+        )
+    return torch.tensor(rows)

@@ -73,13 +73,39 @@ def resid_names(model, *, incl_mid: bool = False) -> list[str]:
     ``resid_pre`` of every block (``resid_pre`` of block 0 is the embedding), optionally
     each ``resid_mid``, then the final ``resid_post``: ``n_layers + 1`` names, or
     ``2 * n_layers + 1`` with ``incl_mid``.
+
+    Raises:
+        ValueError: naming ``incl_mid``, for a model without ``resid_mid`` hook points
+            (:func:`no_resid_mid`).
     """
+    # Checked here: without it a method asking for resid_mid failed later, with a message
+    # about a cache's names_filter.
+    if incl_mid and (why := no_resid_mid(model)) is not None:
+        raise ValueError(f"incl_mid=True needs resid_mid hook points, and this model has none "
+                         f"({why}); name the hook points to read in hook_names instead")
     names = []
     for layer in range(model.cfg.n_layers):
         names.append(f"blocks.{layer}.hook_resid_pre")
         if incl_mid:
             names.append(f"blocks.{layer}.hook_resid_mid")
     return names + [final_resid_name(model)]
+
+
+def no_resid_mid(model) -> str | None:
+    """Why ``model``'s blocks have no ``resid_mid`` hook point, or None when they all have one.
+
+    Blocks that run attention and MLP in parallel (GPT-J, Pythia, Phi) or have no MLP
+    (attention-only models) have none, on either backend.
+    """
+    hooks = model.hook_dict
+    if all(flowing_name(hooks, f"blocks.{layer}.hook_resid_mid") in hooks
+           for layer in range(model.cfg.n_layers)):
+        return None
+    if getattr(model.cfg, "parallel_attn_mlp", False):
+        return "it runs attention and MLP in parallel"
+    if getattr(model.cfg, "attn_only", False):
+        return "its blocks are attention-only"
+    return "it has no hook point between its attention and MLP"
 
 
 def resolve_layer(model, layer, *, argument: str = "layer",

@@ -9,7 +9,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from tl_lenses._ints import as_int, as_ints
+from tl_lenses._ints import as_int, as_ints, ids_as_tensor
 from tl_lenses.devices import model_device
 from tl_lenses.token_strings import TokenStrings, str_tokens, token_pieces  # noqa: F401
 
@@ -67,8 +67,9 @@ def to_batch(
 
     Args:
         model: a HookedTransformer or TransformerBridge.
-        input: a string, a list of strings, an int tensor ``[pos]`` or ``[batch, pos]``
-            of token ids, or a :class:`Batch` (returned as it is).
+        input: a string, a list of strings, token ids ``[pos]`` or ``[batch, pos]`` (an
+            int tensor, a numpy int array, a list of ints or equal lists of ints), or a
+            :class:`Batch` (returned as it is).
         padding_side: ``"right"`` or ``"left"`` for a list of strings; None takes the
             tokenizer's setting (TL's ``padding_side``), else right. With token ids and a
             mask, the side is read off the mask (and must agree when given).
@@ -105,6 +106,8 @@ def to_batch(
                              "whose padding tl_lenses makes itself (choose padding_side=)")
         return _text_batch(model, [input] if isinstance(input, str) else list(input),
                            padding_side or _tokenizer_side(model), argument, device)
+    if not isinstance(input, Tensor) and (ids := ids_as_tensor(input, argument)) is not None:
+        input = ids  # a numpy array or nested lists of ids: checked as a tensor below
     if isinstance(input, Tensor):
         tokens = input.unsqueeze(0) if input.dim() == 1 else input
         if tokens.dim() != 2 or tokens.dtype.is_floating_point or tokens.dtype.is_complex \
@@ -124,9 +127,10 @@ def to_batch(
             return batch
         return Batch(tokens, *_check_mask(tokens, attention_mask, padding_side))
     raise TypeError(
-        f"{argument} must be a string, a list of strings, a tensor of token ids or a Batch, "
-        f"got {type(input).__name__}"
+        f"{argument} must be a string, a list of strings, token ids (a tensor, a numpy array "
+        f"or lists of ints) or a Batch, got {type(input).__name__}"
     )
+
 
 
 def check_ids(model, ids: Tensor, argument: str, *, allow_none: bool = False) -> None:
@@ -177,10 +181,12 @@ def _pad_id(model) -> int:
 def _check_mask(tokens: Tensor, mask, side: str | None) -> tuple[Tensor, str]:
     """(a bool mask, the padding side it shows, which must agree with ``side`` if given)."""
     if not isinstance(mask, Tensor) or mask.shape != tokens.shape or mask.is_floating_point():
+        # the dtype too: a float mask of the right shape read "got (1, 8)" for (1, 8)
+        got = f"{mask.dtype} {tuple(mask.shape)}" if isinstance(mask, Tensor) \
+            else type(mask).__name__
         raise ValueError(
             f"attention_mask must be an int or bool tensor shaped like the tokens "
-            f"{tuple(tokens.shape)}, got "
-            f"{tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__}"
+            f"{tuple(tokens.shape)}, got {got}"
         )
     if ((mask != 0) & (mask != 1)).any():
         raise ValueError("attention_mask must hold only 0 and 1")

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from tl_lenses._autograd import needs_autograd
 from tl_lenses.analysis._stream import batches, check_positive, check_tokens
+from tl_lenses.hooks import no_resid_mid
 from tl_lenses.viz.notebook import NotebookView
 
 SUBLAYERS = ("attn", "mlp", "both")
@@ -101,7 +102,8 @@ def gradient_alignment(model, tokens: Int[Tensor, "batch pos"], *, bins: int = 1
 
     Raises:
         ValueError: on malformed tokens or arguments.
-        NotImplementedError: for parallel attention/MLP blocks (no ``resid_mid``).
+        NotImplementedError: for parallel attention/MLP or attention-only blocks (no
+            ``resid_mid``).
 
     Examples:
         >>> rows = torch.randint(0, model.cfg.d_vocab, (4, 12), generator=torch.manual_seed(0))
@@ -116,9 +118,9 @@ def gradient_alignment(model, tokens: Int[Tensor, "batch pos"], *, bins: int = 1
     """
     check_tokens(model, tokens)
     check_positive(bins=bins)
-    if getattr(model.cfg, "parallel_attn_mlp", False):
-        raise NotImplementedError("gradient_alignment needs sequential attention and MLP "
-                                  "(resid_mid); this model runs them in parallel")
+    if (why := no_resid_mid(model)) is not None:  # attention-only: was a KeyError
+        raise NotImplementedError(f"gradient_alignment needs sequential attention and MLP "
+                                  f"(resid_mid); this model has none: {why}")
     n_layers = model.cfg.n_layers
     sums = torch.zeros(len(SUBLAYERS), n_layers, dtype=torch.float64)
     hist = torch.zeros(len(SUBLAYERS), n_layers, bins, dtype=torch.float64)

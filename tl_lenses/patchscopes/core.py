@@ -396,16 +396,28 @@ def check_generation(max_new_tokens, *, allow_zero: bool = False) -> int:
 
 def check_context(model, prompt_len: int, max_new_tokens: int, *,
                   argument: str = "target_prompt") -> None:
-    """Refuse a generation that would run past the model's ``n_ctx``.
+    """Refuse a generation that would run past the model's ``n_ctx`` or out of its vocabulary.
 
     The prompt's ``prompt_len`` tokens and all but the last of the ``max_new_tokens``
     generated ones are fed back, so ``prompt_len + max_new_tokens - 1`` positions must fit.
     Checked before any forward pass: past ``n_ctx`` a HookedTransformer raises a bare
     IndexError and some TransformerBridge models silently read positions they never learnt.
 
+    A model whose output vocabulary is wider than its input one (``d_vocab_out >
+    d_vocab``) cannot generate: a greedy id past ``d_vocab`` cannot be fed back (TL raised
+    a bare IndexError from its embedding).
+
     Raises:
-        ValueError: naming ``max_new_tokens``, the prompt's length and ``n_ctx``.
+        ValueError: naming ``max_new_tokens``, the prompt's length and ``n_ctx``, or the
+            two vocabulary sizes.
     """
+    d_vocab, d_out = model.cfg.d_vocab, getattr(model.cfg, "d_vocab_out", -1)
+    if max_new_tokens and isinstance(d_out, int) and d_out > d_vocab:
+        raise ValueError(
+            f"max_new_tokens={max_new_tokens} needs a model that can read what it writes, and "
+            f"this one predicts d_vocab_out={d_out} ids but embeds only d_vocab={d_vocab}; "
+            "pass max_new_tokens=0 (the next-token logits are still returned)"
+        )
     n_ctx = model.cfg.n_ctx
     if max_new_tokens and prompt_len + max_new_tokens - 1 > n_ctx:
         room = n_ctx - prompt_len + 1
