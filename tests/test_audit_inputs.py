@@ -19,8 +19,10 @@ import torch
 from conftest import assert_no_hooks, assert_weights_unchanged, weights_snapshot
 
 import tl_lenses as tll
+from tl_lenses.data import generated_tokens
 from tl_lenses.hooks import resid_names
 from tl_lenses.inputs import _check_mask
+from tl_lenses.lenses.attribute.relations import Relation, Sample
 from tl_lenses.tiny_families import tiny_family
 
 # (family, backend) members without resid_mid hook points, and why
@@ -146,3 +148,35 @@ def test_a_float_mask_of_the_right_shape_names_its_dtype(tiny_model):
     with pytest.raises(ValueError, match=r"attention_mask must be an int or bool tensor .*"
                        r"got torch.float32 \(2, 5\)"):
         _check_mask(tokens, torch.ones(2, 5), None)
+
+
+
+def test_sweep_refuses_a_bool_k(tiny_model):
+    with pytest.raises(ValueError, match="k must be an int"):
+        tll.patchscope_sweep(tiny_model, "abc", "de", k=True)   # was taken as k=1
+
+
+TOY = Relation("toy", ("{} =", "{} is"), tuple(Sample(s, o) for s, o in zip("abcdef", "uvwxyz")))
+
+
+@pytest.mark.parametrize("call, argument", [
+    (lambda m: tll.train_tuned_lens(m, torch.zeros(4, 6, dtype=torch.long), steps=1,
+                                    batch_size=True, progress=False), "batch_size"),
+    (lambda m: tll.train_tuned_lens(m, torch.zeros(4, 6, dtype=torch.long), steps=1,
+                                    micro_batch_size=True, progress=False), "micro_batch_size"),
+    (lambda m: tll.logit_lens(m, ["ab", "cd"]).to_html(batch=True), "batch"),
+    (lambda m: tll.estimate_lre(m, TOY, layer=1, n=2, template=True), "template"),
+    (lambda m: TOY.split(True), "n_train"),
+    (lambda m: generated_tokens(m, True, 4), "n_rows"),
+    (lambda m: generated_tokens(m, 2, 4, batch_size=True), "batch_size"),
+    (lambda m: tll.tuned.TokenStream(m, texts=["ab cd"], seq_len=4, chunk_bytes=True),
+     "chunk_bytes"),
+], ids=["train batch_size", "train micro_batch_size", "view batch", "lre template",
+        "relation split", "samples n_rows", "samples batch_size", "stream chunk_bytes"])
+def test_a_bool_is_never_a_count_or_an_index(tiny_model, call, argument):
+    """True was taken as 1 (a one-row batch, the second prompt, the second template)."""
+    snapshot = weights_snapshot(tiny_model)
+    with pytest.raises(ValueError, match=f"{argument} must .*True"):
+        call(tiny_model)
+    assert_weights_unchanged(tiny_model, snapshot)
+    assert_no_hooks(tiny_model)

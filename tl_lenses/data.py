@@ -122,7 +122,7 @@ def generated_tokens(model, n_rows: int, seq_len: int, *, seed: int = 0,
     """
     check_model(model)
     for name, value in (("n_rows", n_rows), ("seq_len", seq_len), ("batch_size", batch_size)):
-        if not isinstance(value, int) or value < 1:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     check_seq_len(model, seq_len, low=1)
     generator = torch.Generator().manual_seed(seed)

@@ -96,7 +96,7 @@ class TokenStream:
                  if v is not None]
         if len(given) != 1:
             raise ValueError(f"pass exactly one of paths, dataset, texts; got {given}")
-        if not isinstance(chunk_bytes, int) or chunk_bytes < 1:
+        if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes < 1:
             raise ValueError(f"chunk_bytes must be a positive int, got {chunk_bytes!r}")
         require_tokenizer(model)
         self.tokenizer, self.separator = model.tokenizer, _separator(model)

@@ -170,7 +170,7 @@ def patchscope_sweep(
     check_generation(max_new_tokens, allow_zero=True)
     if pairs not in ("all", "same"):
         raise ValueError(f"pairs must be 'all' or 'same', got {pairs!r}")
-    if not isinstance(k, int) or not 1 <= k <= target_model.cfg.d_vocab:
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= target_model.cfg.d_vocab:
         raise ValueError(f"k must be an int in [1, d_vocab], got {k!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1 (cases per forward pass), got "

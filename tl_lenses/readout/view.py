@@ -73,7 +73,7 @@ def grid_cells(result: LensResult, statistic: str, batch: int, text: str, column
     if text not in ("top1", "value"):
         raise ValueError(f"text must be 'top1' or 'value', got {text!r}")
     n_batch = result.tokens.shape[0]
-    if not isinstance(batch, int) or not 0 <= batch < n_batch:
+    if isinstance(batch, bool) or not isinstance(batch, int) or not 0 <= batch < n_batch:
         raise ValueError(f"batch must be an int in [0, {n_batch}), got {batch!r}")
     cols = _columns(result, columns, batch)
     values = result.statistic(statistic)[:, batch].cpu()

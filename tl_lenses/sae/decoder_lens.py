@@ -152,7 +152,7 @@ def latent_lens(
             it has no translator at the SAE's hook point.
     """
     check_model(model)
-    if not isinstance(k, int) or k < 1:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be a positive int, got {k!r}")
     directions = latent_directions(model, sae, lens, latents)
     U = readout_matrix(model)

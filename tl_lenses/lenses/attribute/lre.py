@@ -417,7 +417,8 @@ def _training_samples(relation: Relation, n: int | None, train, seed: int) -> li
 
 
 def _template(relation: Relation, template: int) -> str:
-    if not isinstance(template, int) or not 0 <= template < len(relation.prompt_templates):
+    if isinstance(template, bool) or not isinstance(template, int) \
+            or not 0 <= template < len(relation.prompt_templates):
         raise ValueError(f"template must index relation.prompt_templates "
                          f"(0..{len(relation.prompt_templates) - 1}), got {template!r}")
     return check_template(relation.prompt_templates[template])

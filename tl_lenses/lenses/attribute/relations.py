@@ -61,7 +61,8 @@ class Relation:
         """(train, held-out): ``n_train`` samples drawn with ``seed``, and the rest."""
         import random
 
-        if not isinstance(n_train, int) or not 1 <= n_train < len(self.samples):
+        if isinstance(n_train, bool) or not isinstance(n_train, int) \
+                or not 1 <= n_train < len(self.samples):
             raise ValueError(
                 f"n_train must be an int in [1, {len(self.samples)}) for relation "
                 f"{self.name!r} with {len(self.samples)} samples, got {n_train!r}"

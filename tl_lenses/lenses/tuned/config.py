@@ -66,7 +66,8 @@ class TrainConfig:
             raise ValueError(f"recipe must be 'fast' or 'reference', got {self.recipe!r}")
         for name in ("batch_size", "micro_batch_size"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value < 1):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if self.time_budget is not None and not self.time_budget > 0:
             raise ValueError(f"time_budget must be > 0 seconds, got {self.time_budget!r}")
