@@ -180,3 +180,62 @@ def test_a_bool_is_never_a_count_or_an_index(tiny_model, call, argument):
         call(tiny_model)
     assert_weights_unchanged(tiny_model, snapshot)
     assert_no_hooks(tiny_model)
+
+
+@pytest.fixture
+def narrow_out(monkeypatch):
+    """A model predicting fewer ids than it embeds (TL's algorithmic models: d_vocab_out=200)."""
+    from tl_lenses import tiny_families
+
+    monkeypatch.setitem(tiny_families.HOOKED_FAMILIES, "narrow-out",
+                        dict(normalization_type="LN", positional_embedding_type="standard",
+                             d_vocab_out=200))
+    return tiny_families.tiny_family_hooked("narrow-out")
+
+
+def _own_ranks(model, tokens, targets):
+    """Each cell's rank of ``targets`` in the final logits (-1 where the target is -1)."""
+    with torch.no_grad():
+        logits = model(tokens)[0].float()
+    picked = logits.gather(-1, targets.clamp(min=0)[:, None])
+    ranks = (logits > picked).sum(-1) + 1
+    return torch.where(targets >= 0, ranks, -1)
+
+
+@pytest.mark.hooked
+def test_targets_are_ids_of_the_output_vocabulary(narrow_out, caplog):
+    model = narrow_out
+    assert (model.cfg.d_vocab, model.W_U.shape[-1]) == (257, 200)
+    tokens = torch.tensor([[3, 230, 5, 210, 7, 8]])   # 230, 210: embedded, never predicted
+    for target in (230, torch.full_like(tokens, 230)):
+        with pytest.raises(ValueError, match=r"target.* outside \[0, 200\)"):
+            tll.logit_lens(model, tokens, target=target)
+    with pytest.raises(ValueError, match=r"k must be an int in \[1, d_vocab=200\]"):
+        tll.patchscope_sweep(model, tokens[:, :3], tokens[:, 3:], k=201)
+    with caplog.at_level("WARNING", logger="tl_lenses"):
+        result = tll.logit_lens(model, tokens, target="next")
+    assert "2 next tokens are outside the model's output vocabulary" in caplog.text
+    expected = torch.tensor([-1, 5, -1, 7, 8, -1])
+    assert result.target_ids[0].tolist() == expected.tolist()
+    assert torch.equal(result.target_rank[-1, 0], _own_ranks(model, tokens, expected))
+    with pytest.raises(ValueError, match="tokens has next tokens outside the model's output "
+                       r"vocabulary \[0, d_vocab_out=200\)"):
+        tll.analysis.current_vs_next(model, tokens, progress=False)
+    # Held-out metrics count the cells whose next token the model can predict.
+    evaluation = tll.evaluate_lenses(model, tokens).metrics["logit"]
+    assert evaluation.n_tokens == 3
+    with torch.no_grad():
+        logp = model(tokens)[0].float().log_softmax(-1)
+    own_ce = -logp[[1, 3, 4], [5, 7, 8]].mean()
+    assert torch.allclose(evaluation.cross_entropy[-1], own_ce, atol=1e-5)
+
+
+@pytest.mark.hooked
+def test_output_ids_past_the_input_vocabulary_are_targets_too():
+    model = _member("untied-vocab-out", "hooked")   # d_vocab_out=300 > d_vocab=257
+    tokens = model.to_tokens("ab cd", prepend_bos=False)
+    targets = torch.full_like(tokens, 280)
+    for target in (280, targets):
+        result = tll.logit_lens(model, tokens, target=target)
+        assert torch.equal(result.target_rank[-1, 0], _own_ranks(model, tokens, targets[0]))
+    assert tll.logit_lens(model, tokens, k=300).top_ids.shape[-1] == 300

@@ -133,9 +133,13 @@ def to_batch(
 
 
 
-def check_ids(model, ids: Tensor, argument: str, *, allow_none: bool = False) -> None:
-    """Fail unless every id is in ``[0, d_vocab)`` (or -1, "none", with ``allow_none``)."""
-    d_vocab, low = model.cfg.d_vocab, -1 if allow_none else 0
+def check_ids(model, ids: Tensor, argument: str, *, allow_none: bool = False,
+              vocab: int | None = None) -> None:
+    """Fail unless every id is in ``[0, vocab)`` (or -1, "none", with ``allow_none``).
+
+    ``vocab``: as in :func:`single_token` (None: the input vocabulary, ``d_vocab``).
+    """
+    d_vocab, low = model.cfg.d_vocab if vocab is None else vocab, -1 if allow_none else 0
     if not ids.numel():
         return
     smallest, largest = ids.aminmax()  # one pass (a DLA call's tokens are checked each time)
@@ -220,14 +224,20 @@ def _check_length(model, tokens: Tensor, argument: str,
     return tokens.to(device or model_device(model))
 
 
-def single_token(model, token, *, argument: str = "target") -> int:
-    """The id of a token given as an id or as text that must tokenize to exactly one token."""
+def single_token(model, token, *, argument: str = "target", vocab: int | None = None) -> int:
+    """The id of a token given as an id or as text that must tokenize to exactly one token.
+
+    ``vocab``: ids allowed, ``[0, vocab)`` (None: ``d_vocab``); a token read off the logits
+    passes the output vocabulary's (``d_vocab_out`` may differ, as in TL's toy models).
+    """
     if isinstance(token, bool):
         raise TypeError(f"{argument} must be a token id or a one-token string, got a bool")
+    vocab = model.cfg.d_vocab if vocab is None else vocab
     if (value := as_int(token)) is not None:  # an int, a numpy integer or a 0-d int tensor
         token = value
-        if not 0 <= token < model.cfg.d_vocab:
-            raise ValueError(f"{argument} id {token} is outside [0, {model.cfg.d_vocab})")
+        if not 0 <= token < vocab:
+            raise ValueError(f"{argument} id {token} is outside [0, {vocab})"
+                             f"{'' if vocab == model.cfg.d_vocab else ' (the output vocabulary)'}")
         return token
     if not isinstance(token, str):
         raise TypeError(f"{argument} must be a token id or a one-token string, got {token!r}")
@@ -239,6 +249,9 @@ def single_token(model, token, *, argument: str = "target") -> int:
             f"{argument} {token!r} is {len(ids)} tokens {pieces}, not one; pass a single token "
             "(mind the leading space: ' Paris' and 'Paris' differ)"
         )
+    if ids[0] >= vocab:
+        raise ValueError(f"{argument} {token!r} is token {ids[0]}, outside the model's output "
+                         f"vocabulary [0, {vocab}): no logit reads it")
     return ids[0]
 
 

@@ -17,12 +17,19 @@ from torch import Tensor
 from tl_lenses.hooks import run_cache
 from tl_lenses.models import check_model
 from tl_lenses.readout.fingerprint import check_each_lens
+from tl_lenses.readout.unembed import output_vocab
 
 logger = logging.getLogger("tl_lenses")
 
 
-def check_tokens(model, tokens, *, argument: str = "tokens", min_pos: int = 2) -> Tensor:
-    """``tokens`` checked as int rows ``[batch, pos]`` of ids the model knows (pos >= min_pos)."""
+def check_tokens(model, tokens, *, argument: str = "tokens", min_pos: int = 2,
+                 scores_next: bool = True) -> Tensor:
+    """``tokens`` checked as int rows ``[batch, pos]`` of ids the model knows (pos >= min_pos).
+
+    ``scores_next``: the analysis reads each next token off the logits, so every token after
+    a row's first must be in the output vocabulary (TL's algorithmic models predict fewer
+    ids than they embed, ``d_vocab_out < d_vocab``; such a token was a bare index error).
+    """
     check_model(model)
     if not isinstance(tokens, Tensor) or tokens.dim() != 2 or tokens.dtype.is_floating_point:
         raise ValueError(f"{argument} must be an int tensor of token rows [batch, pos]")
@@ -31,6 +38,11 @@ def check_tokens(model, tokens, *, argument: str = "tokens", min_pos: int = 2) -
                          f"tokens, got shape {tuple(tokens.shape)}")
     if tokens.min() < 0 or tokens.max() >= model.cfg.d_vocab:
         raise ValueError(f"{argument} has ids outside [0, d_vocab={model.cfg.d_vocab})")
+    d_out = output_vocab(model)
+    if scores_next and d_out < model.cfg.d_vocab and tokens[:, 1:].max() >= d_out:
+        raise ValueError(f"{argument} has next tokens outside the model's output vocabulary "
+                         f"[0, d_vocab_out={d_out}), which this analysis scores; the model "
+                         "cannot predict them")
     return tokens
 
 

@@ -136,7 +136,7 @@ def residual_drift(
     Source: Kornblith et al. 2019 (linear CKA), Nguyen et al. 2021 (minibatch CKA); the
     drift question of the lecture notes; Belrose et al. 2023, sec. 4.1 (translator transfer).
     """
-    check_tokens(model, tokens, min_pos=3 if drop_first else 2)
+    check_tokens(model, tokens, min_pos=3 if drop_first else 2, scores_next=False)
     check_positive(cka_rows=cka_rows)
     check_lens(model, tuned, argument="tuned")
     if cka_rows < 2:

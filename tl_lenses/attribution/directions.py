@@ -138,7 +138,7 @@ def _output_token(model, unembed: Unembed, token, argument: str) -> int:
             f"{argument}: a {token.dtype} tensor of shape {tuple(token.shape)} is neither "
             f"a token id (an int or a 0-d int tensor) nor a direction vector (a float "
             f"tensor [d_model] or [n, d_model])")
-    return single_token(model, token, argument=argument)
+    return single_token(model, token, argument=argument, vocab=unembed.d_vocab)
 
 
 def _float32(tensor: Tensor) -> Tensor:

@@ -66,7 +66,7 @@ def logit_lens(
             each prompt's own end: -1 is every prompt's last token; default all).
         k: how many top tokens to keep per cell.
         target: ``"final"`` (the final layer's top-1), ``"next"`` (the prompt's own next
-            token; none at its last),
+            token; none at its last, or where the model cannot predict it),
             a one-token string or id, an int ``[batch, pos]`` tensor, or None.
         chunk_size: rows per unembedding matmul (memory ~ ``3 x chunk_size x d_vocab``
             floats); None: 256 on the CPU, on a GPU as many as fit in 640 MiB.

@@ -35,6 +35,7 @@ from tl_lenses.patchscopes.core import (
     run_patched,
     source_states,
 )
+from tl_lenses.readout.unembed import output_vocab
 from tl_lenses.viz.notebook import NotebookView
 
 
@@ -170,8 +171,9 @@ def patchscope_sweep(
     check_generation(max_new_tokens, allow_zero=True)
     if pairs not in ("all", "same"):
         raise ValueError(f"pairs must be 'all' or 'same', got {pairs!r}")
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= target_model.cfg.d_vocab:
-        raise ValueError(f"k must be an int in [1, d_vocab], got {k!r}")
+    d_out = output_vocab(target_model)  # top-k of the logits: the output vocabulary
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= d_out:
+        raise ValueError(f"k must be an int in [1, d_vocab={d_out}], got {k!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1 (cases per forward pass), got "
                          f"{batch_size!r}")

@@ -28,7 +28,7 @@ from tl_lenses.inputs import Batch, Selection, check_ids, single_token, str_toke
 from tl_lenses.readout._row_stats import row_stats, stats_backend
 from tl_lenses.readout.lens import Lens
 from tl_lenses.readout.result import LensResult, empty_like_cells
-from tl_lenses.readout.unembed import Unembed
+from tl_lenses.readout.unembed import Unembed, output_vocab
 from tl_lenses.typing import IntLike
 
 Target = Union[None, str, IntLike, Tensor]
@@ -61,13 +61,19 @@ def resolve_target(model, target: Target, tokens: Tensor | Batch,
 
     ``"final"``: the model's own final top-1 at each position (filled in by the readout);
     ``"next"``: the prompt's own next token (-1 at its last token: a pad is never a
-    target); a one-token string or an id: that token everywhere; an int tensor shaped like
-    the tokens: per-token ids (-1 for none). Pad cells get -1 in every case.
+    target; -1 too, with a warning, for a token outside the output vocabulary, which the
+    model cannot predict); a one-token string or an id: that token everywhere; an int
+    tensor shaped like the tokens: per-token ids (-1 for none). Pad cells get -1 in every
+    case. Ids are of the output vocabulary (``W_U``'s columns, ``d_vocab_out``).
     """
     batch = tokens if isinstance(tokens, Batch) else to_batch(model, tokens, argument="tokens")
     selection = selection or batch.select(None)
     if target is None:
         return None, None
+    # Targets are read off the logits: ids of the output vocabulary, which TL's algorithmic
+    # models make smaller than the input one (d_vocab_out < d_vocab); an id past it was a
+    # bare index error in the readout.
+    d_out = output_vocab(model)
     if isinstance(target, Tensor) and target.dim() > 0:  # a 0-d tensor is one id (below)
         if target.shape != batch.tokens.shape or target.dtype.is_floating_point \
                 or target.dtype == torch.bool:
@@ -75,7 +81,7 @@ def resolve_target(model, target: Target, tokens: Tensor | Batch,
                 f"target as a tensor must hold int ids shaped like the tokens "
                 f"{tuple(batch.tokens.shape)}, got {target.dtype} {tuple(target.shape)}"
             )
-        check_ids(model, target, "target", allow_none=True)
+        check_ids(model, target, "target", allow_none=True, vocab=d_out)
         description, ids = "given ids", target.to(batch.tokens.device).long()
     elif isinstance(target, str) and target == "final":
         description, ids = "final top-1", torch.full_like(batch.tokens, -1)
@@ -84,9 +90,14 @@ def resolve_target(model, target: Target, tokens: Tensor | Batch,
         ids[:, :-1] = batch.tokens[:, 1:]
         ids[~torch.roll(batch.mask, -1, 1) | ~batch.mask] = -1   # the next cell is a pad
         ids[:, -1] = -1
+        unreadable = ids >= d_out  # a next token the model cannot predict has no rank
+        if unreadable.any():
+            logger.warning("target='next': %d next tokens are outside the model's output "
+                           "vocabulary [0, %d) and get no rank (-1)", int(unreadable.sum()), d_out)
+            ids[unreadable] = -1
         description = "next token"
     else:
-        token_id = single_token(model, target, argument="target")
+        token_id = single_token(model, target, argument="target", vocab=d_out)
         description = repr(model.to_string([token_id]) if model.tokenizer else token_id)
         ids = torch.full_like(batch.tokens, token_id)
     ids = ids.gather(1, selection.columns.to(ids.device))
@@ -132,8 +143,8 @@ def read_lens(
     """
     if len(resids) != len(hook_names):
         raise ValueError(f"got {len(resids)} residuals for {len(hook_names)} hook_names")
-    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= model.cfg.d_vocab:
-        raise ValueError(f"k must be an int in [1, d_vocab={model.cfg.d_vocab}], got {k!r}")
+    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= output_vocab(model):
+        raise ValueError(f"k must be an int in [1, d_vocab={output_vocab(model)}], got {k!r}")
     if chunk_size is not None and (not isinstance(chunk_size, int)
                                    or isinstance(chunk_size, bool) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
