@@ -239,3 +239,20 @@ def test_output_ids_past_the_input_vocabulary_are_targets_too():
         result = tll.logit_lens(model, tokens, target=target)
         assert torch.equal(result.target_rank[-1, 0], _own_ranks(model, tokens, targets[0]))
     assert tll.logit_lens(model, tokens, k=300).top_ids.shape[-1] == 300
+
+
+@pytest.mark.hooked
+def test_latent_lens_refuses_a_bool_k():
+    pytest.importorskip("sae_lens")
+    from sae_lens import StandardSAE, StandardSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    from tl_lenses.sae import latent_lens
+    from tl_lenses.tiny import tiny_hooked
+
+    model = tiny_hooked("gpt2", n_layers=2)
+    sae = StandardSAE(StandardSAEConfig(d_in=32, d_sae=8, metadata=SAEMetadata(
+        hook_name="blocks.1.hook_resid_pre"))).eval()
+    assert latent_lens(model, sae, k=2) is not None
+    with pytest.raises(ValueError, match="k must be a positive int, got True"):
+        latent_lens(model, sae, k=True)   # was taken as k=1
