@@ -30,6 +30,8 @@ from tl_lenses.devices import tree_version
 
 # Plain-number attributes a module's forward turns into a dropout (or noise) in training mode.
 _RATE = re.compile(r"drop|jitter")
+_DROPOUTS = (torch.nn.Dropout, torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d,
+             torch.nn.AlphaDropout, torch.nn.FeatureAlphaDropout)
 # model -> (structure count, [(name, module)] whose forward reads the training flag)
 _READERS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
@@ -100,7 +102,7 @@ def _walk(model):
 
 def _drops_out(module: torch.nn.Module) -> bool:
     """Whether ``module`` drops out (or adds noise) in training mode: a positive rate."""
-    if isinstance(module, torch.nn.modules.dropout._DropoutNd):
+    if isinstance(module, _DROPOUTS):
         return module.p > 0
     return any(_RATE.search(key) and isinstance(value, (int, float))
                and not isinstance(value, bool) and value > 0
