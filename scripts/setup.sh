@@ -34,7 +34,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   # neither picks another TL nor replaces the CPU torch.
   # Without TL_LENSES_TL the default venv keeps TransformerLens 3.x (HookedTransformer, and
   # what sae-lens needs): the package allows 4.x, which pip would otherwise pick.
-  pip_install -e ".[dev]" "$TORCH_SPEC" "${TL_SPEC:-transformer_lens>=3.5,<4}"
+  pip_install -e ".[dev]" "$TORCH_SPEC" "${TL_SPEC:-transformer_lens>=3.8,<4}"
   # The optional extra "sae" (sae-lens) only where it leaves torch, TransformerLens and
   # transformers at the versions just installed (sae-lens pins TL < 4); otherwise its
   # tests skip.

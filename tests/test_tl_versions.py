@@ -125,3 +125,15 @@ def test_load_default_model_defaults_to_the_installed_backend(monkeypatch):
     model = models.load_default_model()
     backend = "bridge" if models.is_bridge(model) else model
     assert backend == _compat.DEFAULT_BACKEND
+
+
+@pytest.mark.parametrize("version, refused", [
+    ("3.7.0", True), ("3.5.1", True), ("2.16.1", True), ("3.8.0", False), ("3.9.0", False),
+    ("4.0.0", False), ("4.3.0", False), ("4.3.0rc1", False), ("0.0.0", False)])
+def test_transformer_lens_before_3_8_is_refused_at_import(version, refused):
+    """3.5-3.7's Bridges give other numbers: importing tl_lenses refuses them by version."""
+    if refused:
+        with pytest.raises(ImportError, match=rf"transformer_lens>=3\.8,<5, found {version}"):
+            _compat.check_supported(version)
+    else:
+        _compat.check_supported(version)

@@ -1,18 +1,20 @@
 """Everything that differs between TransformerLens 3.x and 4.x, in one place.
 
-tl_lenses supports ``transformer_lens>=3.5,<5``. TL 4.0 removed ``HookedTransformer``,
+tl_lenses supports ``transformer_lens>=3.8,<5``. TL 4.0 removed ``HookedTransformer``,
 ``HookedTransformerConfig`` and ``transformer_lens.pretrained`` (its HF weight converters);
 ``TransformerBridge`` is its one backend. Every other module asks this one instead of
 importing those names, so ``import tl_lenses`` works on both majors and HookedTransformer
 support is used where it exists:
 
+- :func:`check_supported`: TL 1.0-3.7 refused at import (3.5-3.7's Bridges give other
+  numbers).
 - ``HAS_HOOKED``: whether this TL has ``HookedTransformer`` (3.x).
 - ``DEFAULT_BACKEND``: ``"hooked"`` on 3.x (unchanged), ``"bridge"`` on 4.x.
 - :func:`require_hooked`: the one refusal for HookedTransformer-only features on 4.x
   (:class:`HookedTransformerUnavailable`, a ``NotImplementedError``).
 - :func:`is_hooked_transformer`, :func:`hooked_classes`, :func:`weight_converter`,
-  :func:`bridge_from_module`, :func:`official_model_name`: the version-specific objects
-  behind one call each.
+  :func:`bridge_from_module`, :func:`official_model_name`, :func:`post_norm_architectures`:
+  the version-specific objects behind one call each.
 
 The Bridge builder (``build_bridge_from_module``) and its compatibility mode have the same
 signature on 3.9 and 4.3, and every tl_lenses method gives bit-identical numbers on a tiny
@@ -22,6 +24,7 @@ side needs a switch.
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 from typing import Any
 
@@ -34,6 +37,20 @@ def _major(version: str) -> int:
 
 TL_VERSION: str = importlib.metadata.version("transformer_lens")
 TL_MAJOR: int = _major(TL_VERSION)
+def check_supported(version: str) -> None:
+    """Refuse TransformerLens 1.0-3.7 with an ImportError naming the version needed.
+
+    3.5-3.7's Bridges compute other numbers (DLA's parts missed the logit by up to 7), so
+    they are refused here rather than trusted method by method. 0.0.0, a source checkout
+    of TL, passes.
+    """
+    release = tuple(int(part) for part in version.split(".")[:2] if part.isdigit())
+    if (1, 0) <= release < (3, 8):
+        raise ImportError(f"tl_lenses needs transformer_lens>=3.8,<5, found {version}; "
+                          "pip install 'transformer_lens>=3.8,<5'")
+
+
+check_supported(TL_VERSION)
 
 try:  # TL 3.x
     from transformer_lens import HookedTransformer as _HookedTransformer
@@ -65,8 +82,16 @@ def require_hooked(feature: str) -> None:
         raise HookedTransformerUnavailable(
             f"{feature}: HookedTransformer is unavailable in TransformerLens {TL_VERSION} "
             "(removed in 4.0); use a TransformerBridge (backend='bridge', "
-            "--backend bridge) or install 'transformer_lens>=3.5,<4'"
+            "--backend bridge) or install 'transformer_lens>=3.8,<4'"
         )
+
+
+@functools.cache  # asked once per layer by DLA
+def post_norm_architectures() -> frozenset[str]:
+    """HF architectures whose blocks normalise each sublayer's output (OLMo-2, OLMo-3)."""
+    from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
+
+    return frozenset(POST_NORM_ARCHITECTURES)
 
 
 def hooked_classes() -> tuple[Any, Any]:

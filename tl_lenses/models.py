@@ -31,6 +31,7 @@ from tl_lenses._compat import (
     hooked_classes,
     is_hooked_transformer,
     official_model_name,
+    post_norm_architectures,
     weight_converter,
 )
 from tl_lenses.devices import lens_device, model_device
@@ -410,7 +411,6 @@ def _hooked_from_any_hf(hf_model, tokenizer, name: str, device, dtype):
     """
     HookedTransformer = hooked_classes()[0]  # TL 3.x only: refuses clearly on 4.x
     from transformer_lens import loading_from_pretrained as loading
-    from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
 
     config = hf_model.config
     config.architectures = [type(hf_model).__name__]  # GGUF-built configs leave it empty
@@ -431,7 +431,7 @@ def _hooked_from_any_hf(hf_model, tokenizer, name: str, device, dtype):
         state = loading.get_pretrained_state_dict(folder, cfg, hf_model, dtype=dtype)
     # TL's fold_ln is wrong for these (it refuses them itself in from_pretrained).
     fold = cfg.positional_embedding_type != "shortformer" \
-        and cfg.original_architecture not in POST_NORM_ARCHITECTURES
+        and cfg.original_architecture not in post_norm_architectures()
     cfg.model_name = name
     model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
     model.load_and_process_state_dict(state, **{**PROCESSING, "fold_ln": fold})

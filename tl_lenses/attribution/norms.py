@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from jaxtyping import Float
 from torch import Tensor
 
+from tl_lenses._compat import post_norm_architectures
 from tl_lenses.readout.unembed import norm_params
 
 
@@ -46,13 +47,11 @@ def sublayer_norm(model, layer: int, sublayer: str) -> SublayerNorm | None:
     OLMo-2's post-norm blocks use ``ln1`` / ``ln2`` there (and nothing on the input) on
     TL 3.x, and ``ln1_post`` / ``ln2_post`` on TL 4.x's Bridge.
     """
-    from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
-
     block = model.blocks[layer]
     short = "ln1" if sublayer == "attn" else "ln2"
     if hasattr(block, f"{short}_post"):
         name = f"{short}_post"
-    elif _architecture(model) in POST_NORM_ARCHITECTURES:
+    elif _architecture(model) in post_norm_architectures():
         name = short
     else:
         return None
