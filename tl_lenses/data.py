@@ -18,6 +18,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from tl_lenses._repr import brief_repr
 from tl_lenses.inputs import require_tokenizer
 from tl_lenses.models import check_model
 
@@ -30,6 +31,8 @@ class TokenSplit:
 
     train: Int[Tensor, "_ pos"]
     held_out: Int[Tensor, "_ pos"]
+
+    __repr__ = brief_repr  # one line: tensors by shape, lists by length
 
     @property
     def n_tokens(self) -> int:

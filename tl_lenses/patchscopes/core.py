@@ -30,6 +30,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from tl_lenses._ints import as_int
+from tl_lenses._repr import brief_repr
 from tl_lenses.hooks import (
     flowing_name,
     resolve_layer,
@@ -61,6 +62,8 @@ class AffineMap:
 
     weight: Float[Tensor, "d_out d_in"]
     bias: Float[Tensor, " d_out"]
+
+    __repr__ = brief_repr  # one line: tensors by shape, lists by length
 
     def __post_init__(self):
         if self.weight.dim() != 2 or self.bias.shape != (self.weight.shape[0],):

@@ -22,6 +22,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from tl_lenses._repr import brief_repr
 from tl_lenses.hooks import resolve_layer, run_cache
 from tl_lenses.inputs import one_prompt
 from tl_lenses.models import check_model, is_bridge
@@ -36,6 +37,8 @@ class AffineFit:
     map: AffineMap
     r2: float
     n_samples: int
+
+    __repr__ = brief_repr  # one line: tensors by shape, lists by length
 
 
 def paired_states(

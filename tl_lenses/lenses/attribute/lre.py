@@ -31,6 +31,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from tl_lenses._autograd import needs_autograd
+from tl_lenses._repr import brief_repr
 from tl_lenses.hooks import final_resid_name, flowing_name, resid_names, resolve_layer
 from tl_lenses.inputs import require_tokenizer, to_tokens
 from tl_lenses.lenses.attribute.relations import (
@@ -71,6 +72,8 @@ class LRE:
     train: tuple[Sample, ...] = ()
     method: str = "jacobian"
     model_info: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
+
+    __repr__ = brief_repr  # one line: tensors by shape, lists by length
 
     def __call__(self, s: Float[Tensor, "*rows d_model"]) -> Float[Tensor, "*rows d_model"]:
         """``beta * W s + b`` for every row of ``s`` (``[*rows, d_model]``)."""
