@@ -18,9 +18,9 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from tl_lenses._repr import brief_repr
 from tl_lenses.inputs import require_tokenizer
 from tl_lenses.models import check_model
+from tl_lenses.viz.brief import brief_repr
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text", ".py", ".html", ".tex", ".json", ".csv")
 

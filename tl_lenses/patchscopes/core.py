@@ -30,7 +30,6 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from tl_lenses._ints import as_int
-from tl_lenses._repr import brief_repr
 from tl_lenses.hooks import (
     flowing_name,
     resolve_layer,
@@ -42,6 +41,7 @@ from tl_lenses.inputs import decode_each, one_prompt
 from tl_lenses.models import check_model, is_bridge
 from tl_lenses.patchscopes import view as _view
 from tl_lenses.typing import IntLike
+from tl_lenses.viz.brief import brief_repr
 from tl_lenses.viz.notebook import NotebookView
 
 Transform = Callable[[Tensor], Tensor]

@@ -22,12 +22,12 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from tl_lenses._repr import brief_repr
 from tl_lenses.hooks import resolve_layer, run_cache
 from tl_lenses.inputs import one_prompt
 from tl_lenses.models import check_model, is_bridge
 from tl_lenses.patchscopes.core import AffineMap
 from tl_lenses.typing import IntLike
+from tl_lenses.viz.brief import brief_repr
 
 
 @dataclass

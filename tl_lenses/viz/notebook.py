@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 
-from tl_lenses._repr import brief_repr
+from tl_lenses.viz.brief import brief_repr
 from tl_lenses.viz.html import SCOPED_STYLE
 
 logger = logging.getLogger("tl_lenses")

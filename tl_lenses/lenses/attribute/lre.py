@@ -31,7 +31,6 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from tl_lenses._autograd import needs_autograd
-from tl_lenses._repr import brief_repr
 from tl_lenses.hooks import final_resid_name, flowing_name, resid_names, resolve_layer
 from tl_lenses.inputs import require_tokenizer, to_tokens
 from tl_lenses.lenses.attribute.relations import (
@@ -44,6 +43,7 @@ from tl_lenses.lenses.attribute.relations import (
 from tl_lenses.models import check_model, is_bridge
 from tl_lenses.readout.fingerprint import check_same_model, model_info
 from tl_lenses.typing import IntLike
+from tl_lenses.viz.brief import brief_repr
 
 logger = logging.getLogger("tl_lenses")
 

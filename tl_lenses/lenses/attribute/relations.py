@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from tl_lenses._repr import brief_repr
+from tl_lenses.viz.brief import brief_repr
 
 STARTER_DIR = Path(__file__).parent / "starter_relations"
 

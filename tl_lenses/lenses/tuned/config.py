@@ -8,8 +8,8 @@ from dataclasses import dataclass, field, fields, replace
 import torch
 
 from tl_lenses import devices
-from tl_lenses._repr import brief_repr
 from tl_lenses.lenses.tuned.lens import TunedLens
+from tl_lenses.viz.brief import brief_repr
 
 # The tuned-lens library's SGD lr: lr_scale 1 times (1 - momentum 0.9). The optimizer takes
 # 0.1 as it is; the (1 - momentum) factor is already in it (applying it again gave 0.01).
