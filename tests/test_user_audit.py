@@ -157,3 +157,20 @@ def test_reprs_of_what_users_print_are_one_short_line():
         assert "tensor(" not in text and len(text) < 600, text
     assert "layer=1" in repr(lre) and "weight=Tensor[" in repr(lre)
     assert "steps=12" in repr(trained) and "losses=<list of 12>" in repr(trained)
+
+
+def test_python_dash_m_tl_lenses_runs_the_command_line():
+    """``python -m tl_lenses`` said "'tl_lenses' is a package and cannot be directly executed"."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "tl_lenses", "--help"], capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "train-tuned" in out.stdout and "logit-lens" in out.stdout
+
+
+def test_token_ids_in_a_list_get_a_hint_naming_torch_tensor():
+    model = tiny_default()
+    with pytest.raises(TypeError, match=r"input .*torch\.tensor\(ids\)"):
+        tll.logit_lens(model, [[1, 2, 3]])
