@@ -36,15 +36,17 @@ def test_attention_beside_a_padded_batch_is_each_prompts_own(tiny_model, side):
         tiny_model, k=3)
     paths = tll.head_path_dla(tiny_model, PROMPTS, ("a", "b"), heads=list(dla.attention),
                               padding_side=side).with_attention(tiny_model)
+    width = max(map(len, PROMPTS))
     for b, prompt in enumerate(PROMPTS):
-        real = dla.attention_mask[b].cpu()
-        assert int(real.sum()) == len(prompt)
+        real = torch.zeros(width, dtype=torch.bool)
+        real[slice(width - len(prompt), None) if side == "left" else slice(len(prompt))] = True
         alone = tiny_model.to_tokens(prompt)
         for label in dla.attention:
             own = head_patterns(tiny_model, alone, [_pair(label)])[0, 0]
             for result in (dla, paths):
                 shown = result.attention[label][b][real][:, real]
                 torch.testing.assert_close(shown, own, atol=1e-5, rtol=1e-5)
+        assert torch.equal(dla.attention_mask[b].cpu(), real)
     assert_no_hooks(tiny_model)
 
 
