@@ -176,3 +176,11 @@ def test_token_ids_in_a_list_get_a_hint_naming_torch_tensor():
     model = tiny_default()
     with pytest.raises(TypeError, match=r"input .*torch\.tensor\(ids\)"):
         tll.logit_lens(model, [[1, 2, 3]])
+
+
+@pytest.mark.parametrize("text", [["the cat sat on the mat"] * 4, "the cat sat on the mat"])
+def test_training_on_text_says_how_to_make_token_rows(text):
+    """The README lists strings among the tuned lens's texts; they go through token_split."""
+    model = tiny_default()
+    with pytest.raises(ValueError, match=r"^tokens must be .*got (list|str); .*token_split"):
+        inspect.unwrap(tll.train_tuned_lens)(model, text, steps=1)
