@@ -20,6 +20,7 @@ from torch import Tensor
 
 from tl_lenses.inputs import require_tokenizer
 from tl_lenses.models import check_model
+from tl_lenses.viz.brief import brief_repr
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text", ".py", ".html", ".tex", ".json", ".csv")
 
@@ -30,6 +31,8 @@ class TokenSplit:
 
     train: Int[Tensor, "_ pos"]
     held_out: Int[Tensor, "_ pos"]
+
+    __repr__ = brief_repr  # one line: tensors by shape, lists by length
 
     @property
     def n_tokens(self) -> int:

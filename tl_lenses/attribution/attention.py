@@ -2,7 +2,8 @@
 
 The DLA of a head says how much it wrote toward the answer; its attention pattern says
 where it read from. Views show both (circuitsvis's attention patterns, the ecosystem's
-habit); the patterns come from one extra cached forward pass over the result's tokens,
+habit); the patterns come from one extra cached forward pass over the result's tokens
+(with its attention mask, so a padded prompt's pattern is the one it has run alone),
 keeping only the chosen layers' ``attn.hook_pattern``.
 """
 
@@ -15,10 +16,12 @@ from jaxtyping import Float
 from torch import Tensor
 
 from tl_lenses.hooks import run_cache
+from tl_lenses.inputs import Batch
 
 
 def head_patterns(
-    model, tokens, heads: Sequence[tuple[int, int]],
+    model, tokens, heads: Sequence[tuple[int, int]], *,
+    attention_mask: Tensor | None = None,
 ) -> Float[Tensor, "head_index batch query_pos key_pos"]:
     """The attention pattern of each ``(layer, head)`` on ``tokens``.
 
@@ -26,6 +29,9 @@ def head_patterns(
         model: a HookedTransformer or TransformerBridge.
         tokens: ``[batch, pos]`` token ids (the prompts a DLA result was computed on).
         heads: ``(layer, head)`` pairs, in the order wanted.
+        attention_mask: ``[batch, pos]``, 1 or True at tokens, 0 at pads (None: all
+            tokens). It goes to the model as in the result's own run: without it a
+            left-padded prompt's tokens would attend to its pads.
 
     Returns:
         ``[head, batch, query_pos, key_pos]`` attention probabilities (rows sum to 1;
@@ -42,6 +48,10 @@ def head_patterns(
     if not heads:
         return torch.zeros(0, *tokens.shape, tokens.shape[-1])
     names = sorted({f"blocks.{l}.attn.hook_pattern" for l, _ in heads})
+    if attention_mask is not None:
+        mask = attention_mask.bool().to(tokens.device)
+        side = "left" if bool((~mask[:, 0]).any()) else "right"
+        tokens = Batch(tokens, mask, side)
     cache = run_cache(model, tokens, names)
     return torch.stack([cache[f"blocks.{l}.attn.hook_pattern"][:, h].float().cpu()
                         for l, h in heads])

@@ -277,6 +277,7 @@ def dla(
         positions=selection.positions, tokens=batch.tokens, logits=logits, scale=scale,
         str_tokens=TokenStrings(model, batch.tokens), mask=selection.mask,
         columns=selection.columns, capped_logits=capped, source=stamp(model),
+        attention_mask=batch.mask,
     )
 
 

@@ -143,7 +143,7 @@ class HeadPathResult(NotebookView):
             logits=self.logits[:, None], scale=self.scale[:, None],
             str_tokens=self.str_tokens,
             columns=None if self.destinations is None else self.destinations[:, None],
-            source=self.source,
+            source=self.source, attention_mask=self.mask,
         )
 
     def top(self, k: int = 10, *, batch: int = 0, direction: int = 0,
@@ -166,7 +166,8 @@ class HeadPathResult(NotebookView):
         """
         check_source(self.source, model)
         pairs = [parse_head_label(label) for label in self.heads]
-        patterns = head_patterns(model, self.tokens.to(model.cfg.device), pairs)
+        patterns = head_patterns(model, self.tokens.to(model.cfg.device), pairs,
+                                 attention_mask=self.mask)
         return replace(self, attention=dict(zip(self.heads, patterns)))
 
     def __repr__(self) -> str:

@@ -50,6 +50,9 @@ class DLAResult(NotebookView):
     capped_logits: Float[Tensor, "batch pos direction"] | None = None
     attention: dict | None = field(default=None, repr=False, compare=False)
     source: ModelStamp | None = field(default=None, repr=False, compare=False)
+    # Which cells of ``tokens`` are tokens, not pads: the run's attention mask (None: all).
+    attention_mask: Bool[Tensor, "batch _"] | None = field(default=None, repr=False,
+                                                            compare=False)
     # (batch, pos, direction) that top() / sort() ranked by: the default cell after them
     focus: tuple[int, int, int] | None = field(default=None, repr=False, compare=False)
 
@@ -265,7 +268,8 @@ class DLAResult(NotebookView):
             raise ValueError("with_attention needs per-head components (dla(..., heads=True))")
         top = heads.top(k, batch=batch, pos=pos, direction=direction)
         pairs = [parse_head_label(label) for label in top.labels]
-        patterns = head_patterns(model, self.tokens.to(model.cfg.device), pairs)
+        patterns = head_patterns(model, self.tokens.to(model.cfg.device), pairs,
+                                 attention_mask=self.attention_mask)
         return replace(self, attention=dict(zip(top.labels, patterns)))
 
     def _view_html(self, full: bool = False, **options) -> str:

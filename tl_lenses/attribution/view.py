@@ -25,6 +25,10 @@ from tl_lenses.viz.html import (
 )
 from tl_lenses.viz.static import check_figure_path, figure_style, heatmap_png, save_figure
 
+# Inline, attention patterns show this many positions (ending at the attributed token):
+# 4 heads over 500 tokens were 15 MB of notebook output; show() draws every position.
+MAX_INLINE_ATTENTION = 64
+
 if TYPE_CHECKING:  # views import result types for type checkers only (no import cycle)
     from tl_lenses.attribution.paths import HeadPathResult
     from tl_lenses.attribution.result import DLAResult
@@ -90,14 +94,23 @@ def tokens_html(result: DLAResult, labels: Sequence[str] | None = None, *,
 
 
 def attention_html(attention: dict | None, tokens: Sequence[str], *, batch: int = 0,
-                   title: str = "Attention patterns of the top heads") -> str:
+                   title: str = "Attention patterns of the top heads",
+                   mask: torch.Tensor | None = None, focus: int | None = None,
+                   window: int | None = None) -> str:
     """Circuitsvis attention patterns of the heads in ``attention`` (label -> pattern).
+
+    Only the prompt's own tokens are drawn (a padded batch's pads are left out). With
+    ``window``, a longer prompt shows the ``window`` positions ending at ``focus`` (queries
+    and keys alike), so a notebook cell holds a few hundred kB instead of megabytes.
 
     Args:
         attention: head label -> ``[batch, query_pos, key_pos]`` pattern, or None.
-        tokens: the prompt's tokens (shown literally).
+        tokens: the prompt's tokens, one per column of the patterns (shown literally).
         batch: which prompt.
         title: the section's heading.
+        mask: ``[batch, pos]``, True at the columns that are tokens (None: all).
+        focus: the column the window ends at (default: the prompt's last token).
+        window: the most positions drawn (None: all).
 
     Returns:
         An HTML section, or "" when there are no patterns.
@@ -108,13 +121,26 @@ def attention_html(attention: dict | None, tokens: Sequence[str], *, batch: int 
 
     labels = list(attention)
     patterns = torch.stack([attention[label][batch] for label in labels])
+    own = (torch.arange(len(tokens)) if mask is None
+           else mask[batch].cpu().nonzero().flatten())
+    if window is None or len(own) <= window:
+        start, end = 0, len(own)
+    else:  # the window ends at the focus token (its attention row is the one that matters)
+        end = len(own) if focus is None else max(int((own <= focus).sum()), window)
+        start = end - window
+    keep = own[start:end]
+    shown = patterns[:, keep][:, :, keep]
     # AttentionPatterns is what circuitsvis.attention.attention_patterns renders; called
     # through render() to pass headLabels, so heads read "L12H3" instead of "Head 0".
-    view = render("AttentionPatterns", tokens=circuitsvis_tokens(tokens),
-                  attention=patterns.tolist(), headLabels=labels)
+    # Four decimals: float32's digits as JSON tripled the page for no visible difference.
+    view = render("AttentionPatterns", tokens=circuitsvis_tokens([tokens[i] for i in keep]),
+                  attention=shown.double().round(decimals=4).tolist(), headLabels=labels)
     note = ("<p class='note'>Where each head reads from (destination row, source column); "
-            "hover a head to focus it, hover a token to see its attention.</p>")
-    return f"<h2>{esc(title)}</h2>{note}{circuitsvis_html(view)}"
+            "hover a head to focus it, hover a token to see its attention.")
+    if len(keep) < len(own):
+        note += (f" Showing positions {start}-{end - 1} of the prompt's {len(own)} (its "
+                 f"earlier tokens are left out); <code>result.show()</code> draws all.")
+    return f"<h2>{esc(title)}</h2>{note}</p>{circuitsvis_html(view)}"
 
 
 def paths_table_html(paths: HeadPathResult, k: int = 15, *, batch: int = 0,
@@ -139,12 +165,14 @@ def _summary(result: DLAResult, batch: int, pos: int, direction: int) -> str:
 
 def sections(result: DLAResult, *, k: int = 20, batch: int | None = None,
              pos: int | None = None, direction: int | None = None,
-             by_position: DLAResult | None = None) -> list[str]:
+             by_position: DLAResult | None = None,
+             attention_window: int | None = None) -> list[str]:
     """Summary, head heatmap, top-k bars, attention of the top heads, optional token view.
 
     The cell shown: ``batch``, ``pos`` (a negative one counts back over the prompt's own
     cells: -1 is its last token) and ``direction``; unset ones come from the cell the result
-    was ranked by (``top``/``sort``), else prompt 0's last token along direction 0.
+    was ranked by (``top``/``sort``), else prompt 0's last token along direction 0. The
+    attention shows at most ``attention_window`` positions, ending at that cell's token.
     """
     batch, pos, direction = result._ranked_cell(batch, pos, direction)
     out = [_summary(result, batch, pos, direction)]
@@ -155,7 +183,9 @@ def sections(result: DLAResult, *, k: int = 20, batch: int | None = None,
         pass  # a result without per-head components
     out += [f"<h2>Top {k} components</h2>",
             top_bars_html(result, k, batch=batch, pos=pos, direction=direction),
-            attention_html(result.attention, _tokens(result, batch), batch=batch)]
+            attention_html(result.attention, _tokens(result, batch), batch=batch,
+                           mask=result.attention_mask, focus=int(result.columns[batch, pos]),
+                           window=attention_window)]
     if by_position is not None:
         shown_direction = _companion_direction(result, by_position, "by_position", direction)
         known = set(by_position.labels)
@@ -180,7 +210,8 @@ def notebook_view(result: DLAResult, full: bool = False, *, k: int | None = None
     by_position = result if full and result.positions == list(range(result.tokens.shape[1])) \
         and len(result.positions) > 1 else None
     return "".join(sections(result, k=k, batch=batch, pos=pos, direction=direction,
-                            by_position=by_position))
+                            by_position=by_position,
+                            attention_window=None if full else MAX_INLINE_ATTENTION))
 
 
 def report_html(result: DLAResult, *, title: str = "Direct logit attribution",
@@ -241,7 +272,10 @@ def paths_view(paths: HeadPathResult, full: bool = False, *, k: int | None = Non
             + f"<h2>Top {k} paths</h2>"
             + paths_table_html(paths, k, batch=batch, direction=direction)
             + attention_html(paths.attention, _tokens(paths, batch), batch=batch,
-                             title="Attention patterns of these heads"))
+                             title="Attention patterns of these heads", mask=paths.mask,
+                             focus=None if paths.destinations is None
+                             else int(paths.destinations[batch]),
+                             window=None if full else MAX_INLINE_ATTENTION))
 
 
 def head_heatmap_png(result: DLAResult, path, *, batch: int = 0, pos: int = -1,

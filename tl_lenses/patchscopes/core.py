@@ -41,6 +41,7 @@ from tl_lenses.inputs import decode_each, one_prompt
 from tl_lenses.models import check_model, is_bridge
 from tl_lenses.patchscopes import view as _view
 from tl_lenses.typing import IntLike
+from tl_lenses.viz.brief import brief_repr
 from tl_lenses.viz.notebook import NotebookView
 
 Transform = Callable[[Tensor], Tensor]
@@ -61,6 +62,8 @@ class AffineMap:
 
     weight: Float[Tensor, "d_out d_in"]
     bias: Float[Tensor, " d_out"]
+
+    __repr__ = brief_repr  # one line: tensors by shape, lists by length
 
     def __post_init__(self):
         if self.weight.dim() != 2 or self.bias.shape != (self.weight.shape[0],):

@@ -27,6 +27,7 @@ from tl_lenses.inputs import one_prompt
 from tl_lenses.models import check_model, is_bridge
 from tl_lenses.patchscopes.core import AffineMap
 from tl_lenses.typing import IntLike
+from tl_lenses.viz.brief import brief_repr
 
 
 @dataclass
@@ -36,6 +37,8 @@ class AffineFit:
     map: AffineMap
     r2: float
     n_samples: int
+
+    __repr__ = brief_repr  # one line: tensors by shape, lists by length
 
 
 def paired_states(

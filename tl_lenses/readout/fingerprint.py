@@ -71,8 +71,8 @@ def check_lens(model, lens, *, argument: str = "lens", allow_none: bool = True) 
         allow_none: whether ``None`` (the logit lens) is accepted.
 
     Raises:
-        TypeError: naming ``argument``: a string or path (a lens must be loaded first), or
-            anything without a callable ``translate``.
+        TypeError: naming ``argument``: a string or path (a lens must be loaded first), a
+            lens class instead of an instance, or anything without a callable ``translate``.
         ValueError: naming ``argument``: a lens of another width or made for another model.
     """
     if lens is None and allow_none:
@@ -84,6 +84,11 @@ def check_lens(model, lens, *, argument: str = "lens", allow_none: bool = True) 
             f"{type(lens).__name__} {lens!r}; load a saved lens first "
             "(load_tuned_lens(path, model))"
         )
+    if isinstance(lens, type):
+        # The class's translate is callable too, and failed later as a missing argument.
+        raise TypeError(f"{argument} must be a lens instance, got the class {lens.__name__}; "
+                        f"make one first (LogitLens(), TunedLens.for_model(model), "
+                        f"load_tuned_lens(path, model))")
     if not callable(getattr(lens, "translate", None)):
         # An LRE maps a subject's state, not a hook point's: it is read through the
         # attribute lens (named, not imported: tl_lenses.lenses.attribute imports this module).

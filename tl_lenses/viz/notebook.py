@@ -9,11 +9,9 @@ grids are plain HTML, circuitsvis components carry their bundled JS inline.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 
-from torch import Tensor, nn
-
+from tl_lenses.viz.brief import brief_repr
 from tl_lenses.viz.html import SCOPED_STYLE
 
 logger = logging.getLogger("tl_lenses")
@@ -65,12 +63,7 @@ class NotebookView:
     dataclass's own repr printed every tensor and token: tens of thousands of characters).
     """
 
-    def __repr__(self) -> str:
-        if not dataclasses.is_dataclass(self):
-            return object.__repr__(self)
-        fields = ", ".join(f"{f.name}={_brief(getattr(self, f.name))}"
-                           for f in dataclasses.fields(self) if f.repr)
-        return f"{type(self).__name__}({fields})"
+    __repr__ = brief_repr
 
     def _view_html(self, full: bool = False, **view) -> str:
         raise NotImplementedError
@@ -86,28 +79,6 @@ class NotebookView:
             **view: options of this result's view (e.g. ``statistic="rank"``).
         """
         display_html(notebook_html(self._view_html(full=full, **view)))
-
-
-def _brief(value, nested: bool = False) -> str:
-    """A short stand-in for a field's value: tensors by shape, long containers by size."""
-    if isinstance(value, Tensor):
-        return f"Tensor{list(value.shape)} {str(value.dtype).removeprefix('torch.')}"
-    if isinstance(value, nn.Module):
-        return f"<{type(value).__name__}>"
-    if value is None or isinstance(value, (bool, int, float, str)):
-        text = repr(value)
-        return text if len(text) <= 40 else text[:37] + "..."
-    if isinstance(value, dict):
-        keys = ", ".join(map(repr, list(value)[:4]))
-        return f"{{{len(value)} keys: {keys}{', ...' if len(value) > 4 else ''}}}"
-    if isinstance(value, (list, tuple)) and not nested:
-        if len(value) <= 4:
-            items = ", ".join(_brief(v, nested=True) for v in value)
-            return f"[{items}]" if isinstance(value, list) else f"({items})"
-        return f"<{type(value).__name__} of {len(value)}>"
-    if isinstance(value, (list, tuple)):
-        return f"<{type(value).__name__} of {len(value)}>"
-    return f"<{type(value).__name__}>"
 
 
 __all__ = ["NotebookView", "display_html", "notebook_html"]

@@ -43,6 +43,7 @@ from tl_lenses.lenses.attribute.relations import (
 from tl_lenses.models import check_model, is_bridge
 from tl_lenses.readout.fingerprint import check_same_model, model_info
 from tl_lenses.typing import IntLike
+from tl_lenses.viz.brief import brief_repr
 
 logger = logging.getLogger("tl_lenses")
 
@@ -71,6 +72,8 @@ class LRE:
     train: tuple[Sample, ...] = ()
     method: str = "jacobian"
     model_info: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
+
+    __repr__ = brief_repr  # one line: tensors by shape, lists by length
 
     def __call__(self, s: Float[Tensor, "*rows d_model"]) -> Float[Tensor, "*rows d_model"]:
         """``beta * W s + b`` for every row of ``s`` (``[*rows, d_model]``)."""

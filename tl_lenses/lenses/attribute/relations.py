@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from tl_lenses.viz.brief import brief_repr
+
 STARTER_DIR = Path(__file__).parent / "starter_relations"
 
 
@@ -43,6 +45,8 @@ class Relation:
     samples: tuple[Sample, ...]
     prompt_templates_zs: tuple[str, ...] = ()
     properties: dict = field(default_factory=dict, compare=False)
+
+    __repr__ = brief_repr  # one line: its samples by count
 
     def __post_init__(self):
         check_relation(self)

@@ -95,7 +95,13 @@ def check_tokens(model, tokens) -> None:
     """Int token rows ``[batch, pos]``: at least one row, at most n_ctx, ids in the vocabulary."""
     if not isinstance(tokens, Tensor) or tokens.dim() != 2 or tokens.dtype.is_floating_point \
             or tokens.dtype.is_complex or tokens.dtype == torch.bool:
-        raise ValueError("tokens must be an int tensor of token rows shaped [batch, pos]")
+        got = (f"a {tokens.dtype} tensor of shape {tuple(tokens.shape)}"
+               if isinstance(tokens, Tensor) else type(tokens).__name__)
+        raise ValueError(
+            f"tokens must be an int tensor of token rows shaped [batch, pos] or a TokenStream, "
+            f"got {got}; text (strings, files, folders, a dataset) becomes rows with "
+            f"tll.token_split(model, texts=[...] or paths=[...]).train, or streams with "
+            f"tll.tuned.TokenStream(model, paths=...)")
     if tokens.shape[1] > model.cfg.n_ctx:
         raise ValueError(f"tokens rows are {tokens.shape[1]} tokens long, more than the model's "
                          f"n_ctx={model.cfg.n_ctx}: pack them with seq_len <= {model.cfg.n_ctx} "

@@ -9,6 +9,7 @@ import torch
 
 from tl_lenses import devices
 from tl_lenses.lenses.tuned.lens import TunedLens
+from tl_lenses.viz.brief import brief_repr
 
 # The tuned-lens library's SGD lr: lr_scale 1 times (1 - momentum 0.9). The optimizer takes
 # 0.1 as it is; the (1 - momentum) factor is already in it (applying it again gave 0.01).
@@ -136,6 +137,8 @@ class TrainResult:
     floor_seconds: float = 0.0
     warm_start_seconds: float = 0.0      # clock time when the warm start (and solve) ended
     lens_device: str = "cpu"
+
+    __repr__ = brief_repr  # one line: tensors by shape, lists by length
 
 
 def _optimizer(lens: TunedLens, cfg: TrainConfig):

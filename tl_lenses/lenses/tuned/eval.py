@@ -129,6 +129,8 @@ def evaluate_lenses(model, tokens: Int[Tensor, "batch pos"],
         A :class:`LensEvaluation` (``metrics[name]``: :class:`LayerMetrics` per row).
 
     Raises:
+        TypeError: ``lenses`` is not a mapping (a list: results are keyed by name), or
+            holds something that is not a lens.
         ValueError: a lens that does not cover a row, bad tokens or a bad mask, a
             ``batch_size`` that is not a positive int.
 
@@ -138,6 +140,10 @@ def evaluate_lenses(model, tokens: Int[Tensor, "batch pos"],
     True
     """
     check_model(model)
+    if lenses is not None and not isinstance(lenses, Mapping):
+        # Results are keyed by name; dict() of a list failed as "dictionary update sequence".
+        raise TypeError(f"lenses must be a dict name -> lens, e.g. {{'logit': LogitLens(), "
+                        f"'tuned': lens}}, got {type(lenses).__name__}")
     check_each_lens(model, lenses)
     lenses = dict(lenses or {"logit": LogitLens()})
     if not lenses or not all(isinstance(l, Lens) for l in lenses.values()):
