@@ -37,6 +37,8 @@ def _major(version: str) -> int:
 
 TL_VERSION: str = importlib.metadata.version("transformer_lens")
 TL_MAJOR: int = _major(TL_VERSION)
+
+
 def check_supported(version: str) -> None:
     """Refuse TransformerLens 1.0-3.7 with an ImportError naming the version needed.
 
