@@ -16,7 +16,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from tl_lenses.hooks import run_cache
-from tl_lenses.inputs import Batch
+from tl_lenses.inputs import to_batch
 
 
 def head_patterns(
@@ -48,10 +48,8 @@ def head_patterns(
     if not heads:
         return torch.zeros(0, *tokens.shape, tokens.shape[-1])
     names = sorted({f"blocks.{l}.attn.hook_pattern" for l, _ in heads})
-    if attention_mask is not None:
-        mask = attention_mask.bool().to(tokens.device)
-        side = "left" if bool((~mask[:, 0]).any()) else "right"
-        tokens = Batch(tokens, mask, side)
+    if attention_mask is not None:  # to_batch reads the padding side off the mask
+        tokens = to_batch(model, tokens, attention_mask=attention_mask.to(tokens.device))
     cache = run_cache(model, tokens, names)
     return torch.stack([cache[f"blocks.{l}.attn.hook_pattern"][:, h].float().cpu()
                         for l, h in heads])

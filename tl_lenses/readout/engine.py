@@ -143,8 +143,9 @@ def read_lens(
     """
     if len(resids) != len(hook_names):
         raise ValueError(f"got {len(resids)} residuals for {len(hook_names)} hook_names")
-    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= output_vocab(model):
-        raise ValueError(f"k must be an int in [1, d_vocab={output_vocab(model)}], got {k!r}")
+    d_out = output_vocab(model)  # top-k of the logits: the output vocabulary
+    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= d_out:
+        raise ValueError(f"k must be an int in [1, d_vocab={d_out}], got {k!r}")
     if chunk_size is not None and (not isinstance(chunk_size, int)
                                    or isinstance(chunk_size, bool) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")

@@ -29,10 +29,10 @@ from tl_lenses.models import check_model, is_bridge
 NormKind = Literal["layernorm", "rmsnorm", "none"]
 
 
-
 def output_vocab(model) -> int:
     """How many ids the model's logits cover (``d_vocab_out``; ``d_vocab`` for most models)."""
     return model.W_U.shape[-1]
+
 
 @dataclass(frozen=True)
 class Unembed:
