@@ -352,3 +352,55 @@ def test_command_line(monkeypatch, tmp_path, capsys):
     found = re.search(r"model (\S+) = sum of parts (\S+)", printed)
     model_value, parts = map(float, found.groups())
     assert abs(model_value - parts) < 1e-4
+
+
+def _fresh_parse(model, spec):
+    """``logit_directions`` with nothing remembered for ``model``."""
+    from tl_lenses.attribution import directions
+
+    directions._TOKENS.pop(model, None)
+    return logit_directions(model, spec)
+
+
+@pytest.mark.parametrize("spec", [("a", "b"), "c", A, [("a", "b"), "c", (A, C)], ["a", "b"]])
+def test_token_directions_parsed_once_equal_a_fresh_parse(tiny_model, spec, monkeypatch):
+    """The second call reuses the parse (no tokenizing) and gives the same bits."""
+    from tl_lenses import inputs
+
+    first = _fresh_parse(tiny_model, spec)
+    calls = []
+    real = inputs.single_token
+    monkeypatch.setattr("tl_lenses.attribution.directions.single_token",
+                        lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    again = logit_directions(tiny_model, spec)
+    assert calls == []
+    assert torch.equal(again.vectors, first.vectors) and torch.equal(again.offset, first.offset)
+    assert again.labels == first.labels and again.token_pairs == first.token_pairs
+    assert again.vectors.data_ptr() != first.vectors.data_ptr()   # fresh tensors each call
+    assert len(logit_directions(tiny_model, ["a", "b"])) == 2 != len(
+        logit_directions(tiny_model, ("a", "b")))                  # a list is not a pair
+
+
+def test_remembered_directions_see_every_weight_edit_and_a_new_tokenizer(tiny_model,
+                                                                         monkeypatch):
+    """Vectors are read off W_U every call: an edit through .data (no version bump) shows;
+    a changed tokenizer parses again; a bool is still refused after its int was parsed."""
+    from tl_lenses import inputs
+
+    before = _fresh_parse(tiny_model, ("a", "b"))
+    with torch.no_grad():
+        tiny_model.W_U.data[:, A] += 1.0         # .data: the version counter stays
+    after = logit_directions(tiny_model, ("a", "b"))
+    torch.testing.assert_close(after.vectors, before.vectors + 1.0)
+    logit_directions(tiny_model, 1)
+    with pytest.raises(TypeError, match="bool"):
+        logit_directions(tiny_model, True)
+    calls = []
+    real = inputs.single_token
+    monkeypatch.setattr("tl_lenses.attribution.directions.single_token",
+                        lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    logit_directions(tiny_model, ("a", "b"))
+    assert calls == []
+    tiny_model.tokenizer.add_tokens(["zz"])      # the tokenizer changed: parsed again
+    assert logit_directions(tiny_model, ("a", "b")).token_pairs == ((A, B),)
+    assert calls == ["a", "b"]

@@ -124,3 +124,70 @@ def test_token_strings_are_decoded_when_first_read(tiny_model, monkeypatch):
     for bad in (tokens[0], tokens.float()):
         with pytest.raises(TypeError, match="tokens must be int token ids"):
             token_strings.TokenStrings(tiny_model, bad)
+
+
+def _float64_dots(values, u):
+    """The reference: every row's dot with ``u`` in float64, rounded once to float32."""
+    return (torch.stack(values).double() @ u.double()).float()
+
+
+@pytest.mark.parametrize("d", [64, 37, 576])
+def test_the_row_dot_kernel_is_the_float64_dot_rounded(d):
+    """C kernel (float32 CPU values of one layout) == float64 reference to 1 ulp, contiguous
+    or not, any width (lanes of 8 plus a tail), several directions; torch's path agrees."""
+    from tl_lenses.attribution.sublayers import project_stacked
+    from tl_lenses.readout import _native as native
+
+    assert native.row_dots_kernel() is not None, native.build_error()  # gcc is a test need
+    gen = torch.Generator().manual_seed(d)
+    base = [torch.randn(3, 9, d, generator=gen) * 10 for _ in range(6)]
+    u = torch.randn(d, 3, generator=gen)
+    for values in (base, [b[:, 2:7] for b in base], [b.transpose(0, 1) for b in base],
+                   [b[1] for b in base]):
+        out = project_stacked(values, u)
+        assert out.shape == (6, *values[0].shape[:-1], 3)
+        reference = _float64_dots(values, u)
+        ulp = torch.finfo(torch.float32).eps * reference.abs()
+        assert bool(((out - reference).abs() <= ulp + 1e-30).all())
+        # torch's float32 sums: within their own rounding (d * eps of the terms' size)
+        size = torch.stack(values).abs() @ u.abs()
+        assert bool(((torch.stack(values) @ u - out).abs() <= d * 1.2e-7 * size).all())
+
+
+def test_values_the_kernel_cannot_read_take_the_torch_path():
+    """Half precision, autograd, mixed layouts: no kernel (None), and the right numbers."""
+    from tl_lenses.attribution.sublayers import _row_offsets, native_dots, project_stacked
+
+    gen = torch.Generator().manual_seed(0)
+    values = [torch.randn(2, 5, 16, generator=gen) for _ in range(3)]
+    u = torch.randn(16, 1, generator=gen)
+    offsets = _row_offsets((2, 5, 16), values[0].stride())
+    assert native_dots(values, offsets, u) is not None
+    shorter = [*values[:2], values[2][:, :3]]       # a shorter value would be read past its end
+    wider = [*values[:2], torch.randn(2, 5, 32)[..., ::2]]       # same shape, other strides
+    for odd in (shorter, wider, [v.bfloat16() for v in values],
+                [values[0].requires_grad_(), *values[1:]]):
+        assert native_dots(odd, offsets, u) is None
+    values[0].requires_grad_(False)
+    with pytest.raises(ValueError, match="u must be"):
+        native_dots(values, offsets, u[:8])
+    torch.testing.assert_close(project_stacked(wider, u), _float64_dots(wider, u))
+    with torch.no_grad():
+        grad = torch.randn(2, 5, 16, requires_grad=True)
+    projected = project_stacked([grad, *values[1:]], u)
+    assert projected.requires_grad          # the torch path keeps autograd
+    torch.testing.assert_close(projected, _float64_dots([grad.detach(), *values[1:]], u))
+
+
+def test_dla_without_the_kernel_agrees_with_it(tiny_model, monkeypatch):
+    """No compiler (or a GPU): torch projects, to the kernel's numbers at float32 rounding."""
+    from tl_lenses.readout import _native as native
+
+    batch = to_batch(tiny_model, PROMPTS, padding_side="right")
+    with_kernel = dla(tiny_model, batch, [("a", "b"), "c"], heads=False)
+    monkeypatch.setattr(native, "row_dots_kernel", lambda: None)
+    without = dla(tiny_model, batch, [("a", "b"), "c"], heads=False)
+    assert with_kernel.labels == without.labels
+    torch.testing.assert_close(with_kernel.values, without.values, atol=1e-5, rtol=1e-5,
+                               equal_nan=True)
+    assert torch.equal(with_kernel.logits, without.logits)

@@ -8,6 +8,7 @@ that ``logit = resid_final · u / s + c`` with the norm's scale ``s`` frozen (se
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Union
 
@@ -64,16 +65,26 @@ def logit_directions(model, directions: DirectionSpec, *,
     if not items:
         raise ValueError("directions must name at least one direction")
     unembed = unembed if unembed is not None else Unembed.from_model(model)
+    # Token specs parsed before (DLA over many prompts names the same answers each call):
+    # tokenizing and labelling them was a tenth of a small DLA's time.
+    spec = _spec_key(directions)
+    known = None if spec is None else _known_tokens(model, unembed, spec)
+    if known is not None:
+        return _token_directions(unembed, *known)
     parts = [_one_direction(model, unembed, item, i) for i, item in enumerate(items)]
     if len(parts) == 1:  # the usual case: no concatenation (the parts are fresh tensors)
         vectors, offset, labels, pairs = parts[0]
-        return LogitDirections(_float32(vectors), _float32(offset), list(labels), tuple(pairs))
-    return LogitDirections(
-        torch.cat([p[0] for p in parts]).float(),
-        torch.cat([p[1] for p in parts]).float(),
-        [label for p in parts for label in p[2]],
-        tuple(pair for p in parts for pair in p[3]),
-    )
+        dirs = LogitDirections(_float32(vectors), _float32(offset), list(labels), tuple(pairs))
+    else:
+        dirs = LogitDirections(
+            torch.cat([p[0] for p in parts]).float(),
+            torch.cat([p[1] for p in parts]).float(),
+            [label for p in parts for label in p[2]],
+            tuple(pair for p in parts for pair in p[3]),
+        )
+    if spec is not None:
+        _remember(model, unembed, spec, dirs)
+    return dirs
 
 
 def _token_label(model, token: int, *more: int) -> str:
@@ -179,6 +190,98 @@ def residual_readout(
     if unembed.kind == "layernorm":
         u = u - u.mean(0, keepdim=True)
     return u, const
+
+
+# Token directions remembered per model (see _known_tokens): a notebook's few answer pairs.
+MAX_REMEMBERED = 64
+# model -> (weak reference to its tokenizer, (tokenizer length, output vocabulary),
+#           {spec key: (token pairs, labels)})
+_TOKENS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _spec_key(directions) -> tuple | None:
+    """A hashable key of a spec made of ints and strings only, else None (parsed each call).
+
+    ``type(x) is int``: a bool (refused by parsing) never passes as the int it equals; a
+    list and a tuple (several directions, a difference) get different keys.
+    """
+    if isinstance(directions, list):
+        items = tuple(map(_item_key, directions))
+        return None if not items or None in items else ("list", items)
+    item = _item_key(directions)
+    return None if item is None else ("one", item)
+
+
+def _item_key(item):
+    if type(item) in (int, str):
+        return item
+    if type(item) is tuple and all(type(x) in (int, str) for x in item):
+        return item
+    return None
+
+
+def _known_tokens(model, unembed: Unembed, spec: tuple) -> tuple | None:
+    """``(token pairs, labels)`` parsed earlier for ``spec`` on this model, or None.
+
+    Parsing (tokenizing strings, checking ids, decoding labels) depends on the tokenizer
+    and the output vocabulary only: remembered while the tokenizer is the same object of
+    the same length and the vocabulary the same size. The vectors are read off ``W_U``
+    every call, so an edit of the weights (in place or not) is always seen.
+    """
+    tokens = _TOKENS.get(model)
+    if tokens is None or tokens[1] != _parse_state(model, unembed):
+        return None
+    if tokens[0]() is not getattr(model, "tokenizer", None):
+        return None
+    return tokens[2].get(spec)
+
+
+def _remember(model, unembed: Unembed, spec: tuple, dirs: LogitDirections) -> None:
+    tokenizer, state = getattr(model, "tokenizer", None), _parse_state(model, unembed)
+    tokens = _TOKENS.get(model)
+    if tokens is None or tokens[1] != state or tokens[0]() is not tokenizer:
+        try:
+            tokens = _TOKENS[model] = (_weak(tokenizer), state, {})
+        except TypeError:  # a model or tokenizer that can't be weakly referenced: parse each call
+            return
+    if len(tokens[2]) >= MAX_REMEMBERED:
+        del tokens[2][next(iter(tokens[2]))]   # the oldest
+    tokens[2][spec] = (dirs.token_pairs, tuple(dirs.labels))
+
+
+def _parse_state(model, unembed: Unembed) -> tuple:
+    tokenizer = getattr(model, "tokenizer", None)
+    return (None if tokenizer is None else len(tokenizer), unembed.d_vocab)
+
+
+def _weak(obj):
+    """A weak reference to ``obj`` (a callable returning None for None)."""
+    return _none if obj is None else weakref.ref(obj)
+
+
+def _none() -> None:
+    return None
+
+
+def _token_directions(unembed: Unembed, pairs: tuple, labels: tuple) -> LogitDirections:
+    """:class:`LogitDirections` of known token pairs (``(a, -1)``: token a's own logit).
+
+    The same arithmetic as :func:`_one_direction`'s, so the same numbers bit for bit.
+    """
+    W_U = unembed.W_U.detach()
+    vectors, offsets = [], []
+    for a, b in pairs:
+        if b < 0:
+            vectors.append(W_U.select(1, a))
+            offsets.append(_bias(unembed, a))
+        else:
+            vectors.append(W_U.select(1, a) - W_U.select(1, b))
+            offsets.append(_bias(unembed, a) - _bias(unembed, b))
+    if len(pairs) == 1 and pairs[0][1] >= 0:  # the usual case: the difference is fresh
+        return LogitDirections(_float32(vectors[0].unsqueeze(0)), _float32(offsets[0]),
+                               list(labels), pairs)
+    return LogitDirections(torch.stack(vectors).float(), torch.cat(offsets).float(),
+                           list(labels), pairs)
 
 
 __all__ = ["DirectionSpec", "LogitDirections", "logit_directions", "residual_readout"]

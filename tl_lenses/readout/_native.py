@@ -1,11 +1,13 @@
-"""Build and load tl_lenses' C kernel for the lens statistics (``kernels/row_stats.c``).
+"""Build and load tl_lenses' C kernels: lens statistics and DLA's row dot products.
 
-The kernel is plain C with OpenMP, no torch headers, so it compiles in about a second with
-the system's C compiler; the shared library is cached under ``$TL_LENSES_CACHE/kernels``
-(default ``~/.cache/tl_lenses/kernels``), keyed by the source, the compiler, the flags and
-the CPU (``-march=native`` code must not run on another CPU). Without a compiler, or if the
-build fails, :func:`row_stats_kernel` returns None and the readout stays on its eager torch
-path; :func:`build_error` says why.
+``kernels/row_stats.c`` sweeps the logit lens's softmax statistics; ``kernels/row_dots.c``
+reads DLA's residual rows in place. The kernels are plain C with OpenMP, no torch headers,
+so they compile in about a second with the system's C compiler, into one shared library
+cached under ``$TL_LENSES_CACHE/kernels`` (default ``~/.cache/tl_lenses/kernels``), keyed
+by the sources, the compiler, the flags and the CPU (``-march=native`` code must not run
+on another CPU). Without a compiler, or if the build fails, :func:`row_stats_kernel` and
+:func:`row_dots_kernel` return None and their callers stay on their torch paths;
+:func:`build_error` says why.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import subprocess
 import tempfile
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 # Tried in order: the first that compiles is used (a CPU without 512-bit vectors or a
 # compiler without OpenMP still gets a working, slower kernel).
@@ -30,12 +33,27 @@ FLAG_SETS = (
     ["-O3"],
 )
 COMMON_FLAGS = ["-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC"]
+SOURCES = ("row_stats.c", "row_dots.c")
 _errors: list[str] = []
+
+
+class Kernels(NamedTuple):
+    """The library's functions (ctypes)."""
+
+    row_stats: object
+    row_dots: object
 
 
 def row_stats_kernel():
     """The compiled ``tl_row_stats`` function (ctypes), or None when it can't be built."""
-    return _load()
+    kernels = _load()
+    return None if kernels is None else kernels.row_stats
+
+
+def row_dots_kernel():
+    """The compiled ``tl_row_dots`` function (ctypes), or None when it can't be built."""
+    kernels = _load()
+    return None if kernels is None else kernels.row_dots
 
 
 def build_error() -> str | None:
@@ -44,13 +62,13 @@ def build_error() -> str | None:
 
 
 @functools.lru_cache(maxsize=1)
-def _load():
-    function = _build_and_load()
-    if function is None and not os.environ.get("TL_LENSES_NO_NATIVE"):
-        warnings.warn(f"tl_lenses: the C kernel for the lens statistics is unavailable "
-                      f"({build_error()}); using the slower torch path", RuntimeWarning,
-                      stacklevel=4)
-    return function
+def _load() -> Kernels | None:
+    kernels = _build_and_load()
+    if kernels is None and not os.environ.get("TL_LENSES_NO_NATIVE"):
+        warnings.warn(f"tl_lenses: the C kernels (lens statistics, DLA's projections) are "
+                      f"unavailable ({build_error()}); using the slower torch paths",
+                      RuntimeWarning, stacklevel=4)
+    return kernels
 
 
 def _build_and_load():
@@ -62,10 +80,10 @@ def _build_and_load():
     if compiler is None:
         _errors.append("no C compiler found (gcc, cc or clang; or set $CC)")
         return None
-    source = (Path(__file__).parent / "kernels" / "row_stats.c").read_text()
+    sources = {name: (Path(__file__).parent / "kernels" / name).read_text() for name in SOURCES}
     for flags in FLAG_SETS:
-        path = _library_path(source, compiler, flags)
-        if path.exists() or _compile(source, compiler, flags, path):
+        path = _library_path(sources, compiler, flags)
+        if path.exists() or _compile(sources, compiler, flags, path):
             try:
                 return _bind(ctypes.CDLL(str(path)))
             except OSError as error:
@@ -73,22 +91,25 @@ def _build_and_load():
     return None
 
 
-def _library_path(source: str, compiler: str, flags: list[str]) -> Path:
+def _library_path(sources: dict[str, str], compiler: str, flags: list[str]) -> Path:
     from tl_lenses.models import cache_root
 
     key = hashlib.sha256("\n".join(
-        [source, compiler, _compiler_version(compiler), *flags, *COMMON_FLAGS,
+        [*sources.values(), compiler, _compiler_version(compiler), *flags, *COMMON_FLAGS,
          platform.machine(), _cpu_flags()]).encode()).hexdigest()[:16]
-    return cache_root() / "kernels" / f"row_stats-{key}.so"
+    return cache_root() / "kernels" / f"tl_kernels-{key}.so"
 
 
-def _compile(source: str, compiler: str, flags: list[str], path: Path) -> bool:
+def _compile(sources: dict[str, str], compiler: str, flags: list[str], path: Path) -> bool:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-            src, out = Path(tmp) / "row_stats.c", Path(tmp) / path.name
-            src.write_text(source)
-            done = subprocess.run([compiler, *flags, *COMMON_FLAGS, "-o", str(out), str(src)],
+            files = [Path(tmp) / name for name in sources]
+            for file, text in zip(files, sources.values()):
+                file.write_text(text)
+            out = Path(tmp) / path.name
+            done = subprocess.run([compiler, *flags, *COMMON_FLAGS, "-o", str(out),
+                                   *map(str, files)],
                                   capture_output=True, text=True, timeout=120)
             if done.returncode != 0:
                 _errors.append(f"{compiler} {' '.join(flags)}: {done.stderr.strip()[-300:]}")
@@ -100,12 +121,15 @@ def _compile(source: str, compiler: str, flags: list[str], path: Path) -> bool:
     return True
 
 
-def _bind(library):
-    function = library.tl_row_stats
-    pointer, i64 = ctypes.c_void_p, ctypes.c_int64
-    function.argtypes = [pointer, pointer, i64, i64, ctypes.c_int] + [pointer] * 5
-    function.restype = None
-    return function
+def _bind(library) -> Kernels:
+    pointer, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    row_stats, row_dots = library.tl_row_stats, library.tl_row_dots
+    row_stats.argtypes = [pointer, pointer, i64, i64, c_int] + [pointer] * 5
+    # (pointers, n, offsets, rows, u, n_dir, d, threads, out)
+    row_dots.argtypes = [pointer, i64, pointer, i64, pointer, i64, i64, c_int, pointer]
+    for function in (row_stats, row_dots):
+        function.restype = None
+    return Kernels(row_stats, row_dots)
 
 
 def _compiler_version(compiler: str) -> str:
