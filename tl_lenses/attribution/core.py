@@ -324,8 +324,9 @@ def _component_parts(model, cache, positions, u, heads, neurons, sites=None):
     def at(name: str) -> Tensor:
         return gather(cache[flowing_name(keys, name)]).float()
 
-    # Whole-sublayer terms are projected together at the end (one matmul per group instead
-    # of one per component, which dominated a small DLA): (index in parts, gathered value).
+    # Whole-sublayer terms are projected together at the end (one kernel call, or one matmul
+    # per group, instead of one per component, which dominated a small DLA; the same
+    # numbers as sublayer_parts): (index in parts, gathered value).
     pending: list[tuple[int, Tensor]] = []
 
     def project(name: str) -> None:
