@@ -238,6 +238,8 @@ def _known_tokens(model, unembed: Unembed, spec: tuple) -> tuple | None:
 
 def _remember(model, unembed: Unembed, spec: tuple, dirs: LogitDirections) -> None:
     tokenizer, state = getattr(model, "tokenizer", None), _parse_state(model, unembed)
+    if state is None:
+        return
     tokens = _TOKENS.get(model)
     if tokens is None or tokens[1] != state or tokens[0]() is not tokenizer:
         try:
@@ -249,9 +251,13 @@ def _remember(model, unembed: Unembed, spec: tuple, dirs: LogitDirections) -> No
     tokens[2][spec] = (dirs.token_pairs, tuple(dirs.labels))
 
 
-def _parse_state(model, unembed: Unembed) -> tuple:
+def _parse_state(model, unembed: Unembed) -> tuple | None:
+    """What a parse depends on besides the tokenizer's identity (None: not rememberable)."""
     tokenizer = getattr(model, "tokenizer", None)
-    return (None if tokenizer is None else len(tokenizer), unembed.d_vocab)
+    try:
+        return (None if tokenizer is None else len(tokenizer), unembed.d_vocab)
+    except TypeError:  # an unsized tokenizer: its changes can't be seen
+        return None
 
 
 def _weak(obj):
