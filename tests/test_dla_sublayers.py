@@ -169,6 +169,13 @@ def test_values_the_kernel_cannot_read_take_the_torch_path():
                 [values[0].requires_grad_(), *values[1:]]):
         assert native_dots(odd, offsets, u) is None
     values[0].requires_grad_(False)
+    # a direction with autograd or in float64: torch keeps the graph and the precision
+    assert native_dots(values, offsets, u.clone().requires_grad_()) is None
+    assert native_dots(values, offsets, u.double()) is None
+    u64 = u.double()
+    torch.testing.assert_close(project_stacked(values, u64),
+                               torch.stack(values).double() @ u64, atol=0, rtol=1e-12)
+    assert project_stacked(values, u.clone().requires_grad_()).requires_grad
     with pytest.raises(ValueError, match="u must be"):
         native_dots(values, offsets, u[:8])
     torch.testing.assert_close(project_stacked(wider, u), _float64_dots(wider, u))

@@ -105,10 +105,13 @@ def native_dots(
     contiguous floats, start ``offsets`` elements after each one's data pointer (offsets
     valid for that layout: the caller's). None, for the torch path, where the kernel is not
     built, or the values are not float32 CPU tensors of one layout free of autograd, or
-    ``u`` is not on the CPU.
+    ``u`` is not a float32 CPU tensor free of autograd.
     """
     kernel = native.row_dots_kernel()
-    if kernel is None or u.device.type != "cpu" or not _one_float_cpu_layout(values):
+    # u in float32 and free of autograd too: the kernel's output carries no graph, and a
+    # float64 u would be rounded to float32 where torch keeps its precision.
+    if (kernel is None or u.device.type != "cpu" or u.dtype != torch.float32
+            or u.requires_grad or not _one_float_cpu_layout(values)):
         return None
     d = values[0].shape[-1]
     if u.dim() != 2 or u.shape[0] != d:
@@ -164,7 +167,7 @@ def _row_offsets(shape: tuple[int, ...], stride: tuple[int, ...]) -> Tensor:
 
 def project_stacked(values: list[Tensor], u: Float[Tensor, "d_model direction"],
                     max_elements: int = MAX_STACK_ELEMENTS) -> Tensor:
-    """``stack(values).float() @ u``, ``[n, batch, pos, direction]``.
+    """``stack(values).to(u.dtype) @ u``, ``[n, batch, pos, direction]``.
 
     On the CPU, float32 values of one layout go to the C kernel (:func:`native_dots`),
     which reads them in place. Otherwise torch projects them in bounded groups: each holds
@@ -187,7 +190,7 @@ def project_stacked(values: list[Tensor], u: Float[Tensor, "d_model direction"],
     groups, start = [], 0
     while start < len(values):
         size = max(1, max_elements // max(1, values[start].numel()))
-        groups.append(torch.stack(values[start:start + size]).float() @ u)
+        groups.append(torch.stack(values[start:start + size]).to(u.dtype) @ u)
         start += size
     return groups[0] if len(groups) == 1 else torch.cat(groups)
 
