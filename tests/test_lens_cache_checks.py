@@ -170,6 +170,45 @@ def test_a_right_resid_only_cache_passes_in_every_family(family, backend):
             check(model, cache, batch, batch.select(positions))
         with pytest.raises(ValueError, match="forward pass of input"):
             check(model, theirs, batch, batch.select(None))
+        # one token other than the input's, before the cell read: that cell's residual
+        # differs, and the cache is refused though the cell read holds the right token
+        changed = _first_tokens_changed(model, batch)
+        one_off = _cache(model, changed, names=names)
+        with pytest.raises(ValueError, match=r"forward pass of input: in prompts \[0, 1, 2\]"):
+            check(model, one_off, batch, batch.select(-1))
+
+
+def _first_tokens_changed(model, batch):
+    """``batch`` with each prompt's first real token replaced by the next id."""
+    tokens = batch.tokens.clone()
+    rows = torch.arange(len(tokens))
+    first = batch.offsets
+    tokens[rows, first] = (tokens[rows, first] + 1) % model.cfg.d_vocab
+    return to_batch(model, tokens, attention_mask=batch.mask, padding_side=batch.padding_side)
+
+
+@pytest.mark.parametrize("build", [pytest.param(tiny_hooked, marks=pytest.mark.hooked),
+                                   tiny_bridge])
+def test_a_cache_of_a_near_token_before_the_cell_read_is_refused(build):
+    """A token whose embedding points almost the same way (cosine > 0.9; a real model's
+    " to" and " for" have 0.6) at a cell not read: each real token is compared exactly."""
+    model = build("llama-gqa")
+    batch = to_batch(model, PROMPTS, padding_side="right")
+    changed = _first_tokens_changed(model, batch)
+    a, b = int(batch.tokens[0, 0]), int(changed.tokens[0, 0])
+    with torch.no_grad():
+        W_E = model.embed.W_E
+        W_E[b] = 0.95 * W_E[a] + 0.05 * W_E[b]
+    assert torch.cosine_similarity(W_E[a], W_E[b], dim=0) > 0.9
+    cache = _cache(model, changed)
+    for positions in (-1, None):
+        with pytest.raises(ValueError, match=r"forward pass of tokens: in prompts \[0, 1, 2\]"):
+            apply_lens_to_cache(model, cache, batch, positions=positions)
+        with pytest.raises(ValueError, match=r"cache= does not hold .* in prompts \[0, 1, 2\]"):
+            tll.dla(model, batch, ("a", "b"), cache=cache, positions=positions)
+    assert_no_hooks(model)
+    torch.testing.assert_close(tll.dla(model, changed, ("a", "b"), cache=cache).values,
+                               tll.dla(model, changed, ("a", "b")).values)
 
 
 def test_a_cache_without_embeddings_is_not_checked_for_them(model):
