@@ -98,7 +98,8 @@ def check_embeddings(model, cache, batch: Batch, selection: Selection, *,
     """Raise ValueError unless the cached embeddings are of ``batch``'s tokens, by this model.
 
     Reads ``hook_embed``, else ``blocks.0.hook_resid_pre`` (the SAE's input where sae-lens
-    spliced one in there), else checks nothing. Fast path (a few microseconds): the leading
+    spliced one in there), else checks nothing. Fast path (tens of microseconds; 125 on a
+    16 x 256 SmolLM2 cache, mostly reading every token's row): the leading
     :data:`PROBE_WIDTH` coordinates of every real token, and the whole rows at the cells
     ``selection`` reads, equal this model's ``W_E`` rows (plus ``W_pos`` at each token's
     position, for learned positions at the residual). Where they don't (another input, or a
@@ -143,7 +144,7 @@ def _equals_w_e_rows(model, name: str, cached: Tensor, batch: Batch,
     """Whether every real token's leading coordinates, and the rows read, are W_E's rows."""
     width = min(PROBE_WIDTH, cached.shape[-1])
     probe = cached[..., :width]
-    if name == EMBED_HOOK or not has_pos_embed(model):   # (no positions to build)
+    if name == EMBED_HOOK or not has_pos_embed(model):   # no positions to build (hot path)
         same = probe == _rows(_leading_columns(model.embed, width), batch.tokens, probe)
     else:
         columns = torch.arange(batch.tokens.shape[1], device=batch.tokens.device)
@@ -261,9 +262,8 @@ def _own_embeddings(model, name: str, ids: Tensor, columns: Tensor | int, batch:
     Both come placed and typed like ``cached``, of its leading ``width`` coordinates where
     given. ``columns``: the columns of ``ids`` (``[batch, n]``), or the one column they share.
     """
-    W_E = model.embed.W_E.detach()  # (model.W_E on the Bridge is a property over this)
-    if width is not None:
-        W_E = W_E[:, :width]
+    # (model.W_E on the Bridge is a property over model.embed.W_E)
+    W_E = model.embed.W_E.detach() if width is None else _leading_columns(model.embed, width)
     own = _rows(W_E, ids, cached)
     if name == EMBED_HOOK or not has_pos_embed(model):
         return own, None
