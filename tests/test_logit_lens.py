@@ -245,6 +245,24 @@ def test_bfloat16_model_is_read_in_float32():
     torch.testing.assert_close(result.logits, reference.logits, atol=0.1, rtol=0.05)
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama-gqa"])
+def test_float64_model_reads_as_its_float32_twin(arch):
+    """A float64 model: the readout's buffers take the decoder's dtype (they were float32,
+    and the unembedding's out= refused float64 rows); results as the float32 twin's."""
+    model = tiny_default(arch)
+    tokens = tokens_of(model)
+    reference = tll.logit_lens(model, tokens, keep_logits=True)
+    double = tiny_default(arch).to(torch.float64)
+    result = tll.logit_lens(double, tokens, keep_logits=True)
+    assert torch.equal(result.top_ids, reference.top_ids)
+    torch.testing.assert_close(result.top_probs, reference.top_probs, atol=1e-5, rtol=1e-4)
+    with torch.no_grad():
+        logits, cache = double.run_with_cache(tokens)
+    torch.testing.assert_close(result.logits[-1].double(), logits, atol=1e-4, rtol=1e-5)
+    from_cache = tll.apply_lens_to_cache(double, cache, tokens)
+    assert torch.equal(from_cache.top_ids, result.top_ids)
+
+
 @pytest.mark.parametrize("vocab, k", [(49152, 5), (49152, 1), (1024, 7), (257, 3),
                                      (50257, 10), (1000, 2)])
 @pytest.mark.parametrize("given_block_max", [False, True])

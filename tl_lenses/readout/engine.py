@@ -16,6 +16,7 @@ residuals (the model's), in float32, and the result's tensors are there too.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from typing import Sequence, Union
@@ -187,7 +188,8 @@ def read_lens(
         # A matmul never exceeds chunk_size rows (rows x stacked layers), nor all the rows.
         size = min(chunk_size, n_real * len(rows))
         work = _Workspace(size, min(chunk_size, n_real), unembed.d_vocab, final_resid.shape[-1],
-                          device, backend, shared=unembed.soft_cap is None)
+                          device, backend, shared=unembed.soft_cap is None,
+                          dtype=unembed.W_U.dtype)
         work.final_like = final_like
         for start in _chunks(n_real, chunk_size, progress):
             stop = min(start + chunk_size, n_real)
@@ -277,17 +279,17 @@ class _Workspace:
     """
 
     def __init__(self, size: int, chunk: int, vocab: int, d_model: int, device, backend: str,
-                 *, shared: bool):
+                 *, shared: bool, dtype: torch.dtype = torch.float32):
         self.backend = backend
         self.shared = shared
         self.final_like: list[bool] = []  # rows that are the final residual itself
-        self.logits = torch.empty(size * vocab, device=device)
-        self.scratch = (torch.empty(size * vocab, device=device) if backend == "eager"
-                        else None)
-        self.final_logits = (self.logits if shared
-                             else torch.empty(chunk * vocab, device=device))
-        self.probs = self.logits if shared else torch.empty(chunk * vocab, device=device)
-        self.translated = torch.empty(size * d_model, device=device)
+        # in the decoder's dtype: float32, or float64 for a float64 model
+        empty = functools.partial(torch.empty, device=device, dtype=dtype)
+        self.logits = empty(size * vocab)
+        self.scratch = empty(size * vocab) if backend == "eager" else None
+        self.final_logits = self.logits if shared else empty(chunk * vocab)
+        self.probs = self.logits if shared else empty(chunk * vocab)
+        self.translated = empty(size * d_model)
 
     @staticmethod
     def view(buffer: Tensor, *shape: int) -> Tensor:
